@@ -1,0 +1,222 @@
+//! The boot sequence: the listener is already bound and answering (`/livez` 200, `/readyz`
+//! 503 with each model's stage) while every model goes through fetch (if missing) →
+//! verify digests → load → warm up → ready. Models boot concurrently; a classifier that
+//! builds on an embedding model waits for that model first. A model that fails is marked
+//! failed with its reason; the others still come up and serve.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Device;
+use tokio::sync::mpsc;
+
+use crate::batching::queue::{run_queue, BatchPolicy};
+use crate::batching::worker::spawn_worker;
+use crate::config::{ModelConfig, ModelKind, Pooling};
+use crate::encoder::files::EncoderFiles;
+use crate::encoder::prototype::{PrototypeClassifier, DEFAULT_TEMPERATURE};
+use crate::encoder::tokenize::InputTokenizer;
+use crate::encoder::{self, EncoderModel, EncoderService, EncoderTask};
+use crate::models::fetch::fetch;
+use crate::models::registry::{ModelSlot, Stage};
+use crate::models::verify::{all_present, verify_model};
+use crate::node::Node;
+use crate::service::Service;
+
+/// Boots every model; returns when each is ready or failed.
+pub async fn boot_all(node: Arc<Node>, device: Device) {
+    let started = Instant::now();
+    let tasks: Vec<_> = node
+        .registry
+        .slots()
+        .iter()
+        .cloned()
+        .map(|slot| {
+            let node = node.clone();
+            let device = device.clone();
+            tokio::spawn(async move {
+                if let Err(message) = boot_model(&node, &slot, &device).await {
+                    slot.set_stage(Stage::Failed(message));
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let ready = node.registry.slots().iter().filter(|s| s.stage() == Stage::Ready).count();
+    tracing::info!(
+        ready,
+        models = node.registry.slots().len(),
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "boot finished"
+    );
+}
+
+/// Runs blocking work (hashing, loading) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| format!("the boot task panicked: {e}"))?
+}
+
+async fn boot_model(node: &Arc<Node>, slot: &Arc<ModelSlot>, device: &Device) -> Result<(), String> {
+    let dir = match &slot.entry {
+        Some(entry) => Some(verify_files(node, slot, entry.clone()).await?),
+        None => None,
+    };
+    slot.update_facts(|f| f.device = Some(node.device.clone()));
+    let service = match (slot.config.kind, dir) {
+        (ModelKind::Embed | ModelKind::Classify, Some(dir)) => {
+            slot.set_stage(Stage::Loading);
+            let (service, policy) = load_encoder(node, slot, &dir, device).await?;
+            slot.set_stage(Stage::WarmingUp);
+            warm_encoder(&service, policy).await?;
+            Service::Encoder(service)
+        }
+        (ModelKind::Classify, None) => {
+            let embedder = wait_for_embedder(node, &slot.config).await?;
+            slot.set_stage(Stage::WarmingUp);
+            let labels = slot.config.labels.clone().unwrap_or_default();
+            let temperature = slot.config.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+            let classifier = PrototypeClassifier::build(slot.name().to_string(), embedder, &labels, temperature).await?;
+            slot.update_facts(|f| {
+                f.details.insert("labels".into(), serde_json::json!(classifier.labels));
+                f.details.insert("embedder".into(), serde_json::json!(classifier.embedder.name));
+                f.details.insert("temperature".into(), serde_json::json!(temperature));
+            });
+            Service::Prototype(Arc::new(classifier))
+        }
+        (ModelKind::Generate, Some(dir)) => {
+            slot.set_stage(Stage::Loading);
+            let entry = slot.entry.clone().ok_or("no manifest entry")?;
+            let service = crate::generate::load(node, slot, &entry, &dir, device).await?;
+            slot.set_stage(Stage::WarmingUp);
+            service.warm_up().await?;
+            Service::Generator(service)
+        }
+        (kind, None) => return Err(format!("a {kind} model needs a manifest entry with its files")),
+    };
+    slot.install(service);
+    Ok(())
+}
+
+/// Fetches missing files (when allowed) and verifies every file against the manifest.
+async fn verify_files(node: &Arc<Node>, slot: &Arc<ModelSlot>, entry: crate::models::manifest::ManifestEntry) -> Result<std::path::PathBuf, String> {
+    let store = node.config.store.dir.clone();
+    let dir = entry.dir(&store);
+    if !all_present(&entry, &dir) && node.config.store.fetch_missing && entry.source.dir.is_none() {
+        slot.set_stage(Stage::Fetching);
+        let python = node.config.store.python.clone();
+        let e = entry.clone();
+        blocking(move || fetch(&e, &store, &python).map_err(|e| e.to_string())).await?;
+    }
+    slot.set_stage(Stage::Verifying);
+    let d = dir.clone();
+    let verified = blocking(move || verify_model(&entry, &d).map_err(|e| e.to_string())).await?;
+    slot.update_facts(|f| {
+        f.digest = Some(verified.digest.clone());
+        f.files = verified.files.iter().cloned().collect();
+    });
+    Ok(dir)
+}
+
+/// Reads the folder, loads the weights onto the device and starts queue and worker.
+async fn load_encoder(
+    node: &Arc<Node>,
+    slot: &Arc<ModelSlot>,
+    dir: &Path,
+    device: &Device,
+) -> Result<(Arc<EncoderService>, BatchPolicy), String> {
+    let cfg = slot.config.clone();
+    let on_gpu = device.is_cuda();
+    let (dir, device) = (dir.to_path_buf(), device.clone());
+    let (model, files, task, tokenizer) = blocking(move || {
+        let files = EncoderFiles::read(&dir)?;
+        let task = match cfg.kind {
+            ModelKind::Classify => EncoderTask::Classify {
+                labels: files.labels.clone().ok_or("config.json has no id2label for a sequence classifier")?,
+                multi_label: files.config.problem_type.as_deref() == Some("multi_label_classification"),
+            },
+            _ => EncoderTask::Embed {
+                pooling: cfg.pooling.or(files.pooling).unwrap_or(Pooling::Mean),
+                always_normalize: files.normalizes,
+            },
+        };
+        let tokenizer = InputTokenizer::load(&dir.join("tokenizer.json"), files.max_tokens)?;
+        let model = EncoderModel::load(&dir, &files, &task, &device)?;
+        Ok((model, files, task, tokenizer))
+    })
+    .await?;
+
+    let policy = encoder::batch_policy(
+        slot.config.max_batch_tokens.or(Some(if on_gpu { 16384 } else { encoder::DEFAULT_MAX_BATCH_TOKENS })),
+        slot.config.max_batch_requests,
+    );
+    let dims = match &task {
+        EncoderTask::Classify { labels, .. } => labels.len(),
+        EncoderTask::Embed { .. } => files.config.hidden_size,
+    };
+    let (job_tx, job_rx) = mpsc::unbounded_channel();
+    let (batch_tx, batch_rx) = mpsc::channel(1);
+    tokio::spawn(run_queue(job_rx, batch_tx, policy));
+    let exit_slot = slot.clone();
+    spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, move || {
+        if exit_slot.stage() == Stage::Ready {
+            exit_slot.uninstall(Stage::Failed("the model worker stopped".into()));
+        }
+    })
+    .map_err(|e| format!("cannot start the model worker: {e}"))?;
+
+    let max_in_flight = slot.config.max_concurrent_inputs.unwrap_or(encoder::DEFAULT_MAX_CONCURRENT_INPUTS);
+    slot.update_facts(|f| {
+        let d = &mut f.details;
+        d.insert("dimensions".into(), serde_json::json!(dims));
+        d.insert("max_input_tokens".into(), serde_json::json!(files.max_tokens));
+        d.insert("max_batch_tokens".into(), serde_json::json!(policy.max_batch_tokens));
+        d.insert("max_batch_requests".into(), serde_json::json!(policy.max_batch_requests));
+        d.insert("max_concurrent_inputs".into(), serde_json::json!(max_in_flight));
+        match &task {
+            EncoderTask::Embed { pooling, always_normalize } => {
+                d.insert("normalizes".into(), serde_json::json!(always_normalize));
+                d.insert("pooling".into(), serde_json::json!(pooling))
+            }
+            EncoderTask::Classify { labels, .. } => d.insert("labels".into(), serde_json::json!(labels)),
+        };
+    });
+    let service = EncoderService::new(
+        slot.name().to_string(),
+        task,
+        dims,
+        Arc::new(tokenizer),
+        node.tokenizers.clone(),
+        job_tx,
+        max_in_flight,
+    );
+    Ok((Arc::new(service), policy))
+}
+
+/// Runs the shapes traffic will use through the real queue: one single short input, and
+/// one batch as large as the token budget allows (within the admission limit).
+async fn warm_encoder(service: &EncoderService, policy: BatchPolicy) -> Result<(), String> {
+    service.encode(vec!["warm-up".into()], true, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
+    let max = service.tokenizer.max_tokens;
+    let inputs = (policy.max_batch_tokens / max.max(1)).clamp(1, policy.max_batch_requests.min(service.max_in_flight()));
+    let long = "edge ".repeat(max);
+    service.encode(vec![long; inputs], true, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
+    Ok(())
+}
+
+/// Waits for the embedding model a prototype classifier builds on.
+async fn wait_for_embedder(node: &Arc<Node>, cfg: &ModelConfig) -> Result<Arc<EncoderService>, String> {
+    let name = cfg.embedder.clone().ok_or("a prototype classifier needs `embedder` (an embed model's name)")?;
+    let slot = node
+        .registry
+        .get(&name)
+        .filter(|s| s.config.kind == ModelKind::Embed)
+        .ok_or_else(|| format!("embedder {name:?} is not an embed model served here"))?;
+    match slot.ready_service(std::time::Duration::from_secs(3600)).await {
+        Ok(Service::Encoder(e)) => Ok(e),
+        Ok(_) => Err(format!("embedder {name:?} is not an encoder")),
+        Err(e) => Err(format!("embedder {name:?}: {e}")),
+    }
+}

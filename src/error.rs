@@ -1,0 +1,216 @@
+//! The one error type a request can meet, and its one mapping to HTTP.
+//!
+//! Every failure a client can cause or observe is a variant here. `status()` and
+//! `code()` are the only place a variant becomes an HTTP status; `IntoResponse` renders
+//! OpenAI's error shape (`{"error": {"message", "type", "code", "param"}}`) so that SDKs
+//! print the message, and sets `Retry-After` where waiting helps. Handlers return
+//! `Result<_, Error>` and never build a status code themselves.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Every error a request can end with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The body is not valid JSON, or not valid UTF-8.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// A field has the wrong type or an invalid value; `field` names it.
+    #[error("{field}: {message}")]
+    InvalidField { field: String, message: String },
+    /// A field that must be present is missing.
+    #[error("missing field `{0}`")]
+    MissingField(String),
+    /// An empty string or an empty list where text is required.
+    #[error("{0} must not be empty")]
+    EmptyInput(String),
+    /// The request body exceeds `limits.max_body_bytes`.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// More inputs in one request than `limits.max_inputs`.
+    #[error("{field} has {count} inputs; the limit is {limit} per request")]
+    TooManyInputs { field: String, count: usize, limit: usize },
+    /// An input longer (in characters) than `limits.max_input_chars`, checked before tokenizing.
+    #[error("input {index} has {chars} characters; the limit is {limit}")]
+    InputTooManyChars { index: usize, chars: usize, limit: usize },
+    /// An input over the model's token limit when `truncate` is false.
+    #[error("input {index} has {tokens} tokens; the limit is {limit} (set \"truncate\": true to cut it)")]
+    InputTooLong { index: usize, tokens: usize, limit: usize },
+    /// A prompt plus `max_tokens` that does not fit the generator's context.
+    #[error("{message}")]
+    ContextExceeded { message: String },
+    /// The `Content-Type` is not JSON.
+    #[error("content type must be application/json, got {0:?}")]
+    UnsupportedMediaType(String),
+    /// No model of that name (and kind) is served.
+    #[error("model {name:?} is not served here; served {kind} models: {served}")]
+    UnknownModel { name: String, kind: &'static str, served: String },
+    /// No such route.
+    #[error("no route for {method} {path}")]
+    UnknownRoute { method: String, path: String },
+    /// The route exists but not with this method.
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// An API key is required and was missing or wrong.
+    #[error("a valid API key is required: send \"Authorization: Bearer <key>\"")]
+    Unauthorized,
+    /// Admission refused: the queue or the sequence slots are full.
+    #[error("{what} is at capacity ({limit}); retry after {retry_after_s} s")]
+    Overloaded { what: String, limit: usize, retry_after_s: u64 },
+    /// A spending budget forbids every tier that could answer.
+    #[error("{0}")]
+    BudgetExceeded(String),
+    /// The model is not loaded and warm yet, or it failed to load.
+    #[error("{message}")]
+    NotReady { message: String, retry_after_s: u64 },
+    /// The node is shutting down.
+    #[error("the node is draining and takes no new requests")]
+    Draining,
+    /// The request ran past `limits.request_timeout_s`.
+    #[error("the request did not finish within {0} s")]
+    Timeout(u64),
+    /// The cloud upstream answered with an error or could not be reached.
+    #[error("{0}")]
+    Upstream(String),
+    /// The cloud upstream did not answer in time.
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    /// A bug or a failed model run; the message says what failed, never a panic's payload verbatim.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Shorthand for a field that failed validation.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidField { field: field.into(), message: message.into() }
+    }
+
+    /// The HTTP status for this error: the one place this mapping exists.
+    pub fn status(&self) -> StatusCode {
+        use Error::*;
+        match self {
+            InvalidJson(_) | InvalidField { .. } | MissingField(_) | EmptyInput(_) => StatusCode::BAD_REQUEST,
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            UnknownModel { .. } | UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            BodyTooLarge { .. } | TooManyInputs { .. } | InputTooManyChars { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            InputTooLong { .. } | ContextExceeded { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Overloaded { .. } | BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Upstream(_) => StatusCode::BAD_GATEWAY,
+            NotReady { .. } | Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Timeout(_) | UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable machine-readable code (OpenAI's `error.code`).
+    pub fn code(&self) -> &'static str {
+        use Error::*;
+        match self {
+            InvalidJson(_) => "invalid_json",
+            InvalidField { .. } => "invalid_field",
+            MissingField(_) => "missing_field",
+            EmptyInput(_) => "empty_input",
+            BodyTooLarge { .. } => "body_too_large",
+            TooManyInputs { .. } => "too_many_inputs",
+            InputTooManyChars { .. } => "input_too_many_chars",
+            InputTooLong { .. } => "input_too_long",
+            ContextExceeded { .. } => "context_length_exceeded",
+            UnsupportedMediaType(_) => "unsupported_media_type",
+            UnknownModel { .. } => "model_not_found",
+            UnknownRoute { .. } => "not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            Unauthorized => "invalid_api_key",
+            Overloaded { .. } => "overloaded",
+            BudgetExceeded(_) => "budget_exceeded",
+            NotReady { .. } => "not_ready",
+            Draining => "draining",
+            Timeout(_) => "timeout",
+            Upstream(_) => "upstream_error",
+            UpstreamTimeout(_) => "upstream_timeout",
+            Internal(_) => "internal_error",
+        }
+    }
+
+    /// OpenAI's `error.type`, derived from the status class.
+    fn kind(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
+    /// The request field the error is about, when there is one (OpenAI's `error.param`).
+    fn param(&self) -> Option<&str> {
+        match self {
+            Error::InvalidField { field, .. } | Error::MissingField(field) | Error::EmptyInput(field) => Some(field),
+            Error::TooManyInputs { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Error::Overloaded { retry_after_s, .. } | Error::NotReady { retry_after_s, .. } => Some(*retry_after_s),
+            Error::Draining => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The JSON body for this error (also used inside SSE streams, where no status can change).
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "code": self.code(),
+            "param": self.param(),
+        }})
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s() {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response.extensions_mut().insert(ErrorCode(self.code()));
+        response
+    }
+}
+
+/// Left on error responses so middleware (metrics, logs) can see which error it was.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+/// Result with the request error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_openai_shaped() {
+        let e = Error::InputTooLong { index: 3, tokens: 611, limit: 256 };
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = e.body();
+        assert_eq!(body["error"]["code"], "input_too_long");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["message"].as_str().unwrap().contains("611 tokens"));
+    }
+
+    #[test]
+    fn overload_sets_retry_after() {
+        let r = Error::Overloaded { what: "queue".into(), limit: 4, retry_after_s: 1 }.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+}

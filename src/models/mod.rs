@@ -1,0 +1,7 @@
+//! The pinned model store: the manifest, file digests, fetching, and the registry of the
+//! models this node serves.
+
+pub mod fetch;
+pub mod manifest;
+pub mod registry;
+pub mod verify;

@@ -1,0 +1,91 @@
+//! `edgenode serve`: bind first, then boot the models behind a live listener, and drain on
+//! SIGTERM / SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::boot::boot_all;
+use crate::commands::build_registry;
+use crate::config::Config;
+use crate::models::manifest::Manifest;
+use crate::node::Node;
+use crate::runtime::select_device;
+
+/// Serves until a shutdown signal and the drain that follows.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let manifest = Manifest::load(config.store.manifest.as_deref())?;
+    let registry = build_registry(&config, &manifest)?;
+    let (device, device_name) = select_device(&config.runtime.device).map_err(anyhow::Error::msg)?;
+    let addr = config.server.addr;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr().context("listener has no address")?;
+    let drain_grace = Duration::from_secs(config.server.drain_grace_s);
+    let node = Arc::new(Node::new(config, manifest, registry, device_name.clone()).context("cannot start the node")?);
+    tracing::info!(addr = %local, device = %device_name, version = env!("CARGO_PKG_VERSION"), "listening");
+
+    tokio::spawn(boot_all(node.clone(), device));
+
+    let app = crate::http::router(node.clone());
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_node = node.clone();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                wait_for_signal().await;
+                shutdown_node.start_draining();
+                tracing::info!(grace_s = drain_grace.as_secs(), "draining: refusing new connections, finishing in-flight requests");
+                let _ = draining_tx.send(());
+            })
+            .await
+    });
+    // Serve until the first signal; then give in-flight requests (streams included) the
+    // grace period, and exit at once on a second signal.
+    tokio::select! {
+        r = &mut server => return finished(r),
+        _ = draining_rx => {}
+    }
+    tokio::select! {
+        r = &mut server => {
+            tracing::info!("drained; exiting");
+            finished(r)
+        }
+        _ = tokio::time::sleep(drain_grace) => {
+            tracing::warn!("grace period over; exiting with requests still in flight");
+            Ok(())
+        }
+        _ = wait_for_signal() => {
+            tracing::warn!("second signal; exiting now");
+            Ok(())
+        }
+    }
+}
+
+fn finished(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    r.context("the server task panicked")?.context("server error")
+}
+
+/// SIGTERM (what platforms send) or SIGINT (Ctrl-C).
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
