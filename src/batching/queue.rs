@@ -1,0 +1,195 @@
+//! The per-model queue and the rule that cuts it into batches.
+//!
+//! Inputs from many connections arrive here already tokenized. A batch is cut by a token
+//! budget (`max_batch_tokens`, the sum of the inputs' tokens: the dense layers run
+//! padding-free) and a count (`max_batch_requests`). The oldest waiting input is always
+//! in the next batch, so nothing starves; when more is waiting than one batch holds, the
+//! rest of the batch is filled with the inputs closest to it in length, so the padded
+//! attention of the batch wastes little. Inputs whose client went away are dropped here,
+//! before they cost any compute.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+
+/// What the model worker returns for one input.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    /// The pooled (and, if asked, normalized) vector, or the class logits.
+    pub values: Vec<f32>,
+    /// Time the input waited in the queue, in seconds.
+    pub queue_s: f64,
+    /// Time its batch spent in the model, in seconds.
+    pub compute_s: f64,
+    /// Inputs in its batch.
+    pub batch_size: usize,
+    /// Tokens in its batch.
+    pub batch_tokens: usize,
+}
+
+/// One tokenized input waiting for the model.
+pub struct Job {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    /// L2-normalize the pooled vector.
+    pub normalize: bool,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<JobOutput, Error>>,
+    /// The request's span, so the batch's work shows up in the request's trace.
+    pub span: tracing::Span,
+}
+
+impl Job {
+    /// Tokens in this input.
+    pub fn tokens(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when nobody waits for the answer any more (the client disconnected).
+    pub fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// Limits on one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub max_batch_tokens: usize,
+    pub max_batch_requests: usize,
+}
+
+/// Removes abandoned jobs and cuts the next batch from `queue`, sorted by length.
+/// Returns an empty vector when nothing is waiting.
+pub fn next_batch(queue: &mut VecDeque<Job>, policy: BatchPolicy) -> Vec<Job> {
+    queue.retain(|j| !j.abandoned());
+    if queue.is_empty() {
+        return Vec::new();
+    }
+    // Look a bounded distance ahead: enough to find similar lengths, not a full sort of a long queue.
+    let window = queue.len().min(policy.max_batch_requests.saturating_mul(4).max(1));
+    let fits_all = queue.iter().take(window).map(Job::tokens).sum::<usize>() <= policy.max_batch_tokens
+        && window <= policy.max_batch_requests;
+    let chosen: Vec<usize> = if fits_all {
+        (0..window).collect()
+    } else {
+        let anchor = queue[0].tokens();
+        let mut candidates: Vec<usize> = (1..window).collect();
+        candidates.sort_by_key(|&i| (queue[i].tokens().abs_diff(anchor), i));
+        let mut chosen = vec![0];
+        // The oldest input always goes, even alone over the budget (it was admitted, so it
+        // is within the model's token limit).
+        let mut tokens = anchor;
+        for i in candidates {
+            if chosen.len() >= policy.max_batch_requests {
+                break;
+            }
+            let t = queue[i].tokens();
+            if tokens + t <= policy.max_batch_tokens {
+                tokens += t;
+                chosen.push(i);
+            }
+        }
+        chosen.sort_unstable();
+        chosen
+    };
+    let mut batch = Vec::with_capacity(chosen.len());
+    for &i in chosen.iter().rev() {
+        if let Some(job) = queue.remove(i) {
+            batch.push(job);
+        }
+    }
+    batch.sort_by_key(Job::tokens);
+    batch
+}
+
+/// Runs the queue as an actor: takes jobs from `jobs`, and whenever the worker can take a
+/// batch (the `batches` channel holds one ready batch while the worker runs another) cuts
+/// the next one. Ends when every job sender is gone and the queue is empty.
+pub async fn run_queue(mut jobs: mpsc::UnboundedReceiver<Job>, batches: mpsc::Sender<Vec<Job>>, policy: BatchPolicy) {
+    let mut queue: VecDeque<Job> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match jobs.recv().await {
+                Some(j) => queue.push_back(j),
+                None => return,
+            }
+        }
+        while let Ok(j) = jobs.try_recv() {
+            queue.push_back(j);
+        }
+        // Wait until the worker has room for the next batch, taking new jobs meanwhile so
+        // the batch is cut from everything that arrived while the previous one ran.
+        let permit = tokio::select! {
+            biased;
+            permit = batches.reserve() => match permit {
+                Ok(p) => p,
+                Err(_) => return, // the worker is gone; its supervisor restarts the model
+            },
+            job = jobs.recv() => {
+                match job {
+                    Some(j) => queue.push_back(j),
+                    None if queue.is_empty() => return,
+                    None => {}
+                }
+                continue;
+            }
+        };
+        let batch = next_batch(&mut queue, policy);
+        if !batch.is_empty() {
+            permit.send(batch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tokens: usize) -> (Job, oneshot::Receiver<Result<JobOutput, Error>>) {
+        let (tx, rx) = oneshot::channel();
+        let j = Job {
+            ids: vec![1; tokens],
+            type_ids: vec![0; tokens],
+            normalize: true,
+            enqueued: Instant::now(),
+            reply: tx,
+            span: tracing::Span::none(),
+        };
+        (j, rx)
+    }
+
+    #[test]
+    fn token_budget_and_oldest_first() {
+        let mut keep = Vec::new();
+        let mut q = VecDeque::new();
+        for t in [10, 50, 12, 11, 48, 9] {
+            let (j, rx) = job(t);
+            keep.push(rx);
+            q.push_back(j);
+        }
+        let policy = BatchPolicy { max_batch_tokens: 40, max_batch_requests: 8 };
+        let b = next_batch(&mut q, policy);
+        let lens: Vec<usize> = b.iter().map(Job::tokens).collect();
+        assert_eq!(lens, vec![9, 10, 11], "oldest (10) plus its nearest lengths within 40 tokens");
+        let b = next_batch(&mut q, policy);
+        assert_eq!(b.iter().map(Job::tokens).collect::<Vec<_>>(), vec![50], "the oldest runs alone, even over budget");
+        let b = next_batch(&mut q, policy);
+        assert_eq!(b.iter().map(Job::tokens).collect::<Vec<_>>(), vec![12], "48 does not fit beside 12");
+    }
+
+    #[test]
+    fn abandoned_inputs_are_skipped() {
+        let mut q = VecDeque::new();
+        let (a, rx_a) = job(5);
+        let (b, _rx_b) = job(6);
+        q.push_back(a);
+        q.push_back(b);
+        drop(rx_a);
+        let batch = next_batch(&mut q, BatchPolicy { max_batch_tokens: 100, max_batch_requests: 8 });
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].tokens(), 6);
+    }
+}

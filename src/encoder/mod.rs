@@ -1,0 +1,219 @@
+//! Encoder models (embeddings and sequence classification) and the service requests use.
+//!
+//! `EncoderService` is what a request holds: admission (a bound on inputs in flight),
+//! tokenization on the shared pool, and the model's queue. The model itself lives on its
+//! worker thread (`crate::batching`); the HTTP layer never sees a tensor.
+
+pub mod bert;
+pub mod files;
+pub mod pooling;
+pub mod prototype;
+pub mod tokenize;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::batching::queue::{BatchPolicy, Job, JobOutput};
+use crate::batching::worker::BatchModel;
+use crate::config::Pooling;
+use crate::error::Error;
+use bert::{Bert, PackedBatch};
+use files::EncoderFiles;
+use tokenize::{InputTokenizer, TokenizerPool};
+
+/// What an encoder model produces.
+#[derive(Debug, Clone)]
+pub enum EncoderTask {
+    /// Pooled sentence embeddings; `always_normalize` when the model's own pipeline ends in
+    /// a Normalize module (then `normalize: false` cannot un-normalize it).
+    Embed { pooling: Pooling, always_normalize: bool },
+    /// Class logits from a sequence-classification head.
+    Classify { labels: Vec<String>, multi_label: bool },
+}
+
+/// A loaded encoder on its device: what the worker thread owns.
+pub struct EncoderModel {
+    bert: Bert,
+    task: EncoderTask,
+}
+
+impl EncoderModel {
+    /// Loads weights and files from `dir` onto `device`.
+    pub fn load(dir: &Path, files: &EncoderFiles, task: &EncoderTask, device: &Device) -> Result<Self, String> {
+        let dtype = if device.is_cuda() { DType::F16 } else { DType::F32 };
+        let weights = dir.join("model.safetensors");
+        // SAFETY: the file was verified against its digest just before; mmap requires that no
+        // one truncates it while mapped, which the model store never does.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
+            .map_err(|e| format!("cannot read {}: {e}", weights.display()))?;
+        let (with_head, labels) = match task {
+            EncoderTask::Classify { labels, .. } => (true, labels.len()),
+            EncoderTask::Embed { .. } => (false, 0),
+        };
+        let bert = Bert::load(vb, &files.config, with_head, labels).map_err(|e| format!("cannot build the model: {e}"))?;
+        Ok(EncoderModel { bert, task: task.clone() })
+    }
+
+    fn run_batch(&mut self, batch: &PackedBatch, normalize: &[bool]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let hidden = self.bert.forward(batch)?;
+        match &self.task {
+            EncoderTask::Classify { .. } => {
+                let logits = self.bert.classify(&hidden, batch)?.ok_or_else(|| candle_core::Error::Msg("no head".into()))?;
+                logits.to_vec2::<f32>()
+            }
+            EncoderTask::Embed { pooling, always_normalize } => {
+                let all = *always_normalize || normalize.iter().all(|&n| n);
+                let mut rows = pool(&hidden, batch, *pooling, all)?;
+                if !all {
+                    for (row, &n) in rows.iter_mut().zip(normalize) {
+                        if n {
+                            pooling::l2_normalize(row);
+                        }
+                    }
+                }
+                Ok(rows)
+            }
+        }
+    }
+}
+
+/// Pools packed hidden states on their device: our CUDA kernel on a GPU, the Rust
+/// specification on the CPU.
+fn pool(hidden: &candle_core::Tensor, batch: &PackedBatch, mode: Pooling, normalize: bool) -> candle_core::Result<Vec<Vec<f32>>> {
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() {
+        return crate::gpu::pool_normalize(hidden, &batch.cu_seqlens, mode, normalize)?.to_vec2::<f32>();
+    }
+    let dim = hidden.dim(1)?;
+    let flat = hidden.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let pooled = pooling::pool_normalize(&flat, &batch.cu_seqlens, dim, mode, normalize);
+    Ok(pooled.chunks_exact(dim).map(<[f32]>::to_vec).collect())
+}
+
+impl BatchModel for EncoderModel {
+    fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+        self.run_batch(batch, normalize).map_err(|e| e.to_string())
+    }
+}
+
+/// The answer for one request's inputs.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// One vector per input, in input order.
+    pub rows: Vec<Vec<f32>>,
+    /// Tokens per input after truncation.
+    pub tokens: Vec<usize>,
+    /// The longest queue wait among the inputs, seconds.
+    pub queue_s: f64,
+    /// The longest batch compute among the inputs, seconds.
+    pub compute_s: f64,
+    /// Seconds spent tokenizing.
+    pub tokenize_s: f64,
+}
+
+/// What requests use to reach an encoder model.
+pub struct EncoderService {
+    pub name: String,
+    pub task: EncoderTask,
+    /// Output width (hidden size for embeddings, label count for classifiers).
+    pub dims: usize,
+    pub tokenizer: Arc<InputTokenizer>,
+    pool: Arc<TokenizerPool>,
+    jobs: mpsc::UnboundedSender<Job>,
+    admission: Arc<Semaphore>,
+    max_in_flight: usize,
+}
+
+impl EncoderService {
+    /// Wraps a running queue.
+    pub fn new(
+        name: String,
+        task: EncoderTask,
+        dims: usize,
+        tokenizer: Arc<InputTokenizer>,
+        pool: Arc<TokenizerPool>,
+        jobs: mpsc::UnboundedSender<Job>,
+        max_in_flight: usize,
+    ) -> Self {
+        EncoderService {
+            name,
+            task,
+            dims,
+            tokenizer,
+            pool,
+            jobs,
+            admission: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+        }
+    }
+
+    /// Most inputs admitted at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Inputs admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.max_in_flight - self.admission.available_permits()
+    }
+
+    /// Admits, tokenizes, queues and awaits `texts`. Dropping the future (a client that
+    /// disconnected) releases its admission at once and its queued inputs are skipped.
+    pub async fn encode(&self, texts: Vec<String>, truncate: bool, normalize: bool) -> Result<Encoded, Error> {
+        let n = texts.len();
+        // A request larger than the whole admission budget could never be admitted.
+        let permits = u32::try_from(n).ok().filter(|&p| p as usize <= self.max_in_flight).ok_or(
+            Error::TooManyInputs { field: "inputs".into(), count: n, limit: self.max_in_flight },
+        )?;
+        let _admitted = self.admission.clone().try_acquire_many_owned(permits).map_err(|_| Error::Overloaded {
+                what: format!("model {} (inputs in flight)", self.name),
+                limit: self.max_in_flight,
+                retry_after_s: 1,
+            })?;
+        let started = Instant::now();
+        let tokens = self.pool.encode(self.tokenizer.clone(), Arc::new(texts), truncate).await?;
+        let tokenize_s = started.elapsed().as_secs_f64();
+        let span = tracing::Span::current();
+        let mut replies = Vec::with_capacity(n);
+        let mut counts = Vec::with_capacity(n);
+        for t in tokens {
+            let (tx, rx) = oneshot::channel();
+            counts.push(t.ids.len());
+            let job = Job { ids: t.ids, type_ids: t.type_ids, normalize, enqueued: Instant::now(), reply: tx, span: span.clone() };
+            self.jobs.send(job).map_err(|_| Error::NotReady {
+                message: format!("model {} is restarting", self.name),
+                retry_after_s: 2,
+            })?;
+            replies.push(rx);
+        }
+        let mut rows = Vec::with_capacity(n);
+        let (mut queue_s, mut compute_s) = (0f64, 0f64);
+        for rx in replies {
+            let out: JobOutput = rx.await.map_err(|_| Error::Internal(format!("model {} dropped the input", self.name)))??;
+            queue_s = queue_s.max(out.queue_s);
+            compute_s = compute_s.max(out.compute_s);
+            rows.push(out.values);
+        }
+        Ok(Encoded { rows, tokens: counts, queue_s, compute_s, tokenize_s })
+    }
+}
+
+/// Default batch limits for an encoder when its config does not set them.
+pub fn batch_policy(max_batch_tokens: Option<usize>, max_batch_requests: Option<usize>) -> BatchPolicy {
+    BatchPolicy {
+        max_batch_tokens: max_batch_tokens.unwrap_or(DEFAULT_MAX_BATCH_TOKENS),
+        max_batch_requests: max_batch_requests.unwrap_or(DEFAULT_MAX_BATCH_REQUESTS),
+    }
+}
+
+/// Default token budget of one batch.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
+/// Default most inputs in one batch.
+pub const DEFAULT_MAX_BATCH_REQUESTS: usize = 64;
+/// Default most inputs admitted at once per model.
+pub const DEFAULT_MAX_CONCURRENT_INPUTS: usize = 1024;

@@ -1,0 +1,231 @@
+//! Embedding and classification routes: `/embed` and `/classify` (text-embeddings-inference's
+//! shapes), `/v1/embeddings` (OpenAI's).
+//!
+//! Validation happens once, in `Inputs::validate`, for both dialects: empty input (400),
+//! too many inputs or characters (413), before anything is queued. Token limits are
+//! checked by the tokenizer (422 naming the input), and admission (429) before that, so a
+//! refused request holds nothing afterwards.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::json::JsonBody;
+use super::{inference_headers, AppState};
+use crate::config::ModelKind;
+use crate::encoder::prototype::sort_scores;
+use crate::encoder::{bert::class_scores, Encoded, EncoderService, EncoderTask};
+use crate::error::Error;
+use crate::models::registry::ModelSlot;
+use crate::node::Node;
+use crate::service::Service;
+
+/// One string or a list of strings, as both dialects accept.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub texts: Vec<String>,
+    /// True when the client sent a single string (TEI answers `/classify` flat then).
+    pub single: bool,
+}
+
+impl<'de> Deserialize<'de> for Inputs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Inputs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Inputs, E> {
+                Ok(Inputs { texts: vec![s.to_string()], single: true })
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Inputs, E> {
+                Ok(Inputs { texts: vec![s], single: true })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Inputs, A::Error> {
+                let mut texts = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+                while let Some(t) = seq.next_element::<String>()? {
+                    texts.push(t);
+                }
+                Ok(Inputs { texts, single: false })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Inputs {
+    /// The checks made before any work: non-empty, within the count and character limits.
+    pub fn validate(&self, field: &str, node: &Node) -> Result<(), Error> {
+        let limits = &node.config.limits;
+        if self.texts.is_empty() {
+            return Err(Error::EmptyInput(field.to_string()));
+        }
+        if self.texts.len() > limits.max_inputs {
+            return Err(Error::TooManyInputs { field: field.to_string(), count: self.texts.len(), limit: limits.max_inputs });
+        }
+        for (index, t) in self.texts.iter().enumerate() {
+            if t.is_empty() {
+                return Err(Error::EmptyInput(if self.single { field.to_string() } else { format!("{field}[{index}]") }));
+            }
+            // Bytes bound characters from above: count characters only when it matters.
+            if t.len() > limits.max_input_chars {
+                let chars = t.chars().count();
+                if chars > limits.max_input_chars {
+                    return Err(Error::InputTooManyChars { index, chars, limit: limits.max_input_chars });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `POST /embed` body (TEI).
+#[derive(Debug, Deserialize)]
+pub struct EmbedRequest {
+    pub inputs: Inputs,
+    #[serde(default = "yes")]
+    pub normalize: bool,
+    #[serde(default)]
+    pub truncate: bool,
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The encoder behind an embed model, once it is warm.
+async fn ready_encoder(node: &Node, slot: &ModelSlot) -> Result<Arc<EncoderService>, Error> {
+    match slot.ready_service(node.ready_wait()).await? {
+        Service::Encoder(e) => Ok(e),
+        _ => Err(Error::Internal(format!("model {} is not an encoder", slot.name()))),
+    }
+}
+
+fn answer(body: Value, slot: &ModelSlot, encoded: &Encoded) -> Response {
+    let mut response = Json(body).into_response();
+    inference_headers(&mut response, &slot.label(), encoded.queue_s, encoded.compute_s);
+    response
+}
+
+/// `POST /embed`: one vector per input, in input order.
+pub async fn embed(State(node): State<AppState>, JsonBody(req): JsonBody<EmbedRequest>) -> Result<Response, Error> {
+    let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
+    req.inputs.validate("inputs", &node)?;
+    let encoder = ready_encoder(&node, slot).await?;
+    let encoded = encoder.encode(req.inputs.texts, req.truncate, req.normalize).await?;
+    Ok(answer(json!(encoded.rows), slot, &encoded))
+}
+
+/// `POST /v1/embeddings` body (OpenAI).
+#[derive(Debug, Deserialize)]
+pub struct OpenAiEmbeddingRequest {
+    pub input: Inputs,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub encoding_format: Option<EncodingFormat>,
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+    /// Our extension: cut inputs over the model's token limit instead of answering 422.
+    #[serde(default)]
+    pub truncate: bool,
+}
+
+/// How `/v1/embeddings` encodes vectors.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+/// `POST /v1/embeddings`: OpenAI's shape, with `usage` token counts, base64 and `dimensions`.
+pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): JsonBody<OpenAiEmbeddingRequest>) -> Result<Response, Error> {
+    let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Embed)?;
+    req.input.validate("input", &node)?;
+    let encoder = ready_encoder(&node, slot).await?;
+    if let Some(d) = req.dimensions {
+        if d == 0 || d > encoder.dims {
+            return Err(Error::field("dimensions", format!("must be between 1 and {} for model {}", encoder.dims, slot.name())));
+        }
+    }
+    let encoded = encoder.encode(req.input.texts, req.truncate, true).await?;
+    let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
+    let data: Vec<Value> = encoded
+        .rows
+        .iter()
+        .enumerate()
+        .map(|(index, row)| {
+            let mut v = row.clone();
+            if let Some(d) = req.dimensions {
+                // Matryoshka-style: keep the leading dimensions and renormalize.
+                v.truncate(d);
+                crate::encoder::pooling::l2_normalize(&mut v);
+            }
+            let embedding = match format {
+                EncodingFormat::Float => json!(v),
+                EncodingFormat::Base64 => {
+                    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens: usize = encoded.tokens.iter().sum();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": slot.name(),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    });
+    Ok(answer(body, slot, &encoded))
+}
+
+/// `POST /classify` and `/predict` body (TEI).
+#[derive(Debug, Deserialize)]
+pub struct ClassifyRequest {
+    pub inputs: Inputs,
+    #[serde(default)]
+    pub raw_scores: bool,
+    #[serde(default)]
+    pub truncate: bool,
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// `POST /classify`: per input, `[{"label", "score"}]` sorted by score, highest first.
+/// A single string input answers with one flat list, as TEI does.
+pub async fn classify(State(node): State<AppState>, JsonBody(req): JsonBody<ClassifyRequest>) -> Result<Response, Error> {
+    let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Classify)?;
+    req.inputs.validate("inputs", &node)?;
+    let (scored, encoded) = match slot.ready_service(node.ready_wait()).await? {
+        Service::Prototype(p) => p.classify(req.inputs.texts, req.truncate, req.raw_scores).await?,
+        Service::Encoder(e) => {
+            let EncoderTask::Classify { labels, multi_label } = &e.task else {
+                return Err(Error::Internal(format!("model {} has no classifier head", slot.name())));
+            };
+            let encoded = e.encode(req.inputs.texts, req.truncate, false).await?;
+            let flat: Vec<f32> = encoded.rows.concat();
+            let scores = class_scores(&flat, labels.len(), *multi_label, req.raw_scores);
+            let scored = scores.into_iter().map(|row| sort_scores(labels.iter().cloned().zip(row).collect())).collect();
+            (scored, encoded)
+        }
+        Service::Generator(_) => return Err(Error::Internal(format!("model {} is a generator", slot.name()))),
+    };
+    let rows: Vec<Value> = scored
+        .into_iter()
+        .map(|row| json!(row.into_iter().map(|(label, score)| json!({"label": label, "score": score})).collect::<Vec<_>>()))
+        .collect();
+    let body = if req.inputs.single { rows.into_iter().next().unwrap_or(json!([])) } else { json!(rows) };
+    Ok(answer(body, slot, &encoded))
+}
