@@ -1,0 +1,75 @@
+//! The `Generator` seam: what our HTTP layer needs from a text-generation engine, and
+//! nothing more. Admission, stop sequences, streaming, timeouts, usage and metrics all live
+//! in front of it (`GenerateService`), so an engine can be swapped — mistral.rs on CUDA,
+//! our own CPU engine — without touching a route.
+
+use tokio::sync::mpsc;
+
+use super::sampling::SamplingParams;
+use super::template::ChatMessage;
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop sequence.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// What an engine sends while it generates one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// The next piece of text (one token's worth, or more once bytes form whole characters);
+    /// `tokens` counts the tokens generated so far.
+    Text { text: String, tokens: usize },
+    /// The sequence ended; `completion_tokens` counts every generated token, EOS included.
+    Done { reason: FinishReason, completion_tokens: usize },
+    /// The engine failed this sequence.
+    Failed(String),
+}
+
+/// A running sequence's events. Dropping it cancels the sequence: the engine frees its
+/// slot within one decode step.
+pub struct TokenStream {
+    pub events: mpsc::UnboundedReceiver<GenEvent>,
+    /// Anything whose drop tells the engine to stop (kept only for its `Drop`).
+    pub _cancel: Box<dyn Send + Sync>,
+}
+
+/// Facts about a loaded generator.
+#[derive(Debug, Clone)]
+pub struct GeneratorInfo {
+    /// Engine name for `/info` (`mistralrs`, `edgenode-cpu`).
+    pub engine: &'static str,
+    /// Context window in tokens (prompt + completion).
+    pub context: usize,
+    /// Layers, vocabulary and similar, for `/info`.
+    pub details: serde_json::Value,
+}
+
+/// A loaded text-generation model.
+pub trait Generator: Send + Sync + 'static {
+    /// What this generator is.
+    fn info(&self) -> GeneratorInfo;
+
+    /// Renders chat messages with the model's chat template.
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String>;
+
+    /// Tokenizes prompt text exactly as the engine will see it.
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String>;
+
+    /// Starts generating after `prompt`. Stop sequences are passed as a hint (the caller
+    /// matches them on the text itself); `max_tokens` fits the context (the caller checked).
+    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, String>;
+}

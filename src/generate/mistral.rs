@@ -1,0 +1,345 @@
+//! The mistral.rs engine behind the `Generator` seam.
+//!
+//! mistral.rs 0.8.1 has traps this module designs around (read from its source):
+//! - Loading goes through `Loader::load_model_from_path` with explicit local paths, so no
+//!   hub client, token file or cache folder is ever touched; the dtype is F32 on CPU (its
+//!   high-level GGUF builder hard-codes "auto", which is BF16 on CPU).
+//! - Requests always stream internally. A non-streaming request whose receiver is dropped
+//!   makes its engine thread panic; a streaming one is simply cancelled at the next token,
+//!   which is how we cancel.
+//! - The engine awaits every send to a request's channel, so one slow reader would stall
+//!   every sequence: each request's channel holds its whole answer, and a forwarding task
+//!   drains it at once into our own unbounded buffer.
+//! - It has no per-request seed (one RNG, seeded 0, shared by all sequences): sampling is
+//!   done by our own per-request `Sampler` in a logits processor that returns a one-hot
+//!   distribution to the engine's greedy pick. The processor also counts tokens exactly.
+//! - Its prefix cache never evicts on CPU: it is disabled.
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use either::Either;
+use mistralrs::core::{
+    AdapterPaths, GGUFLoaderBuilder, GGUFSpecificConfig, Loader, LocalModelPaths, MistralRs, MistralRsBuilder,
+    ModelPaths, NormalLoaderBuilder, NormalSpecificConfig,
+};
+use mistralrs::{
+    Constraint, DefaultSchedulerMethod, DeviceMapSetting, ModelDType, NormalLoaderType, NormalRequest, Request,
+    RequestMessage, Response, SchedulerConfig, StopTokens,
+};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
+use super::sampling::{Sampler, SamplingParams};
+use super::template::{ChatMessage, ChatTemplate};
+
+/// A model served by mistral.rs.
+pub struct MistralGenerator {
+    runner: Arc<MistralRs>,
+    /// Sequences allowed inside the engine at once. On the CPU this is 1: measured here,
+    /// mistral.rs 0.8.1 corrupts the text of sequences that share decode steps on the CPU
+    /// (eight concurrent greedy chats came back mixed), so sequences take turns.
+    turns: Arc<tokio::sync::Semaphore>,
+    tokenizer: Arc<tokenizers021::Tokenizer>,
+    template: ChatTemplate,
+    context: usize,
+    eos: Arc<Vec<u32>>,
+    details: serde_json::Value,
+}
+
+/// What to load: a GGUF file, or a Hugging Face safetensors folder (Llama layout).
+pub enum ModelFiles<'a> {
+    Gguf(&'a Path),
+    SafetensorsDir(&'a Path),
+}
+
+/// Builds the pipeline from local files only. Blocking: call it off the async workers.
+fn load_pipeline(
+    files: &ModelFiles,
+    device: &candle_core::Device,
+) -> anyhow::Result<Arc<tokio::sync::Mutex<dyn mistralrs::core::Pipeline + Send + Sync>>> {
+    // F32 on the CPU (exact, and what candle's quantized CPU kernels compute in); on a GPU
+    // mistral.rs picks BF16/F16 itself.
+    let dtype = if device.is_cpu() { ModelDType::F32 } else { ModelDType::Auto };
+    let (loader, paths): (Box<dyn Loader>, Box<dyn ModelPaths>) = match files {
+        ModelFiles::Gguf(file) => {
+            let file = file.canonicalize()?;
+            let dir = file.parent().ok_or_else(|| anyhow::anyhow!("GGUF file has no folder"))?;
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let loader = GGUFLoaderBuilder::new(
+                None,
+                None,
+                dir.to_string_lossy().into_owned(),
+                vec![name],
+                GGUFSpecificConfig { topology: None },
+                false,
+                None,
+            )
+            .build();
+            let paths = LocalModelPaths {
+                // Empty: the tokenizer and chat template come from the GGUF's metadata.
+                tokenizer_filename: Default::default(),
+                config_filename: Default::default(),
+                template_filename: None,
+                filenames: vec![file.clone()],
+                adapter_paths: AdapterPaths::None,
+                gen_conf: None,
+                preprocessor_config: None,
+                processor_config: None,
+                chat_template_json_filename: None,
+            };
+            (loader, Box::new(paths))
+        }
+        ModelFiles::SafetensorsDir(dir) => {
+            let dir = dir.canonicalize()?;
+            let optional = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
+            let loader = NormalLoaderBuilder::new(
+                NormalSpecificConfig::default(),
+                None,
+                None,
+                Some(dir.to_string_lossy().into_owned()),
+                false,
+                None,
+            )
+            .build(Some(NormalLoaderType::Llama))?;
+            let paths = LocalModelPaths {
+                tokenizer_filename: dir.join("tokenizer.json"),
+                config_filename: dir.join("config.json"),
+                template_filename: optional("chat_template.jinja").or_else(|| optional("tokenizer_config.json")),
+                filenames: vec![dir.join("model.safetensors")],
+                adapter_paths: AdapterPaths::None,
+                gen_conf: optional("generation_config.json"),
+                preprocessor_config: None,
+                processor_config: None,
+                chat_template_json_filename: optional("chat_template.json"),
+            };
+            (loader, Box::new(paths))
+        }
+    };
+    loader.load_model_from_path(&paths, &dtype, device, true, DeviceMapSetting::dummy(), None, None)
+}
+
+/// The text of a special token as the chat template names it (its type is private to
+/// mistral.rs, so this is a macro over the field rather than a function over the type).
+macro_rules! token_text {
+    ($t:expr) => {
+        match &$t {
+            Some(tok) => match &tok.0 {
+                Either::Left(s) => s.clone(),
+                Either::Right(added) => added.content.clone(),
+            },
+            None => String::new(),
+        }
+    };
+}
+
+impl MistralGenerator {
+    /// Loads the model and starts its engine with room for `max_sequences` running together.
+    pub async fn load(files: ModelFiles<'_>, device: &candle_core::Device, max_sequences: usize) -> Result<Self, String> {
+        let pipeline = tokio::task::block_in_place(|| load_pipeline(&files, device)).map_err(|e| format!("{e:#}"))?;
+        let (tokenizer, template, context, eos, details) = {
+            let p = pipeline.lock().await;
+            let md = p.get_metadata();
+            let tokenizer = p.tokenizer().ok_or("the model has no tokenizer")?;
+            let chat = p.get_chat_template().ok_or("the model has no chat template")?;
+            let source = match chat.chat_template.as_ref().map(|v| &v.0) {
+                Some(Either::Left(s)) => s.clone(),
+                Some(Either::Right(named)) => named
+                    .iter()
+                    .find(|m| m.get("name").is_some_and(|n| n == "default"))
+                    .and_then(|m| m.get("template").cloned())
+                    .ok_or("the model's chat templates have no default")?,
+                None => return Err("the model has no chat template".into()),
+            };
+            let template = ChatTemplate::new(&source, &token_text!(chat.bos_token), &token_text!(chat.eos_token))?;
+            let details = serde_json::json!({
+                "layers": md.num_hidden_layers,
+                "activation_dtype": format!("{:?}", md.activation_dtype),
+                "eos_token_ids": md.eos_tok,
+                "vocab_size": tokenizer.get_vocab_size(true),
+            });
+            (tokenizer, template, md.max_seq_len, md.eos_tok.clone(), details)
+        };
+        let sequences = NonZeroUsize::new(max_sequences.max(1)).ok_or("max sequences must be positive")?;
+        let runner = MistralRsBuilder::new(
+            pipeline,
+            SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(sequences) },
+            false,
+            None,
+        )
+        .with_no_prefix_cache(true)
+        .build()
+        .await;
+        let turns = if device.is_cpu() { 1 } else { max_sequences.max(1) };
+        let details = {
+            let mut d = details;
+            d["sequences_in_engine"] = serde_json::json!(turns);
+            d
+        };
+        Ok(MistralGenerator {
+            runner,
+            turns: Arc::new(tokio::sync::Semaphore::new(turns)),
+            tokenizer,
+            template,
+            context,
+            eos: Arc::new(eos),
+            details,
+        })
+    }
+}
+
+/// Samples for the engine: our seeded `Sampler` picks the token, the engine is handed a
+/// one-hot distribution (its own sampling is greedy), and every call is counted.
+struct SeededPick {
+    sampler: Mutex<Sampler>,
+    generated: AtomicUsize,
+    last: AtomicU32,
+}
+
+impl mistralrs::CustomLogitsProcessor for SeededPick {
+    fn apply(&self, logits: &candle_core::Tensor, _context: &[u32]) -> candle_core::Result<candle_core::Tensor> {
+        let values: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let pick = self.sampler.lock().sample(&values);
+        self.generated.fetch_add(1, Ordering::SeqCst);
+        self.last.store(pick, Ordering::SeqCst);
+        let mut one_hot = vec![f32::NEG_INFINITY; values.len()];
+        if let Some(v) = one_hot.get_mut(pick as usize) {
+            *v = 0.0;
+        }
+        candle_core::Tensor::from_vec(one_hot, values.len(), logits.device())?.to_dtype(logits.dtype())
+    }
+}
+
+impl Generator for MistralGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo { engine: "mistralrs", context: self.context, details: self.details.clone() }
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        self.template.render(messages)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String> {
+        // The same call mistral.rs makes for a text completion (encode_fast, special tokens on).
+        self.tokenizer.encode_fast(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+    }
+
+    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, String> {
+        let mut sampler = Sampler::new(params);
+        if params.ignore_eos {
+            sampler.ban(&self.eos);
+        }
+        let pick = Arc::new(SeededPick {
+            sampler: Mutex::new(sampler),
+            generated: AtomicUsize::new(0),
+            last: AtomicU32::new(u32::MAX),
+        });
+        // Room for every message of the answer, so the engine never waits on this channel.
+        let (tx, mut rx) = mpsc::channel::<Response>(max_tokens + 16);
+        let sampling = mistralrs::SamplingParams {
+            temperature: Some(0.0),
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            top_n_logprobs: 0,
+            frequency_penalty: None,
+            presence_penalty: None,
+            repetition_penalty: None,
+            stop_toks: (!stop.is_empty()).then(|| StopTokens::Seqs(stop.to_vec())),
+            max_len: Some(max_tokens),
+            logits_bias: None,
+            n_choices: 1,
+            dry_params: None,
+        };
+        let request = Request::Normal(Box::new(NormalRequest {
+            messages: RequestMessage::CompletionTokens(prompt),
+            sampling_params: sampling,
+            response: tx,
+            return_logprobs: false,
+            is_streaming: true,
+            id: self.runner.next_request_id(),
+            constraint: Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: Some(vec![pick.clone() as Arc<dyn mistralrs::CustomLogitsProcessor>]),
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        let sender = self.runner.get_sender(None).map_err(|e| format!("the engine is not running: {e}"))?;
+        let (out, events) = mpsc::unbounded_channel();
+        let eos = self.eos.clone();
+        let turns = self.turns.clone();
+        tokio::spawn(async move {
+            // Wait for the engine's turn (see `turns`); give up if the reader leaves first.
+            let _turn = tokio::select! {
+                _ = out.closed() => return,
+                t = turns.acquire_owned() => match t {
+                    Ok(t) => t,
+                    Err(_) => return,
+                },
+            };
+            if let Err(e) = sender.send(request).await {
+                let _ = out.send(GenEvent::Failed(format!("the engine refused the request: {e}")));
+                return;
+            }
+            loop {
+                let message = tokio::select! {
+                    // Our reader is gone: dropping `rx` cancels the sequence at its next token.
+                    _ = out.closed() => return,
+                    m = rx.recv() => m,
+                };
+                let event = match message {
+                    Some(Response::CompletionChunk(chunk)) => {
+                        let Some(choice) = chunk.choices.into_iter().next() else { continue };
+                        let tokens = pick.generated.load(Ordering::SeqCst);
+                        if !choice.text.is_empty() && out.send(GenEvent::Text { text: choice.text, tokens }).is_err() {
+                            return;
+                        }
+                        match choice.finish_reason.as_deref() {
+                            None => continue,
+                            Some(reason) => finish(reason, &pick),
+                        }
+                    }
+                    Some(Response::CompletionDone(done)) => {
+                        let reason = done.choices.first().map(|c| c.finish_reason.clone()).unwrap_or_default();
+                        finish(&reason, &pick)
+                    }
+                    Some(Response::CompletionModelError(e, _)) | Some(Response::ModelError(e, _)) => GenEvent::Failed(e),
+                    Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => GenEvent::Failed(e.to_string()),
+                    Some(_) => continue,
+                    // Closed without a finish: it ended on a token whose bytes were not yet a
+                    // whole character (mistral.rs then sends nothing), or the engine died.
+                    None => {
+                        let generated = pick.generated.load(Ordering::SeqCst);
+                        let last = pick.last.load(Ordering::SeqCst);
+                        if generated >= max_tokens {
+                            GenEvent::Done { reason: FinishReason::Length, completion_tokens: generated }
+                        } else if eos.contains(&last) {
+                            GenEvent::Done { reason: FinishReason::Stop, completion_tokens: generated }
+                        } else {
+                            GenEvent::Failed("the engine ended the sequence without finishing it".into())
+                        }
+                    }
+                };
+                let _ = out.send(event);
+                return;
+            }
+        });
+        Ok(TokenStream { events, _cancel: Box::new(()) })
+    }
+}
+
+fn finish(reason: &str, pick: &SeededPick) -> GenEvent {
+    let completion_tokens = pick.generated.load(Ordering::SeqCst);
+    match reason {
+        "length" => GenEvent::Done { reason: FinishReason::Length, completion_tokens },
+        "stop" => GenEvent::Done { reason: FinishReason::Stop, completion_tokens },
+        other => GenEvent::Failed(format!("the engine ended the sequence: {other}")),
+    }
+}

@@ -1,0 +1,343 @@
+//! Text generation: what a request holds in front of the `Generator` seam.
+//!
+//! `GenerateService` validates the prompt against the context (the prompt's exact tokens
+//! are known before anything is queued), admits the request (`max_concurrent_sequences`
+//! running, a bounded number waiting, 429 beyond), and turns the engine's events into
+//! `Piece`s with stop sequences cut out and the deadline enforced. A `Generation` owns its
+//! sequence slot: dropping it — a client that went away — frees the slot and cancels the
+//! sequence in the engine within one decode step.
+
+pub mod engine;
+pub mod mistral;
+pub mod sampling;
+pub mod stop;
+pub mod template;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::Error;
+use crate::models::manifest::ManifestEntry;
+use crate::models::registry::ModelSlot;
+use crate::node::Node;
+use engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
+use sampling::SamplingParams;
+use stop::StopMatcher;
+use template::ChatMessage;
+
+/// Default sequences decoded together.
+pub const DEFAULT_MAX_SEQUENCES: usize = 8;
+/// Default requests waiting for a sequence slot.
+pub const DEFAULT_MAX_WAITING: usize = 32;
+/// Default `max_tokens` when a request names none.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// A prompt as a client sends it.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// Raw text, used as is (`/v1/completions`, `/generate` with `prompt`).
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+}
+
+/// A validated prompt: its tokens and the completion budget that fits the context.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub tokens: Vec<u32>,
+    pub max_tokens: usize,
+}
+
+/// What a generation yields, in order: text pieces, then one `Done` (or an `Error`).
+#[derive(Debug)]
+pub enum Piece {
+    Text(String),
+    Done(Usage, FinishReason),
+    Error(Error),
+}
+
+/// Token counts of one generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// The generation service of one model.
+pub struct GenerateService {
+    pub name: String,
+    engine: Arc<dyn Generator>,
+    pub info: GeneratorInfo,
+    /// Context window in force (the model's, or less if configured).
+    pub context: usize,
+    default_max_tokens: usize,
+    slots: Arc<Semaphore>,
+    pub max_sequences: usize,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+    timeout: Duration,
+}
+
+/// Decrements the waiting count when a waiting request is admitted or gives up.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl GenerateService {
+    /// Wraps a loaded engine with the model's admission limits.
+    pub fn new(name: String, engine: Arc<dyn Generator>, slot: &ModelSlot, timeout: Duration) -> Self {
+        let info = engine.info();
+        let context = slot.config.context.map_or(info.context, |c| c.min(info.context));
+        let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
+        GenerateService {
+            name,
+            engine,
+            info,
+            context,
+            default_max_tokens: slot.config.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            slots: Arc::new(Semaphore::new(max_sequences)),
+            max_sequences,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting: slot.config.max_waiting.unwrap_or(DEFAULT_MAX_WAITING),
+            timeout,
+        }
+    }
+
+    /// Sequences running now.
+    pub fn running(&self) -> usize {
+        self.max_sequences - self.slots.available_permits()
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Renders and tokenizes the prompt, and checks it and `max_tokens` against the context.
+    pub async fn prepare(&self, input: PromptInput, max_tokens: Option<i64>) -> Result<Prepared, Error> {
+        if let Some(m) = max_tokens {
+            if m < 1 {
+                return Err(Error::field("max_tokens", format!("must be at least 1, got {m}")));
+            }
+        }
+        let engine = self.engine.clone();
+        let tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, Error> {
+            let text = match input {
+                PromptInput::Text(t) => t,
+                PromptInput::Chat(messages) => engine.render_chat(&messages).map_err(|e| Error::field("messages", e))?,
+            };
+            engine.tokenize(&text).map_err(|e| Error::Internal(format!("tokenizer failed: {e}")))
+        })
+        .await
+        .map_err(|_| Error::Internal("the tokenizer panicked".into()))??;
+        if tokens.is_empty() {
+            return Err(Error::EmptyInput("prompt".into()));
+        }
+        let context = self.context;
+        if tokens.len() >= context {
+            return Err(Error::ContextExceeded {
+                message: format!(
+                    "the prompt has {} tokens; the context of model {} is {context} tokens, leaving no room to generate",
+                    tokens.len(),
+                    self.name
+                ),
+            });
+        }
+        let room = context - tokens.len();
+        let max_tokens = match max_tokens {
+            Some(m) => {
+                let m = usize::try_from(m).unwrap_or(usize::MAX);
+                if m > room {
+                    return Err(Error::ContextExceeded {
+                        message: format!(
+                            "max_tokens is {m} but the prompt has {} tokens and the context of model {} is {context}: at most {room} can be generated",
+                            tokens.len(),
+                            self.name
+                        ),
+                    });
+                }
+                m
+            }
+            None => self.default_max_tokens.min(room),
+        };
+        Ok(Prepared { tokens, max_tokens })
+    }
+
+    /// Takes a sequence slot (waiting in the bounded queue if need be) and starts generating.
+    pub async fn start(&self, prepared: Prepared, sampling: SamplingParams, stop: Vec<String>) -> Result<Generation, Error> {
+        let started = Instant::now();
+        let permit = self.admit().await?;
+        let prompt_tokens = prepared.tokens.len();
+        let stream = self
+            .engine
+            .start(prepared.tokens, sampling, prepared.max_tokens, &stop)
+            .map_err(|e| Error::Internal(format!("model {} could not start: {e}", self.name)))?;
+        Ok(Generation {
+            stream,
+            matcher: StopMatcher::new(&stop),
+            prompt_tokens,
+            completion_tokens: 0,
+            deadline: tokio::time::Instant::now() + self.timeout,
+            timeout_s: self.timeout.as_secs(),
+            started,
+            admitted: Instant::now(),
+            first_piece: None,
+            pending_done: None,
+            finished: false,
+            _permit: permit,
+        })
+    }
+
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        if let Ok(p) = self.slots.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        let overloaded = || Error::Overloaded {
+            what: format!("model {} (sequences running and waiting)", self.name),
+            limit: self.max_sequences + self.max_waiting,
+            retry_after_s: 1,
+        };
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(overloaded());
+        }
+        let _waiting = Waiting(self.waiting.clone());
+        match tokio::time::timeout(self.timeout, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(Error::Internal("the sequence slots are closed".into())),
+            Err(_) => Err(overloaded()),
+        }
+    }
+
+    /// Runs a short chat prompt through prefill and a few decode steps.
+    pub async fn warm_up(&self) -> Result<(), String> {
+        let messages = vec![ChatMessage { role: "user".into(), content: "Say hello.".into() }];
+        let prepared = self.prepare(PromptInput::Chat(messages), Some(4)).await.map_err(|e| e.to_string())?;
+        let mut generation = self.start(prepared, SamplingParams::greedy(), vec![]).await.map_err(|e| e.to_string())?;
+        while let Some(piece) = generation.next().await {
+            match piece {
+                Piece::Error(e) => return Err(format!("warm-up generation failed: {e}")),
+                Piece::Done(..) => return Ok(()),
+                Piece::Text(_) => {}
+            }
+        }
+        Err("warm-up generation ended without finishing".into())
+    }
+}
+
+/// One running sequence. Dropping it cancels the sequence and frees its slot.
+pub struct Generation {
+    stream: TokenStream,
+    matcher: StopMatcher,
+    pub prompt_tokens: usize,
+    completion_tokens: usize,
+    deadline: tokio::time::Instant,
+    timeout_s: u64,
+    /// When the request asked for a slot.
+    pub started: Instant,
+    /// When it got one.
+    pub admitted: Instant,
+    /// When the first text arrived.
+    pub first_piece: Option<Instant>,
+    /// A `Done` to deliver after the text piece just returned.
+    pending_done: Option<FinishReason>,
+    finished: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Generation {
+    /// The next piece, or `None` after `Done` / `Error`.
+    pub async fn next(&mut self) -> Option<Piece> {
+        if let Some(reason) = self.pending_done.take() {
+            self.finished = true;
+            return Some(Piece::Done(self.usage(), reason));
+        }
+        if self.finished {
+            return None;
+        }
+        loop {
+            let event = match tokio::time::timeout_at(self.deadline, self.stream.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => GenEvent::Failed("the engine dropped the sequence".into()),
+                Err(_) => {
+                    self.finished = true;
+                    self.stream.events.close();
+                    return Some(Piece::Error(Error::Timeout(self.timeout_s)));
+                }
+            };
+            match event {
+                GenEvent::Text { text, tokens } => {
+                    self.completion_tokens = tokens;
+                    let released = self.matcher.push(&text);
+                    if released.stopped {
+                        // Cancel the sequence in the engine now; the rest is never sent.
+                        self.stream.events.close();
+                        return Some(self.then_done(released.text, FinishReason::Stop));
+                    }
+                    if !released.text.is_empty() {
+                        self.first_piece.get_or_insert_with(Instant::now);
+                        return Some(Piece::Text(released.text));
+                    }
+                }
+                GenEvent::Done { reason, completion_tokens } => {
+                    self.completion_tokens = completion_tokens;
+                    let rest = self.matcher.finish();
+                    return Some(self.then_done(rest, reason));
+                }
+                GenEvent::Failed(message) => {
+                    self.finished = true;
+                    return Some(Piece::Error(Error::Internal(message)));
+                }
+            }
+        }
+    }
+
+    /// Returns `text` now and `Done` next, or `Done` at once when there is no text.
+    fn then_done(&mut self, text: String, reason: FinishReason) -> Piece {
+        if text.is_empty() {
+            self.finished = true;
+            Piece::Done(self.usage(), reason)
+        } else {
+            self.first_piece.get_or_insert_with(Instant::now);
+            self.pending_done = Some(reason);
+            Piece::Text(text)
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.prompt_tokens + self.completion_tokens,
+        }
+    }
+}
+
+/// Loads a generate model's engine from its verified files.
+pub async fn load(node: &Node, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir: &Path, device: &candle_core::Device) -> Result<Arc<GenerateService>, String> {
+    let gguf = entry.files.iter().find(|f| f.path.ends_with(".gguf")).map(|f| dir.join(&f.path));
+    let files = match &gguf {
+        Some(p) => mistral::ModelFiles::Gguf(p),
+        None => mistral::ModelFiles::SafetensorsDir(dir),
+    };
+    let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
+    let engine = mistral::MistralGenerator::load(files, device, max_sequences).await?;
+    let timeout = Duration::from_secs(node.config.limits.request_timeout_s);
+    let service = GenerateService::new(slot.name().to_string(), Arc::new(engine), slot, timeout);
+    slot.update_facts(|f| {
+        f.details.insert("engine".into(), serde_json::json!(service.info.engine));
+        f.details.insert("context".into(), serde_json::json!(service.context));
+        f.details.insert("max_concurrent_sequences".into(), serde_json::json!(service.max_sequences));
+        f.details.insert("model".into(), service.info.details.clone());
+    });
+    Ok(Arc::new(service))
+}

@@ -1,0 +1,488 @@
+//! Generation routes: `/generate` (native), `/v1/chat/completions` and `/v1/completions`
+//! (OpenAI's shapes, streaming included).
+//!
+//! All three go the same way: parse → resolve the model → render and tokenize the prompt
+//! and check it against the context (`GenerateService::prepare`) → take a sequence slot →
+//! stream pieces. Only the JSON around the pieces differs.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::json::JsonBody;
+use super::sse::{stream_response, PieceFormat};
+use super::{inference_headers, AppState};
+use crate::config::ModelKind;
+use crate::error::Error;
+use crate::generate::engine::FinishReason;
+use crate::generate::sampling::SamplingParams;
+use crate::generate::template::ChatMessage;
+use crate::generate::{GenerateService, Generation, Piece, PromptInput, Usage};
+use crate::models::registry::ModelSlot;
+use crate::node::Node;
+use crate::service::Service;
+
+/// Message content: a string, or OpenAI's list of content parts (text parts only).
+fn content<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    struct Part {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        text: Option<String>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Parts(Vec<Part>),
+    }
+    match Option::<Raw>::deserialize(d).map_err(|_| de::Error::custom("expected a string or an array of text parts"))? {
+        None => Ok(String::new()),
+        Some(Raw::Text(s)) => Ok(s),
+        Some(Raw::Parts(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => out.push_str(&t),
+                    (kind, _) => return Err(de::Error::custom(format!("content part of type {kind:?} is not supported (text only)"))),
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// A chat message as clients send it.
+#[derive(Debug, Deserialize)]
+pub struct InMessage {
+    pub role: Role,
+    #[serde(deserialize_with = "content", default)]
+    pub content: String,
+}
+
+/// The roles a chat template understands.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    /// OpenAI's newer name for system instructions.
+    Developer,
+    User,
+    Assistant,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+fn to_chat(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
+    if messages.is_empty() {
+        return Err(Error::EmptyInput("messages".into()));
+    }
+    Ok(messages.into_iter().map(|m| ChatMessage { role: m.role.as_str().to_string(), content: m.content }).collect())
+}
+
+/// Sampling fields shared by every route. They are kept as raw JSON and typed here, so a
+/// wrong type is reported with the field's name even though the struct is flattened into
+/// each request (serde loses field paths through `flatten`).
+#[derive(Debug, Deserialize, Default)]
+pub struct SamplingFields {
+    pub max_tokens: Option<Value>,
+    /// OpenAI's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<Value>,
+    pub temperature: Option<Value>,
+    pub top_p: Option<Value>,
+    pub top_k: Option<Value>,
+    pub seed: Option<Value>,
+    pub stop: Option<Value>,
+    pub n: Option<Value>,
+    /// Our extension (as vLLM's): keep generating past end-of-sequence, up to `max_tokens`.
+    pub ignore_eos: Option<Value>,
+}
+
+fn number(field: &str, v: &Option<Value>) -> Result<Option<f64>, Error> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(other) => Err(Error::field(field, format!("must be a number, got {other}"))),
+    }
+}
+
+fn integer(field: &str, v: &Option<Value>) -> Result<Option<i64>, Error> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match (n.as_i64(), n.as_u64()) {
+            (Some(i), _) => Ok(Some(i)),
+            (None, Some(_)) => Ok(Some(i64::MAX)),
+            _ => Err(Error::field(field, format!("must be an integer, got {n}"))),
+        },
+        Some(other) => Err(Error::field(field, format!("must be an integer, got {other}"))),
+    }
+}
+
+impl SamplingFields {
+    fn params(&self) -> Result<SamplingParams, Error> {
+        let temperature = number("temperature", &self.temperature)?.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(Error::field("temperature", format!("must be between 0 and 2, got {temperature}")));
+        }
+        let top_p = number("top_p", &self.top_p)?.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(Error::field("top_p", format!("must be in (0, 1], got {top_p}")));
+        }
+        let top_k = integer("top_k", &self.top_k)?.unwrap_or(0);
+        if top_k < 0 {
+            return Err(Error::field("top_k", format!("must be 0 (no limit) or more, got {top_k}")));
+        }
+        if let Some(n) = integer("n", &self.n)? {
+            if n != 1 {
+                return Err(Error::field("n", "only n = 1 is supported"));
+            }
+        }
+        let seed = match &self.seed {
+            None | Some(Value::Null) => rand::random(),
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => u,
+                (None, Some(i)) => i as u64,
+                _ => return Err(Error::field("seed", format!("must be an integer, got {n}"))),
+            },
+            Some(other) => return Err(Error::field("seed", format!("must be an integer, got {other}"))),
+        };
+        self.stops()?;
+        let ignore_eos = match &self.ignore_eos {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(Error::field("ignore_eos", format!("must be true or false, got {other}"))),
+        };
+        Ok(SamplingParams { temperature: temperature as f32, top_p: top_p as f32, top_k: top_k as usize, seed, ignore_eos })
+    }
+
+    /// `stop`: one string or a list of up to 8 non-empty strings.
+    fn stops(&self) -> Result<Vec<String>, Error> {
+        let list = match &self.stop {
+            None | Some(Value::Null) => vec![],
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(Error::field(format!("stop[{i}]"), format!("must be a string, got {other}"))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(Error::field("stop", format!("must be a string or an array of strings, got {other}"))),
+        };
+        if list.len() > 8 {
+            return Err(Error::field("stop", format!("at most 8 stop sequences, got {}", list.len())));
+        }
+        if list.iter().any(String::is_empty) {
+            return Err(Error::field("stop", "stop sequences must not be empty"));
+        }
+        Ok(list)
+    }
+
+    fn max_tokens(&self) -> Result<Option<i64>, Error> {
+        Ok(integer("max_completion_tokens", &self.max_completion_tokens)?.or(integer("max_tokens", &self.max_tokens)?))
+    }
+}
+
+async fn ready_generator(node: &Node, slot: &ModelSlot) -> Result<Arc<GenerateService>, Error> {
+    match slot.ready_service(node.ready_wait()).await? {
+        Service::Generator(g) => Ok(g),
+        _ => Err(Error::Internal(format!("model {} is not a generator", slot.name()))),
+    }
+}
+
+/// Prepares, admits and starts one generation.
+async fn begin(node: &Node, slot: &ModelSlot, prompt: PromptInput, sampling: &SamplingFields) -> Result<(Arc<GenerateService>, Generation), Error> {
+    let params = sampling.params()?;
+    let service = ready_generator(node, slot).await?;
+    let prepared = service.prepare(prompt, sampling.max_tokens()?).await?;
+    let generation = service.start(prepared, params, sampling.stops()?).await?;
+    Ok((service, generation))
+}
+
+/// Runs a generation to the end, collecting its text.
+async fn collect(mut generation: Generation) -> Result<(String, Usage, FinishReason, Generation), Error> {
+    let mut text = String::new();
+    while let Some(piece) = generation.next().await {
+        match piece {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done(usage, reason) => return Ok((text, usage, reason, generation)),
+            Piece::Error(e) => return Err(e),
+        }
+    }
+    Err(Error::Internal("the generation ended without finishing".into()))
+}
+
+fn headers(mut response: Response, slot: &ModelSlot, generation: &Generation) -> Response {
+    let queue = generation.admitted.duration_since(generation.started).as_secs_f64();
+    let compute = generation.admitted.elapsed().as_secs_f64();
+    inference_headers(&mut response, &slot.label(), queue, compute);
+    response
+}
+
+fn now_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+// ---------------------------------------------------------------- /generate
+
+/// `POST /generate` body.
+#[derive(Debug, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<InMessage>>,
+    pub model: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+fn native_prompt(prompt: Option<String>, messages: Option<Vec<InMessage>>) -> Result<PromptInput, Error> {
+    match (prompt, messages) {
+        (Some(_), Some(_)) => Err(Error::field("prompt", "send either prompt or messages, not both")),
+        (Some(p), None) if p.is_empty() => Err(Error::EmptyInput("prompt".into())),
+        (Some(p), None) => Ok(PromptInput::Text(p)),
+        (None, Some(m)) => Ok(PromptInput::Chat(to_chat(m)?)),
+        (None, None) => Err(Error::MissingField("prompt (or messages)".into())),
+    }
+}
+
+struct NativeFormat {
+    model: String,
+}
+
+impl PieceFormat for NativeFormat {
+    fn format(&mut self, piece: &Piece) -> Vec<Value> {
+        match piece {
+            Piece::Text(t) => vec![json!({"text": t})],
+            Piece::Done(usage, reason) => {
+                vec![json!({"text": "", "finish_reason": reason.as_str(), "usage": usage, "model": self.model})]
+            }
+            Piece::Error(e) => vec![e.body()],
+        }
+    }
+}
+
+/// `POST /generate`: `{"text", "finish_reason", "usage", "model"}`, or SSE with `stream`.
+pub async fn generate(State(node): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Response, Error> {
+    let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Generate)?;
+    let prompt = native_prompt(req.prompt, req.messages)?;
+    let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
+    let model = slot.name().to_string();
+    if req.stream {
+        let response = stream_response_with_headers(slot, generation, vec![], NativeFormat { model });
+        return Ok(response);
+    }
+    let (text, usage, reason, generation) = collect(generation).await?;
+    let body = json!({"text": text, "finish_reason": reason.as_str(), "usage": usage, "model": model});
+    Ok(headers(Json(body).into_response(), slot, &generation))
+}
+
+fn stream_response_with_headers<F: PieceFormat>(slot: &ModelSlot, generation: Generation, prelude: Vec<Value>, format: F) -> Response {
+    let queue = generation.admitted.duration_since(generation.started).as_secs_f64();
+    let mut response = stream_response(generation, prelude, format);
+    inference_headers(&mut response, &slot.label(), queue, 0.0);
+    response
+}
+
+// ---------------------------------------------------------------- /v1/chat/completions
+
+/// `stream_options`.
+#[derive(Debug, Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/chat/completions` body (fields we do not use are accepted and ignored).
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<InMessage>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+struct ChatFormat {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl ChatFormat {
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        })
+    }
+}
+
+impl PieceFormat for ChatFormat {
+    fn format(&mut self, piece: &Piece) -> Vec<Value> {
+        match piece {
+            Piece::Text(t) => vec![self.chunk(json!({"content": t}), None)],
+            Piece::Done(usage, reason) => {
+                let mut out = vec![self.chunk(json!({}), Some(reason.as_str()))];
+                if self.include_usage {
+                    out.push(json!({
+                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": usage,
+                    }));
+                }
+                out
+            }
+            Piece::Error(e) => vec![e.body()],
+        }
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(node): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, Error> {
+    let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
+    let prompt = PromptInput::Chat(to_chat(req.messages)?);
+    let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
+    let format = ChatFormat {
+        id: request_id("chatcmpl"),
+        created: now_s(),
+        model: slot.name().to_string(),
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    };
+    if req.stream {
+        let first = format.chunk(json!({"role": "assistant", "content": ""}), None);
+        return Ok(stream_response_with_headers(slot, generation, vec![first], format));
+    }
+    let (text, usage, reason, generation) = collect(generation).await?;
+    let body = json!({
+        "id": format.id, "object": "chat.completion", "created": format.created, "model": format.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason.as_str(), "logprobs": null}],
+        "usage": usage,
+    });
+    Ok(headers(Json(body).into_response(), slot, &generation))
+}
+
+// ---------------------------------------------------------------- /v1/completions
+
+/// `prompt` of a legacy completion: one string (or a list holding one).
+#[derive(Debug)]
+pub struct CompletionPrompt(pub String);
+
+impl<'de> Deserialize<'de> for CompletionPrompt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Raw::deserialize(d).map_err(|_| de::Error::custom("expected a string (or an array with one string)"))? {
+            Raw::One(s) => Ok(CompletionPrompt(s)),
+            Raw::Many(mut v) if v.len() == 1 => Ok(CompletionPrompt(v.remove(0))),
+            Raw::Many(v) => Err(de::Error::custom(format!("one prompt per request is supported, got {}", v.len()))),
+        }
+    }
+}
+
+/// `POST /v1/completions` body.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: CompletionPrompt,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+struct CompletionFormat {
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+}
+
+impl CompletionFormat {
+    fn chunk(&self, text: &str, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
+        })
+    }
+}
+
+impl PieceFormat for CompletionFormat {
+    fn format(&mut self, piece: &Piece) -> Vec<Value> {
+        match piece {
+            Piece::Text(t) => vec![self.chunk(t, None)],
+            Piece::Done(usage, reason) => {
+                let mut out = vec![self.chunk("", Some(reason.as_str()))];
+                if self.include_usage {
+                    out.push(json!({
+                        "id": self.id, "object": "text_completion", "created": self.created,
+                        "model": self.model, "choices": [], "usage": usage,
+                    }));
+                }
+                out
+            }
+            Piece::Error(e) => vec![e.body()],
+        }
+    }
+}
+
+/// OpenAI's default `max_tokens` for legacy completions.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
+
+/// `POST /v1/completions`.
+pub async fn completions(State(node): State<AppState>, JsonBody(mut req): JsonBody<CompletionRequest>) -> Result<Response, Error> {
+    let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
+    if req.prompt.0.is_empty() {
+        return Err(Error::EmptyInput("prompt".into()));
+    }
+    if req.sampling.max_tokens()?.is_none() {
+        req.sampling.max_tokens = Some(json!(COMPLETIONS_DEFAULT_MAX_TOKENS));
+    }
+    let (_, generation) = begin(&node, slot, PromptInput::Text(req.prompt.0), &req.sampling).await?;
+    let format = CompletionFormat {
+        id: request_id("cmpl"),
+        created: now_s(),
+        model: slot.name().to_string(),
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+    };
+    if req.stream {
+        return Ok(stream_response_with_headers(slot, generation, vec![], format));
+    }
+    let (text, usage, reason, generation) = collect(generation).await?;
+    let body = json!({
+        "id": format.id, "object": "text_completion", "created": format.created, "model": format.model,
+        "choices": [{"index": 0, "text": text, "finish_reason": reason.as_str(), "logprobs": null}],
+        "usage": usage,
+    });
+    Ok(headers(Json(body).into_response(), slot, &generation))
+}
