@@ -1,0 +1,225 @@
+//! edgenode's own benchmark harness: starts the real daemon and measures it over HTTP, the
+//! way a client sees it. `benches/compare.sh` runs it beside the baselines (sentence-
+//! transformers, llama.cpp) on the same machine and prints the ratios.
+//!
+//!     cargo bench --bench edge -- [embed] [generate] [--config FILE]
+//!
+//! Prints one `key=value` line per measurement (machine-readable) and a summary table.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn start(config: Option<&str>) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgenode"));
+    cmd.current_dir(root()).args(["serve", "--addr", "127.0.0.1:0"]);
+    if let Some(c) = config {
+        cmd.args(["--config", c]);
+    }
+    cmd.env("EDGENODE_LOG__FORMAT", "json").env("RUST_LOG", "warn,edgenode=info");
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn edgenode");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["message"] == "listening" {
+                    let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(120)).expect("edgenode did not start");
+    let d = Daemon { child, addr };
+    let client = reqwest::blocking::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while client.get(format!("http://{}/readyz", d.addr)).send().map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "not ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn short_sentences() -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/public_sentences.txt")).unwrap();
+    text.lines().filter(|l| !l.trim().is_empty() && l.len() < 200).map(str::to_string).collect()
+}
+
+fn embed(addr: &str, client: &reqwest::blocking::Client, texts: &[String]) {
+    let r = client.post(format!("http://{addr}/embed")).json(&json!({"inputs": texts})).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().unwrap();
+}
+
+fn bench_embed(d: &Daemon) {
+    let client = reqwest::blocking::Client::new();
+    let short = short_sentences();
+    let corpus: Vec<String> = short.iter().cycle().take(512).cloned().collect();
+    for chunk in corpus[..64].chunks(32) {
+        embed(&d.addr, &client, chunk);
+    }
+    // Batch throughput: 512 sentences, 32 per request, one client; best of 3 (as bench_st.py).
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for chunk in corpus.chunks(32) {
+            embed(&d.addr, &client, chunk);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let batch = corpus.len() as f64 / best;
+    // Single-sentence latency, one client, 200 calls.
+    let mut lat: Vec<f64> = (0..200)
+        .map(|i| {
+            let t = Instant::now();
+            embed(&d.addr, &client, &short[i % short.len()..i % short.len() + 1]);
+            t.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    // 16 concurrent single-sentence clients over the 512 sentences.
+    let corpus = Arc::new(corpus);
+    let t = Instant::now();
+    let handles: Vec<_> = (0..16)
+        .map(|c| {
+            let corpus = corpus.clone();
+            let addr = d.addr.clone();
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                let d = Daemon { child: Command::new("true").spawn().unwrap(), addr };
+                for i in (c..corpus.len()).step_by(16) {
+                    embed(&addr, &client, &corpus[i..i + 1]);
+                }
+                std::mem::forget(d);
+            })
+        })
+        .collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+    let concurrent = corpus.len() as f64 / t.elapsed().as_secs_f64();
+    let one_client = 1000.0 / percentile(&lat, 0.5);
+    println!(
+        "edgenode embed: batch32_throughput_sent_per_s={batch:.1} single_p50_ms={:.2} single_p99_ms={:.2} concurrent16_sent_per_s={concurrent:.1} concurrent16_vs_one_client={:.2}",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        concurrent / one_client
+    );
+}
+
+/// Streams one chat completion; returns (time to first token, decode tokens/s after it, tokens).
+fn stream_chat(addr: &str, body: &Value) -> (f64, f64, usize) {
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
+    let t0 = Instant::now();
+    let r = client.post(format!("http://{addr}/v1/chat/completions")).json(body).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let mut first = None;
+    let mut last = t0;
+    let mut usage = 0;
+    for line in BufReader::new(r).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+        }
+        if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+            usage = u as usize;
+        }
+    }
+    let first = first.unwrap_or(last);
+    let decode = (usage.saturating_sub(1)) as f64 / last.duration_since(first).as_secs_f64().max(1e-9);
+    (first.duration_since(t0).as_secs_f64(), decode, usage)
+}
+
+fn bench_generate(d: &Daemon) {
+    let story = json!({
+        "model": "smollm2", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}],
+        "temperature": 0, "max_tokens": 128, "ignore_eos": true,
+    });
+    stream_chat(&d.addr, &story);
+    let decode = (0..3).map(|_| stream_chat(&d.addr, &story).1).fold(0.0, f64::max);
+    // Prompt processing: a ~420-token prompt, one token generated.
+    let long_prompt = vec!["Edge inference trades cost for latency."; 60].join(" ");
+    let client = reqwest::blocking::Client::new();
+    let mut pp = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r: Value = client
+            .post(format!("http://{}/v1/completions", d.addr))
+            .json(&json!({"model": "smollm2", "prompt": long_prompt, "max_tokens": 1, "temperature": 0}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let n = r["usage"]["prompt_tokens"].as_f64().unwrap();
+        pp = pp.max(n / t.elapsed().as_secs_f64());
+    }
+    // Time to first token for a short chat prompt: median of 5.
+    let short = json!({
+        "model": "smollm2", "stream": true,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 1,
+    });
+    let mut ttft: Vec<f64> = (0..5).map(|_| stream_chat(&d.addr, &short).0 * 1000.0).collect();
+    ttft.sort_by(f64::total_cmp);
+    // Eight concurrent streams of 128 tokens each.
+    let t = Instant::now();
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = d.addr.clone();
+            let body = story.clone();
+            std::thread::spawn(move || stream_chat(&addr, &body).2)
+        })
+        .collect();
+    let tokens: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let aggregate = tokens as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "edgenode generate: decode_tok_per_s={decode:.1} prompt_tok_per_s={pp:.1} ttft_ms_p50={:.1} streams8_tok_per_s={aggregate:.1} streams8_vs_one={:.2}",
+        ttft[2],
+        aggregate / decode
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let config = args.iter().position(|a| a == "--config").and_then(|i| args.get(i + 1)).cloned();
+    let wanted: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a == "embed" || *a == "generate").collect();
+    let all = wanted.is_empty();
+    let d = start(config.as_deref());
+    if all || wanted.contains(&"embed") {
+        bench_embed(&d);
+    }
+    if all || wanted.contains(&"generate") {
+        bench_generate(&d);
+    }
+}

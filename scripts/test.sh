@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs edgenode's whole test suite: the README's test command.
+#
+# On a fresh machine with Rust and Python's pip it installs what the tests need into a
+# virtual environment of its own (the `openai` package that drives the daemon in the
+# client test, and NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA
+# kernels without a GPU), fetches and verifies the default models, then runs every test in
+# release mode (candle in debug is too slow to test with).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edgenode-target}"
+venv="${EDGENODE_TEST_VENV:-$HOME/.cache/edgenode/test-venv}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "openai>=1.40,<3" "nvidia-cuda-nvrtc-cu12>=12.4,<13"
+nvrtc_lib="$("$venv/bin/python" - <<'PY'
+import glob, os, nvidia
+for base in nvidia.__path__:
+    hits = glob.glob(os.path.join(base, "cuda_nvrtc", "lib", "libnvrtc.so*"))
+    if hits:
+        print(os.path.dirname(hits[0]))
+        break
+PY
+)"
+export LD_LIBRARY_PATH="${nvrtc_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export OPENAI_CLIENT_PYTHON="$venv/bin/python"
+
+cargo build --release --bins --tests
+"$CARGO_TARGET_DIR/release/edgenode" models fetch
+cargo test --release "$@"

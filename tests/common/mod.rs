@@ -1,0 +1,207 @@
+//! What every integration test shares: the real `edgenode` binary started on an ephemeral
+//! port, with the real default models (fetched once per run and verified by digest).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// The repository root (tests run with it as the working directory).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The model store the tests share: the repository's `models/`.
+pub fn models_dir() -> PathBuf {
+    root().join("models")
+}
+
+/// The `edgenode` binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_edgenode"))
+}
+
+static FETCH: Once = Once::new();
+
+/// Fetches and verifies the default models once per test binary.
+pub fn ensure_models() {
+    FETCH.call_once(|| {
+        let out = Command::new(binary())
+            .args(["models", "fetch"])
+            .current_dir(root())
+            .env_remove("EDGENODE_CONFIG")
+            .output()
+            .expect("run edgenode models fetch");
+        assert!(
+            out.status.success(),
+            "edgenode models fetch failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// A running daemon. Killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: String,
+    pub logs: std::sync::Arc<Mutex<Vec<String>>>,
+    _config: Option<tempfile::NamedTempFile>,
+}
+
+/// How to start a daemon.
+#[derive(Default)]
+pub struct Options {
+    /// A config file's text; unless it has a `[store]` table, the shared model store is added.
+    /// `None` uses the repository's own `edgenode.toml`.
+    pub config: Option<String>,
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts the daemon with the repository's `edgenode.toml` (the default models).
+    pub fn start_default() -> Daemon {
+        Daemon::start(Options::default())
+    }
+
+    /// Starts `edgenode serve --addr 127.0.0.1:0` and waits until it listens (not until ready).
+    pub fn start(opts: Options) -> Daemon {
+        ensure_models();
+        let mut cmd = Command::new(binary());
+        cmd.current_dir(root()).arg("serve").args(["--addr", "127.0.0.1:0"]).args(&opts.args);
+        cmd.env("EDGENODE_LOG__FORMAT", "json").env("RUST_LOG", "info").env_remove("EDGENODE_CONFIG");
+        let mut config_file = None;
+        if let Some(extra) = &opts.config {
+            let mut f = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp config");
+            // Top-level keys of `extra` must come before any table, so the store goes last.
+            let store = format!("\n[store]\ndir = {:?}\n", models_dir().display().to_string());
+            let text = if extra.contains("[store]") { extra.clone() } else { format!("{extra}\n{store}") };
+            std::fs::write(f.path(), text).expect("write config");
+            use std::io::Write;
+            f.flush().ok();
+            cmd.arg("--config").arg(f.path());
+            config_file = Some(f);
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn edgenode");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_string());
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("edgenode did not start listening:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        Daemon { child, addr, logs, _config: config_file }
+    }
+
+    /// `http://addr/path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub fn wait_ready(&self, timeout: Duration) -> &Self {
+        let deadline = Instant::now() + timeout;
+        let client = reqwest::blocking::Client::new();
+        loop {
+            if let Ok(r) = client.get(self.url("/readyz")).send() {
+                if r.status() == 200 {
+                    return self;
+                }
+                let body = r.text().unwrap_or_default();
+                if body.contains("\"status\":\"failed\"") {
+                    panic!("a model failed to load: {body}\nlogs:\n{}", self.log_text());
+                }
+            }
+            if Instant::now() > deadline {
+                let body = client.get(self.url("/readyz")).send().and_then(|r| r.text()).unwrap_or_default();
+                panic!("not ready after {timeout:?}: {body}\nlogs:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking client with a generous timeout.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+/// POSTs JSON and returns (status, parsed body).
+pub fn post_json(d: &Daemon, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = client().post(d.url(path)).json(body).send().expect("request");
+    let status = r.status().as_u16();
+    let text = r.text().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| serde_json::Value::String(text)))
+}
+
+/// GETs and returns (status, parsed body).
+pub fn get_json(d: &Daemon, path: &str) -> (u16, serde_json::Value) {
+    let r = client().get(d.url(path)).send().expect("request");
+    let status = r.status().as_u16();
+    let text = r.text().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or_else(|_| serde_json::Value::String(text)))
+}
+
+/// Asserts an OpenAI-shaped JSON error with this status and code.
+pub fn assert_error(status: u16, body: &serde_json::Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "body: {body}");
+    assert_eq!(body["error"]["code"], want_code, "body: {body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "body: {body}");
+}
+
+/// A fixture file's path.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+/// Copies a model folder (for tests that damage files).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}

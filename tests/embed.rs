@@ -1,0 +1,245 @@
+//! Embeddings and classification against sentence-transformers' own outputs, through the
+//! real daemon: one request at a time, many at once, and one big request.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{json, Value};
+
+/// minilm twice (mean and CLS pooling over the same files), the router, and the tiny
+/// classifier fixture; room for the golden set in one request.
+fn config() -> String {
+    format!(
+        r#"[store]
+dir = {models:?}
+manifest = {manifest:?}
+
+[limits]
+max_inputs = 128
+
+[[models]]
+name = "minilm"
+kind = "embed"
+
+[[models]]
+name = "minilm-cls"
+kind = "embed"
+manifest = "minilm"
+pooling = "cls"
+
+[[models]]
+name = "router"
+kind = "classify"
+embedder = "minilm"
+temperature = 0.05
+labels = {{ edge = ["What is the capital of France?", "Hi there!", "Convert 5 kilometers to miles."], cloud = ["Write a detailed business plan with financial projections.", "Analyze this dataset and explain the trends in depth.", "Refactor this large codebase and explain every decision."] }}
+
+[[models]]
+name = "tiny-classifier"
+kind = "classify"
+max_concurrent_inputs = 4
+"#,
+        models = models_dir().display().to_string(),
+        manifest = fixture("manifest.toml").display().to_string(),
+    )
+}
+
+fn start() -> Daemon {
+    let d = Daemon::start(Options { config: Some(config()), ..Default::default() });
+    d.wait_ready(Duration::from_secs(180));
+    d
+}
+
+struct Golden {
+    rows: Vec<Value>,
+}
+
+fn golden() -> Golden {
+    let v: Value = serde_json::from_slice(&std::fs::read(fixture("minilm_public.json")).unwrap()).unwrap();
+    Golden { rows: v["rows"].as_array().unwrap().clone() }
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn rel_l2(a: &[f32], reference: &[f32]) -> f64 {
+    let diff: f64 = a.iter().zip(reference).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = reference.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
+    diff / norm
+}
+
+fn check_rows(label: &str, got: &[Vec<f32>], golden: &Golden, key: &str) {
+    assert_eq!(got.len(), golden.rows.len());
+    for (i, (row, g)) in got.iter().zip(&golden.rows).enumerate() {
+        let want = floats(&g[key]);
+        if key == "mean_raw" {
+            let e = rel_l2(row, &want);
+            assert!(e <= 1e-4, "{label} row {i} ({:?}): relative L2 error {e:e}", g["text"]);
+        } else {
+            let c = cosine(row, &want);
+            assert!(c >= 0.9999, "{label} row {i} ({:?}): cosine {c}", g["text"]);
+        }
+    }
+}
+
+fn texts(g: &Golden) -> Vec<String> {
+    g.rows.iter().map(|r| r["text"].as_str().unwrap().to_string()).collect()
+}
+
+fn embed_one_request(d: &Daemon, model: &str, texts: &[String], normalize: bool) -> Vec<Vec<f32>> {
+    let (status, body) =
+        post_json(d, "/embed", &json!({"inputs": texts, "model": model, "truncate": true, "normalize": normalize}));
+    assert_eq!(status, 200, "{body}");
+    body.as_array().unwrap().iter().map(floats).collect()
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let d = start();
+    let g = golden();
+    let all = texts(&g);
+    // One 66-input request.
+    check_rows("mean, one request", &embed_one_request(&d, "minilm", &all, true), &g, "mean_normalized");
+    check_rows("raw, one request", &embed_one_request(&d, "minilm", &all, false), &g, "mean_raw");
+    check_rows("cls, one request", &embed_one_request(&d, "minilm-cls", &all, true), &g, "cls_normalized");
+
+    // 66 concurrent single-input requests: batched with each other by the queue.
+    let d = Arc::new(d);
+    let handles: Vec<_> = all
+        .iter()
+        .cloned()
+        .map(|t| {
+            let d = d.clone();
+            std::thread::spawn(move || embed_one_request(&d, "minilm", &[t], true).remove(0))
+        })
+        .collect();
+    let rows: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    check_rows("mean, 66 concurrent requests", &rows, &g, "mean_normalized");
+
+    // OpenAI shape: usage counts equal the reference token counts (after truncation at 256).
+    for (i, r) in g.rows.iter().enumerate() {
+        let (status, body) = post_json(&d, "/v1/embeddings", &json!({"input": r["text"], "model": "minilm", "truncate": true}));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["usage"]["prompt_tokens"], r["tokens"], "row {i}: {:?}", r["text"]);
+        let v = floats(&body["data"][0]["embedding"]);
+        assert!(cosine(&v, &floats(&r["mean_normalized"])) >= 0.9999);
+    }
+}
+
+#[test]
+fn openai_embeddings_shapes() {
+    let d = start();
+    let (status, body) = post_json(&d, "/v1/embeddings", &json!({"input": ["alpha", "beta"], "model": "minilm"}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "minilm");
+    assert_eq!(body["data"][1]["index"], 1);
+    assert_eq!(body["data"][0]["object"], "embedding");
+    let float = floats(&body["data"][0]["embedding"]);
+    assert_eq!(float.len(), 384);
+
+    let (_, b64) = post_json(&d, "/v1/embeddings", &json!({"input": "alpha", "model": "minilm", "encoding_format": "base64"}));
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64["data"][0]["embedding"].as_str().unwrap()).unwrap();
+    let decoded: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_eq!(decoded, float);
+
+    let (_, short) = post_json(&d, "/v1/embeddings", &json!({"input": "alpha", "model": "minilm", "dimensions": 64}));
+    let v = floats(&short["data"][0]["embedding"]);
+    assert_eq!(v.len(), 64);
+    let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_hold_nothing() {
+    let d = start();
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": ""}));
+    assert_error(s, &b, 400, "empty_input");
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": []}));
+    assert_error(s, &b, 400, "empty_input");
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": ["ok", 5]}));
+    assert_error(s, &b, 400, "invalid_field");
+    assert!(b["error"]["message"].as_str().unwrap().starts_with("inputs[1]"), "{b}");
+    let many: Vec<String> = (0..129).map(|i| format!("text {i}")).collect();
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": many}));
+    assert_error(s, &b, 413, "too_many_inputs");
+    let long = "word ".repeat(400);
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": ["short", long]}));
+    assert_error(s, &b, 422, "input_too_long");
+    let msg = b["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("input 1") && msg.contains("402 tokens") && msg.contains("256"), "{msg}");
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": "hi", "model": "nope"}));
+    assert_error(s, &b, 404, "model_not_found");
+    assert!(b["error"]["message"].as_str().unwrap().contains("minilm, minilm-cls"), "{b}");
+
+    // The classifier admits at most 4 inputs in flight: a 4-input request still fits after
+    // every refusal above and below, so nothing was left holding a slot.
+    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "d", "e"], "model": "tiny-classifier"}));
+    assert_error(s, &b, 413, "too_many_inputs");
+    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "word ".repeat(100)], "model": "tiny-classifier"}));
+    assert_error(s, &b, 422, "input_too_long");
+    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "d"], "model": "tiny-classifier"}));
+    assert_eq!(s, 200, "{b}");
+    let (_, info) = get_json(&d, "/info");
+    for m in info["models"].as_array().unwrap() {
+        if let Some(n) = m["load"]["in_flight"].as_u64() {
+            assert_eq!(n, 0, "{} holds inputs after the requests ended", m["name"]);
+        }
+    }
+}
+
+#[test]
+fn sequence_classifier_matches_transformers() {
+    let d = start();
+    let fixture: Value = serde_json::from_slice(&std::fs::read(fixture("tiny_classifier_scores.json")).unwrap()).unwrap();
+    let labels: Vec<&str> = fixture["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    for row in fixture["rows"].as_array().unwrap() {
+        for (raw, key) in [(false, "scores"), (true, "logits")] {
+            let (s, body) = post_json(
+                &d,
+                "/predict",
+                &json!({"inputs": row["text"], "model": "tiny-classifier", "truncate": true, "raw_scores": raw}),
+            );
+            assert_eq!(s, 200, "{body}");
+            let got = body.as_array().unwrap();
+            // Sorted by score, highest first.
+            let scores: Vec<f64> = got.iter().map(|x| x["score"].as_f64().unwrap()).collect();
+            assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{body}");
+            for (i, label) in labels.iter().enumerate() {
+                let want = row[key][i].as_f64().unwrap();
+                let have = got.iter().find(|x| x["label"] == *label).unwrap()["score"].as_f64().unwrap();
+                assert!((want - have).abs() < 1e-4, "{label} {key}: transformers {want}, ours {have} for {:?}", row["text"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn router_prototypes_separate_edge_from_cloud() {
+    let d = start();
+    let (s, body) = post_json(
+        &d,
+        "/classify",
+        &json!({"inputs": ["What is the capital of Italy?", "Write an in-depth analysis of our cloud costs with a migration plan."], "model": "router"}),
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body[0][0]["label"], "edge", "{body}");
+    assert_eq!(body[1][0]["label"], "cloud", "{body}");
+    let total: f64 = body[0].as_array().unwrap().iter().map(|x| x["score"].as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-5);
+    let r = client().post(d.url("/classify")).json(&json!({"inputs": "hello", "model": "router"})).send().unwrap();
+    let header = r.headers()["x-edgenode-model"].to_str().unwrap().to_string();
+    assert!(header.starts_with("router"), "{header}");
+}
