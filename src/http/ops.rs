@@ -87,7 +87,7 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
     Json(json!({
         "name": "edgenode",
         "version": env!("CARGO_PKG_VERSION"),
-        "git_sha": option_env!("EDGENODE_GIT_SHA").unwrap_or("unknown"),
+        "git_sha": option_env!("BUILD_GIT_SHA").unwrap_or("unknown"),
         "device": node.device,
         "uptime_s": node.started.elapsed().as_secs(),
         "limits": {
