@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::batching::queue::{run_queue, BatchPolicy};
 use crate::batching::worker::spawn_worker;
-use crate::config::{ModelConfig, ModelKind, Pooling};
+use crate::config::{Engine, ModelConfig, ModelKind, Pooling};
 use crate::encoder::files::EncoderFiles;
 use crate::encoder::prototype::{PrototypeClassifier, DEFAULT_TEMPERATURE};
 use crate::encoder::tokenize::InputTokenizer;
@@ -129,6 +129,13 @@ async fn load_encoder(
 ) -> Result<(Arc<EncoderService>, BatchPolicy), String> {
     let cfg = slot.config.clone();
     let on_gpu = device.is_cuda();
+    let native = match cfg.engine {
+        Some(Engine::Native) if on_gpu => return Err("engine \"native\" runs on the CPU only; the device is a GPU".into()),
+        Some(Engine::Native) => true,
+        Some(Engine::Candle) => false,
+        _ => !on_gpu,
+    };
+    let threads = crate::runtime::compute_threads(&node.config);
     let (dir, device) = (dir.to_path_buf(), device.clone());
     let (model, files, task, tokenizer) = blocking(move || {
         let files = EncoderFiles::read(&dir)?;
@@ -143,15 +150,21 @@ async fn load_encoder(
             },
         };
         let tokenizer = InputTokenizer::load(&dir.join("tokenizer.json"), files.max_tokens)?;
-        let model = EncoderModel::load(&dir, &files, &task, &device)?;
+        let model = EncoderModel::load(&dir, &files, &task, &device, native, threads)?;
         Ok((model, files, task, tokenizer))
     })
     .await?;
 
     let policy = encoder::batch_policy(
-        slot.config.max_batch_tokens.or(Some(if on_gpu { 16384 } else { encoder::DEFAULT_MAX_BATCH_TOKENS })),
+        slot.config.max_batch_tokens.or(Some(if on_gpu { encoder::DEFAULT_MAX_BATCH_TOKENS_GPU } else { encoder::DEFAULT_MAX_BATCH_TOKENS })),
         slot.config.max_batch_requests,
     );
+    slot.update_facts(|f| {
+        f.details.insert("engine".into(), serde_json::json!(model.engine()));
+        if model.engine() == "native" {
+            f.details.insert("cpu_isa".into(), serde_json::json!(crate::cpu::Isa::detect().name()));
+        }
+    });
     let dims = match &task {
         EncoderTask::Classify { labels, .. } => labels.len(),
         EncoderTask::Embed { .. } => files.config.hidden_size,

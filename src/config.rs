@@ -139,6 +139,20 @@ pub enum Pooling {
     LastToken,
 }
 
+/// Which implementation runs a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Our own CPU kernels on a CPU device; candle (encoders) or mistral.rs (generators) on a GPU.
+    Auto,
+    /// Our own CPU implementation (CPU devices only).
+    Native,
+    /// candle's tensor ops, on any device (encoders; the reference the native path is checked against).
+    Candle,
+    /// mistral.rs (generators).
+    Mistralrs,
+}
+
 /// One `[[models]]` table. Options of one kind sit beside the common keys; `validate`
 /// refuses an option that belongs to another kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +166,9 @@ pub struct ModelConfig {
     /// share one entry (e.g. the same weights with another pooling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<String>,
+    /// Which implementation runs it (default `auto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<Engine>,
 
     // --- embed ---
     /// embed: pooling override; default from the model's `1_Pooling/config.json`.
@@ -206,6 +223,7 @@ impl ModelConfig {
             name: name.into(),
             kind,
             manifest: None,
+            engine: None,
             pooling: None,
             max_batch_tokens: None,
             max_batch_requests: None,
@@ -397,6 +415,15 @@ impl Config {
             }
             if !seen.insert(m.name.as_str()) {
                 return Err(ConfigError(format!("{at}: two models are named {:?}", m.name)));
+            }
+            let engine_fits = match (m.kind, m.engine) {
+                (_, None | Some(Engine::Auto)) => true,
+                (ModelKind::Generate, Some(Engine::Mistralrs)) => true,
+                (ModelKind::Embed | ModelKind::Classify, Some(Engine::Candle | Engine::Native)) => true,
+                _ => false,
+            };
+            if !engine_fits {
+                return Err(ConfigError(format!("{at}: engine {:?} cannot run a {} model", m.engine, m.kind)));
             }
             let foreign = m.foreign_options();
             if !foreign.is_empty() {

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod cpu;
 pub mod encoder;
 pub mod error;
 pub mod generate;

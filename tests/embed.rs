@@ -26,6 +26,12 @@ name = "minilm"
 kind = "embed"
 
 [[models]]
+name = "minilm-candle"
+kind = "embed"
+manifest = "minilm"
+engine = "candle"
+
+[[models]]
 name = "minilm-cls"
 kind = "embed"
 manifest = "minilm"
@@ -114,6 +120,8 @@ fn embeddings_match_sentence_transformers() {
     check_rows("mean, one request", &embed_one_request(&d, "minilm", &all, true), &g, "mean_normalized");
     check_rows("raw, one request", &embed_one_request(&d, "minilm", &all, false), &g, "mean_raw");
     check_rows("cls, one request", &embed_one_request(&d, "minilm-cls", &all, true), &g, "cls_normalized");
+    // candle's ops (the GPU path's code, run on the CPU) agree too.
+    check_rows("candle, one request", &embed_one_request(&d, "minilm-candle", &all, true), &g, "mean_normalized");
 
     // 66 concurrent single-input requests: batched with each other by the queue.
     let d = Arc::new(d);
@@ -182,7 +190,7 @@ fn bad_inputs_get_clear_errors_and_hold_nothing() {
     assert!(msg.contains("input 1") && msg.contains("402 tokens") && msg.contains("256"), "{msg}");
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": "hi", "model": "nope"}));
     assert_error(s, &b, 404, "model_not_found");
-    assert!(b["error"]["message"].as_str().unwrap().contains("minilm, minilm-cls"), "{b}");
+    assert!(b["error"]["message"].as_str().unwrap().contains("minilm, minilm-candle, minilm-cls"), "{b}");
 
     // The classifier admits at most 4 inputs in flight: a 4-input request still fits after
     // every refusal above and below, so nothing was left holding a slot.

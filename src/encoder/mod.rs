@@ -5,6 +5,7 @@
 //! worker thread (`crate::batching`); the HTTP layer never sees a tensor.
 
 pub mod bert;
+pub mod cpu_bert;
 pub mod files;
 pub mod pooling;
 pub mod prototype;
@@ -23,6 +24,7 @@ use crate::batching::worker::BatchModel;
 use crate::config::Pooling;
 use crate::error::Error;
 use bert::{Bert, PackedBatch};
+use cpu_bert::CpuBert;
 use files::EncoderFiles;
 use tokenize::{InputTokenizer, TokenizerPool};
 
@@ -36,15 +38,43 @@ pub enum EncoderTask {
     Classify { labels: Vec<String>, multi_label: bool },
 }
 
+/// The implementation that runs the forward pass.
+enum Backend {
+    /// candle's ops on any device (the GPU path, and the reference on the CPU).
+    Candle(Bert),
+    /// Our own CPU kernels.
+    Native(CpuBert),
+}
+
 /// A loaded encoder on its device: what the worker thread owns.
 pub struct EncoderModel {
-    bert: Bert,
+    backend: Backend,
     task: EncoderTask,
 }
 
 impl EncoderModel {
-    /// Loads weights and files from `dir` onto `device`.
-    pub fn load(dir: &Path, files: &EncoderFiles, task: &EncoderTask, device: &Device) -> Result<Self, String> {
+    /// Loads the model with our CPU kernels (`native`) or candle's ops.
+    pub fn load(dir: &Path, files: &EncoderFiles, task: &EncoderTask, device: &Device, native: bool, threads: usize) -> Result<Self, String> {
+        if native {
+            let labels = match task {
+                EncoderTask::Classify { labels, .. } => Some(labels.len()),
+                EncoderTask::Embed { .. } => None,
+            };
+            let bert = CpuBert::load(dir, &files.config, labels, threads)?;
+            return Ok(EncoderModel { backend: Backend::Native(bert), task: task.clone() });
+        }
+        Self::load_candle(dir, files, task, device)
+    }
+
+    /// Which implementation runs it.
+    pub fn engine(&self) -> &'static str {
+        match self.backend {
+            Backend::Candle(_) => "candle",
+            Backend::Native(_) => "native",
+        }
+    }
+
+    fn load_candle(dir: &Path, files: &EncoderFiles, task: &EncoderTask, device: &Device) -> Result<Self, String> {
         let dtype = if device.is_cuda() { DType::F16 } else { DType::F32 };
         let weights = dir.join("model.safetensors");
         // SAFETY: the file was verified against its digest just before; mmap requires that no
@@ -56,14 +86,35 @@ impl EncoderModel {
             EncoderTask::Embed { .. } => (false, 0),
         };
         let bert = Bert::load(vb, &files.config, with_head, labels).map_err(|e| format!("cannot build the model: {e}"))?;
-        Ok(EncoderModel { bert, task: task.clone() })
+        Ok(EncoderModel { backend: Backend::Candle(bert), task: task.clone() })
     }
 
-    fn run_batch(&mut self, batch: &PackedBatch, normalize: &[bool]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let hidden = self.bert.forward(batch)?;
-        match &self.task {
+    fn run_native(bert: &mut CpuBert, task: &EncoderTask, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+        let dim = bert.hidden();
+        let hidden = bert.forward(batch)?;
+        match task {
+            EncoderTask::Classify { .. } => bert.classify(batch).ok_or_else(|| "the model has no classifier head".to_string()),
+            EncoderTask::Embed { pooling, always_normalize } => {
+                let all = *always_normalize || normalize.iter().all(|&n| n);
+                let pooled = pooling::pool_normalize(hidden, &batch.cu_seqlens, dim, *pooling, all);
+                let mut rows: Vec<Vec<f32>> = pooled.chunks_exact(dim).map(<[f32]>::to_vec).collect();
+                if !all {
+                    for (row, &n) in rows.iter_mut().zip(normalize) {
+                        if n {
+                            pooling::l2_normalize(row);
+                        }
+                    }
+                }
+                Ok(rows)
+            }
+        }
+    }
+
+    fn run_candle(bert: &Bert, task: &EncoderTask, batch: &PackedBatch, normalize: &[bool]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let hidden = bert.forward(batch)?;
+        match task {
             EncoderTask::Classify { .. } => {
-                let logits = self.bert.classify(&hidden, batch)?.ok_or_else(|| candle_core::Error::Msg("no head".into()))?;
+                let logits = bert.classify(&hidden, batch)?.ok_or_else(|| candle_core::Error::Msg("no head".into()))?;
                 logits.to_vec2::<f32>()
             }
             EncoderTask::Embed { pooling, always_normalize } => {
@@ -97,7 +148,10 @@ fn pool(hidden: &candle_core::Tensor, batch: &PackedBatch, mode: Pooling, normal
 
 impl BatchModel for EncoderModel {
     fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
-        self.run_batch(batch, normalize).map_err(|e| e.to_string())
+        match &mut self.backend {
+            Backend::Native(bert) => Self::run_native(bert, &self.task, batch, normalize),
+            Backend::Candle(bert) => Self::run_candle(bert, &self.task, batch, normalize).map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -211,8 +265,12 @@ pub fn batch_policy(max_batch_tokens: Option<usize>, max_batch_requests: Option<
     }
 }
 
-/// Default token budget of one batch.
-pub const DEFAULT_MAX_BATCH_TOKENS: usize = 8192;
+/// Default token budget of one batch on the CPU: batches beyond a few hundred short inputs
+/// gain no throughput on a CPU (the dense layers are already compute-bound) and only add
+/// latency for whoever waits behind them.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+/// Default token budget of one batch on a GPU, where larger batches keep it busy.
+pub const DEFAULT_MAX_BATCH_TOKENS_GPU: usize = 16384;
 /// Default most inputs in one batch.
 pub const DEFAULT_MAX_BATCH_REQUESTS: usize = 64;
 /// Default most inputs admitted at once per model.
