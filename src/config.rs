@@ -418,7 +418,7 @@ impl Config {
             }
             let engine_fits = match (m.kind, m.engine) {
                 (_, None | Some(Engine::Auto)) => true,
-                (ModelKind::Generate, Some(Engine::Mistralrs)) => true,
+                (ModelKind::Generate, Some(Engine::Mistralrs | Engine::Native)) => true,
                 (ModelKind::Embed | ModelKind::Classify, Some(Engine::Candle | Engine::Native)) => true,
                 _ => false,
             };

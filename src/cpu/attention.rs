@@ -121,3 +121,56 @@ mod tests {
         }
     }
 }
+
+/// Dot product with 16 independent partial sums, so the loop vectorizes (a single running
+/// sum would force strict left-to-right order).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
+multiversion! {
+    /// One query head against `len` cached positions: `k` and `v` hold `len` rows of
+    /// `stride` floats, this head's key/value at `offset..offset + q.len()`. Writes the
+    /// attention output to `out`; `scores` is scratch of at least `len`.
+    pub fn attend_cached(q: &[f32], k: &[f32], v: &[f32], stride: usize, offset: usize, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+        let d = q.len();
+        let scores = &mut scores[..len];
+        let mut max = f32::NEG_INFINITY;
+        for (t, s) in scores.iter_mut().enumerate() {
+            *s = dot(q, &k[t * stride + offset..t * stride + offset + d]) * scale;
+            max = max.max(*s);
+        }
+        for s in scores.iter_mut() {
+            *s = super::math::exp(*s - max);
+        }
+        let mut acc = [0f32; 16];
+        let chunks = scores.chunks_exact(16);
+        let rest: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] += c[i];
+            }
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() + rest);
+        out.fill(0.0);
+        for (t, p) in scores.iter().enumerate() {
+            let p = p * inv;
+            for (o, vv) in out.iter_mut().zip(&v[t * stride + offset..t * stride + offset + d]) {
+                *o = p.mul_add(*vv, *o);
+            }
+        }
+    }
+}

@@ -184,3 +184,37 @@ mod tests {
         assert!(row[live..].iter().all(|&v| v == 0.0));
     }
 }
+
+multiversion! {
+    /// `gate[i] = silu(gate[i]) · up[i]` (SwiGLU), for rows laid out as `[gate | up]` pairs:
+    /// each row of `both` holds `width` gate values then `width` up values; the result goes to `out`.
+    pub fn swiglu(both: &[f32], out: &mut [f32], width: usize) {
+        for (row, o) in both.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+            let (gate, up) = row.split_at(width);
+            for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                *o = *g / (1.0 + exp(-*g)) * *u;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod swiglu_tests {
+    use super::*;
+
+    #[test]
+    fn swiglu_matches_the_definition() {
+        let width = 40;
+        let both: Vec<f32> = (0..3 * 2 * width).map(|i| (i as f32 * 0.29).sin() * 6.0).collect();
+        let mut out = vec![0f32; 3 * width];
+        swiglu(&both, &mut out, width);
+        for r in 0..3 {
+            for j in 0..width {
+                let g = both[r * 2 * width + j] as f64;
+                let u = both[r * 2 * width + width + j] as f64;
+                let want = g / (1.0 + (-g).exp()) * u;
+                assert!((out[r * width + j] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()));
+            }
+        }
+    }
+}

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod quant;
 
 use std::sync::OnceLock;
 

@@ -59,3 +59,54 @@ mod tests {
         }
     }
 }
+
+multiversion! {
+    /// `x[r] = x[r] / rms(x[r]) · weight` for every row (RMSNorm, as Llama uses).
+    pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+        for row in x.chunks_exact_mut(weight.len()) {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for (v, w) in row.iter_mut().zip(weight) {
+                *v = *v * inv * *w;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[r] = rms_norm(x[r]) · weight` into a separate buffer (the residual stays intact).
+    pub fn rms_norm_into(x: &[f32], out: &mut [f32], weight: &[f32], eps: f32) {
+        let w = weight.len();
+        for (row, o) in x.chunks_exact(w).zip(out.chunks_exact_mut(w)) {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / w as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for ((o, v), g) in o.iter_mut().zip(row).zip(weight) {
+                *o = *v * inv * *g;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod rms_tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_the_definition() {
+        let w: Vec<f32> = (0..64).map(|i| 0.5 + i as f32 / 64.0).collect();
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let mut a = x.clone();
+        rms_norm(&mut a, &w, 1e-5);
+        let mut b = vec![0f32; 128];
+        rms_norm_into(&x, &mut b, &w, 1e-5);
+        for r in 0..2 {
+            let row = &x[r * 64..(r + 1) * 64];
+            let rms = (row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 64.0 + 1e-5).sqrt();
+            for j in 0..64 {
+                let want = row[j] as f64 / rms * w[j] as f64;
+                assert!((a[r * 64 + j] as f64 - want).abs() < 1e-5);
+                assert!((b[r * 64 + j] as f64 - want).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -9,6 +9,7 @@
 
 pub mod engine;
 pub mod mistral;
+pub mod native;
 pub mod sampling;
 pub mod stop;
 pub mod template;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::Engine;
 use crate::error::Error;
 use crate::models::manifest::ManifestEntry;
 use crate::models::registry::ModelSlot;
@@ -325,14 +327,29 @@ impl Generation {
 /// Loads a generate model's engine from its verified files.
 pub async fn load(node: &Node, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir: &Path, device: &candle_core::Device) -> Result<Arc<GenerateService>, String> {
     let gguf = entry.files.iter().find(|f| f.path.ends_with(".gguf")).map(|f| dir.join(&f.path));
-    let files = match &gguf {
-        Some(p) => mistral::ModelFiles::Gguf(p),
-        None => mistral::ModelFiles::SafetensorsDir(dir),
+    let native = match slot.config.engine {
+        Some(Engine::Native) if !device.is_cpu() => return Err("engine \"native\" runs on the CPU only; the device is a GPU".into()),
+        Some(Engine::Native) if gguf.is_none() => return Err("engine \"native\" loads GGUF files only".into()),
+        Some(Engine::Native) => true,
+        Some(Engine::Mistralrs) => false,
+        // Our engine on the CPU (faster, and correct under concurrency); mistral.rs on a GPU
+        // and for safetensors folders.
+        _ => device.is_cpu() && gguf.is_some(),
     };
-    let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
-    let engine = mistral::MistralGenerator::load(files, device, max_sequences).await?;
+    let engine: Arc<dyn Generator> = if native {
+        let path = gguf.clone().ok_or("no GGUF file")?;
+        let threads = crate::runtime::compute_threads(&node.config);
+        Arc::new(tokio::task::spawn_blocking(move || native::NativeGenerator::load(&path, threads)).await.map_err(|e| e.to_string())??)
+    } else {
+        let files = match &gguf {
+            Some(p) => mistral::ModelFiles::Gguf(p),
+            None => mistral::ModelFiles::SafetensorsDir(dir),
+        };
+        let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
+        Arc::new(mistral::MistralGenerator::load(files, device, max_sequences).await?)
+    };
     let timeout = Duration::from_secs(node.config.limits.request_timeout_s);
-    let service = GenerateService::new(slot.name().to_string(), Arc::new(engine), slot, timeout);
+    let service = GenerateService::new(slot.name().to_string(), engine, slot, timeout);
     slot.update_facts(|f| {
         f.details.insert("engine".into(), serde_json::json!(service.info.engine));
         f.details.insert("context".into(), serde_json::json!(service.context));

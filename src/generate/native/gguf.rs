@@ -1,0 +1,191 @@
+//! Loading a Llama-family GGUF file into our weight structures.
+//!
+//! The header and metadata are read with candle's GGUF reader; tensor bytes come straight
+//! from a memory map. Q4_1 and Q8_0 blocks are repacked (scales apart from quants) for our
+//! kernels; any other GGML type is dequantized by candle and requantized to Q8_0, so every
+//! GGUF loads, at 8 bits for types we have no kernel for yet.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+
+use super::llama::{Block, LlamaConfig, LlamaWeights};
+use super::tokenizer::GgufTokenizer;
+use crate::cpu::quant::{QMatrix, QWeights, QK};
+
+/// Everything a GGUF file gives the engine.
+pub struct GgufModel {
+    pub weights: LlamaWeights,
+    pub tokenizer: GgufTokenizer,
+    pub chat_template: String,
+    pub bos_text: String,
+    pub eos_text: String,
+    /// How many tensors of each GGML type the file holds.
+    pub formats: BTreeMap<String, usize>,
+}
+
+struct Reader<'a> {
+    content: &'a Content,
+    file: File,
+    map: memmap2::Mmap,
+}
+
+fn f16(bytes: &[u8]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
+}
+
+impl Reader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo, String> {
+        self.content.tensor_infos.get(name).ok_or_else(|| format!("the GGUF has no tensor {name}"))
+    }
+
+    fn bytes(&self, info: &TensorInfo) -> Result<&[u8], String> {
+        let elems = info.shape.elem_count();
+        let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        self.map.get(start..start + size).ok_or_else(|| "a tensor extends past the end of the file".to_string())
+    }
+
+    /// A tensor as f32 values, through candle's dequantization.
+    fn f32s(&mut self, name: &str) -> Result<Vec<f32>, String> {
+        let t = self.content.tensor(&mut self.file, name, &Device::Cpu).map_err(|e| format!("{name}: {e}"))?;
+        t.dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| format!("{name}: {e}"))
+    }
+
+    /// A 2-D weight (`[rows, cols]`, one row per output) in a format our kernels run.
+    fn matrix(&mut self, name: &str) -> Result<QMatrix, String> {
+        let info = self.info(name)?;
+        let dims = info.shape.dims().to_vec();
+        let [rows, cols] = dims[..] else { return Err(format!("{name}: expected 2 dimensions, got {dims:?}")) };
+        if cols % QK != 0 {
+            return Err(format!("{name}: width {cols} is not a multiple of {QK}"));
+        }
+        let blocks = rows * cols / QK;
+        match info.ggml_dtype {
+            GgmlDType::Q4_1 => {
+                let raw = self.bytes(info)?;
+                let (mut d, mut m, mut q) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks), Vec::with_capacity(blocks * 16));
+                for b in raw.chunks_exact(20) {
+                    d.push(f16(&b[0..2]));
+                    m.push(f16(&b[2..4]));
+                    q.extend_from_slice(&b[4..20]);
+                }
+                Ok(QMatrix { rows, cols, weights: QWeights::Q4_1 { d, m, q } })
+            }
+            GgmlDType::Q8_0 => {
+                let raw = self.bytes(info)?;
+                let (mut d, mut q) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks * QK));
+                for b in raw.chunks_exact(34) {
+                    d.push(f16(&b[0..2]));
+                    q.extend(b[2..34].iter().map(|&x| x as i8));
+                }
+                Ok(QMatrix { rows, cols, weights: QWeights::Q8_0 { d, q } })
+            }
+            _ => {
+                let values = self.f32s(name)?;
+                Ok(QMatrix::q8_0_from_f32(&values, rows, cols))
+            }
+        }
+    }
+}
+
+fn u32_key(c: &Content, key: &str) -> Result<usize, String> {
+    c.metadata
+        .get(key)
+        .ok_or_else(|| format!("the GGUF has no {key}"))?
+        .to_u64()
+        .map(|v| v as usize)
+        .map_err(|e| format!("{key}: {e}"))
+}
+
+fn f32_key(c: &Content, key: &str, default: f32) -> f32 {
+    c.metadata.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default)
+}
+
+/// Reads the file: configuration, tokenizer, chat template and every weight.
+pub fn load(path: &Path) -> Result<GgufModel, String> {
+    let mut file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let content = Content::read(&mut file).map_err(|e| format!("{} is not a valid GGUF file: {e}", path.display()))?;
+    let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    if arch != "llama" {
+        return Err(format!("architecture {arch:?} is not supported by the native engine (llama only)"));
+    }
+    // SAFETY: the file was verified against its digest just before; it is only read.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
+    let hidden = u32_key(&content, "llama.embedding_length")?;
+    let heads = u32_key(&content, "llama.attention.head_count")?;
+    let kv_heads = u32_key(&content, "llama.attention.head_count_kv")?;
+    let layers = u32_key(&content, "llama.block_count")?;
+    let context = u32_key(&content, "llama.context_length").unwrap_or(4096);
+    let head_dim = u32_key(&content, "llama.attention.key_length").unwrap_or(hidden / heads);
+    if heads % kv_heads != 0 || head_dim % 2 != 0 {
+        return Err("unsupported head layout".into());
+    }
+    let tokenizer = GgufTokenizer::from_gguf(&content)?;
+    let tokens = content.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).cloned().unwrap_or_default();
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokens.get(i as usize)).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default()
+    };
+    let bos_text = token_text(tokenizer.bos);
+    let eos_text = token_text(tokenizer.eos.first().copied());
+    let chat_template = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or("the GGUF has no tokenizer.chat_template")?;
+    let mut formats = BTreeMap::new();
+    for info in content.tensor_infos.values() {
+        *formats.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+    }
+
+    let mut r = Reader { content: &content, file, map };
+    let embed = r.matrix("token_embd.weight")?;
+    let vocab = embed.rows;
+    let output = if content.tensor_infos.contains_key("output.weight") { r.matrix("output.weight")? } else { embed.clone() };
+    let mut blocks = Vec::with_capacity(layers);
+    let mut intermediate = 0;
+    for i in 0..layers {
+        let p = |n: &str| format!("blk.{i}.{n}.weight");
+        let qkv = QMatrix::concat(vec![r.matrix(&p("attn_q"))?, r.matrix(&p("attn_k"))?, r.matrix(&p("attn_v"))?])?;
+        let gate = r.matrix(&p("ffn_gate"))?;
+        intermediate = gate.rows;
+        let gate_up = QMatrix::concat(vec![gate, r.matrix(&p("ffn_up"))?])?;
+        blocks.push(Block {
+            attn_norm: r.f32s(&p("attn_norm"))?,
+            qkv,
+            attn_out: r.matrix(&p("attn_output"))?,
+            ffn_norm: r.f32s(&p("ffn_norm"))?,
+            gate_up,
+            down: r.matrix(&p("ffn_down"))?,
+        });
+    }
+    let norm = r.f32s("output_norm.weight")?;
+    let config = LlamaConfig {
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+        head_dim,
+        vocab,
+        context,
+        rope_base: f32_key(&content, "llama.rope.freq_base", 10000.0),
+        rms_eps: f32_key(&content, "llama.attention.layer_norm_rms_epsilon", 1e-5),
+    };
+    Ok(GgufModel {
+        weights: LlamaWeights { config, embed, blocks, norm, output },
+        tokenizer,
+        chat_template,
+        bos_text,
+        eos_text,
+        formats,
+    })
+}

@@ -1,0 +1,227 @@
+//! The Llama forward pass on the CPU, for a step that mixes sequences.
+//!
+//! One step takes rows from several sequences at once — a chunk of one sequence's prompt,
+//! the last token of each decoding sequence — so prefill and decode share the step and every
+//! weight block is read once for all of them (`cpu::quant::qmatmul`). Each row carries its
+//! sequence and position; attention reads that sequence's own KV cache, causally.
+
+use rayon::prelude::*;
+
+use std::cell::RefCell;
+
+use crate::cpu::attention::attend_cached;
+use crate::cpu::math::swiglu;
+use crate::cpu::norm::{rms_norm, rms_norm_into};
+use crate::cpu::quant::{qmatmul, QActs, QMatrix};
+
+thread_local! {
+    /// Attention scores of one query row, per thread, reused.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The shape of a Llama model.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub context: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+}
+
+/// One decoder block's weights.
+pub struct Block {
+    pub attn_norm: Vec<f32>,
+    /// q, k and v stacked: `(heads + 2·kv_heads)·head_dim` rows.
+    pub qkv: QMatrix,
+    pub attn_out: QMatrix,
+    pub ffn_norm: Vec<f32>,
+    /// gate and up stacked: `2·intermediate` rows.
+    pub gate_up: QMatrix,
+    pub down: QMatrix,
+}
+
+/// All weights.
+pub struct LlamaWeights {
+    pub config: LlamaConfig,
+    pub embed: QMatrix,
+    pub blocks: Vec<Block>,
+    pub norm: Vec<f32>,
+    pub output: QMatrix,
+}
+
+/// A sequence's keys and values, per layer: `[position][kv_head][head_dim]`.
+#[derive(Default)]
+pub struct KvCache {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    /// Positions filled.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache { k: vec![Vec::new(); layers], v: vec![Vec::new(); layers], len: 0 }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * self.k.iter().chain(&self.v).map(Vec::capacity).sum::<usize>()
+    }
+}
+
+/// One row of a step: a token of a sequence at a position.
+#[derive(Debug, Clone, Copy)]
+pub struct Row {
+    /// Index into the step's caches.
+    pub seq: usize,
+    pub pos: usize,
+    pub token: u32,
+    /// Compute logits for this row (the last row of each sequence in the step).
+    pub logits: bool,
+}
+
+/// Buffers reused across steps.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    acts: QActs,
+    last: Vec<f32>,
+    /// Logits of the rows that asked for them, in row order (`vocab` each).
+    pub logits: Vec<f32>,
+}
+
+fn grow(buf: &mut Vec<f32>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+}
+
+/// Rotates pairs `(x[2i], x[2i+1])` by `pos·base^(-2i/d)`: the rotation GGUF Llama weights
+/// are laid out for (llama.cpp's "normal" RoPE).
+fn rope(x: &mut [f32], pos: usize, base: f32) {
+    let d = x.len();
+    for i in 0..d / 2 {
+        let theta = pos as f32 * base.powf(-2.0 * i as f32 / d as f32);
+        let (s, c) = theta.sin_cos();
+        let (a, b) = (x[2 * i], x[2 * i + 1]);
+        x[2 * i] = a * c - b * s;
+        x[2 * i + 1] = a * s + b * c;
+    }
+}
+
+impl LlamaWeights {
+    /// Runs one step. `caches[row.seq]` must hold exactly `row.pos` positions before the
+    /// sequence's first row of the step; rows of one sequence are consecutive positions.
+    /// Logits of the rows with `logits: true` land in `scratch.logits`, in row order.
+    pub fn step(&self, rows: &[Row], caches: &mut [&mut KvCache], scratch: &mut Scratch, threads: usize) {
+        let c = &self.config;
+        let (n, h, hd) = (rows.len(), c.hidden, c.head_dim);
+        let (q_w, kv_w) = (c.heads * hd, c.kv_heads * hd);
+        let qkv_w = q_w + 2 * kv_w;
+        let s = scratch;
+        grow(&mut s.x, n * h);
+        grow(&mut s.h, n * h);
+        grow(&mut s.qkv, n * qkv_w);
+        grow(&mut s.attn, n * q_w);
+        grow(&mut s.proj, n * h);
+        grow(&mut s.gate_up, n * 2 * c.intermediate);
+        grow(&mut s.act, n * c.intermediate);
+
+        for (r, row) in rows.iter().enumerate() {
+            self.embed.dequantize_row(row.token as usize, &mut s.x[r * h..(r + 1) * h]);
+        }
+        for (layer, block) in self.blocks.iter().enumerate() {
+            // Attention.
+            rms_norm_into(&s.x[..n * h], &mut s.h[..n * h], &block.attn_norm, c.rms_eps);
+            s.acts.quantize(&s.h[..n * h], n, h);
+            qmatmul(&block.qkv, &s.acts, &mut s.qkv, threads);
+            for (r, row) in rows.iter().enumerate() {
+                let qkv = &mut s.qkv[r * qkv_w..(r + 1) * qkv_w];
+                for head in qkv[..q_w + kv_w].chunks_exact_mut(hd) {
+                    rope(head, row.pos, c.rope_base);
+                }
+                let cache = &mut caches[row.seq];
+                debug_assert_eq!(cache.k[layer].len(), row.pos * kv_w);
+                cache.k[layer].extend_from_slice(&qkv[q_w..q_w + kv_w]);
+                cache.v[layer].extend_from_slice(&qkv[q_w + kv_w..]);
+            }
+            self.attend(rows, caches, layer, s, threads);
+            s.acts.quantize(&s.attn[..n * q_w], n, q_w);
+            qmatmul(&block.attn_out, &s.acts, &mut s.proj, threads);
+            for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
+                *x += *p;
+            }
+            // Feed-forward (SwiGLU).
+            rms_norm_into(&s.x[..n * h], &mut s.h[..n * h], &block.ffn_norm, c.rms_eps);
+            s.acts.quantize(&s.h[..n * h], n, h);
+            qmatmul(&block.gate_up, &s.acts, &mut s.gate_up, threads);
+            swiglu(&s.gate_up[..n * 2 * c.intermediate], &mut s.act[..n * c.intermediate], c.intermediate);
+            s.acts.quantize(&s.act[..n * c.intermediate], n, c.intermediate);
+            qmatmul(&block.down, &s.acts, &mut s.proj, threads);
+            for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
+                *x += *p;
+            }
+        }
+        for row in rows {
+            let cache = &mut caches[row.seq];
+            cache.len = cache.len.max(row.pos + 1);
+        }
+        // Logits only where a token will be sampled: the vocabulary matrix is the largest.
+        let wanted: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| r.logits).map(|(i, _)| i).collect();
+        grow(&mut s.last, wanted.len() * h);
+        for (j, &r) in wanted.iter().enumerate() {
+            s.last[j * h..(j + 1) * h].copy_from_slice(&s.x[r * h..(r + 1) * h]);
+        }
+        rms_norm(&mut s.last[..wanted.len() * h], &self.norm, c.rms_eps);
+        s.acts.quantize(&s.last[..wanted.len() * h], wanted.len(), h);
+        s.logits.resize(wanted.len() * c.vocab, 0.0);
+        qmatmul(&self.output, &s.acts, &mut s.logits, threads);
+    }
+
+    /// Causal grouped-query attention of every row against its sequence's cache.
+    fn attend(&self, rows: &[Row], caches: &[&mut KvCache], layer: usize, s: &mut Scratch, threads: usize) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let (q_w, kv_w) = (c.heads * hd, c.kv_heads * hd);
+        let qkv_w = q_w + 2 * kv_w;
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qkv = &s.qkv;
+        let work = |(r, out): (usize, &mut [f32])| {
+            let row = rows[r];
+            let cache = &caches[row.seq];
+            let len = row.pos + 1;
+            SCORES.with(|scores| {
+                let mut scores = scores.borrow_mut();
+                if scores.len() < len {
+                    scores.resize(len, 0.0);
+                }
+                for head in 0..c.heads {
+                    let q = &qkv[r * qkv_w + head * hd..r * qkv_w + (head + 1) * hd];
+                    let o = &mut out[head * hd..(head + 1) * hd];
+                    let offset = (head / group) * hd;
+                    attend_cached(q, &cache.k[layer], &cache.v[layer], kv_w, offset, len, scale, &mut scores, o);
+                }
+            });
+        };
+        let out = &mut s.attn[..rows.len() * q_w];
+        if threads > 1 && rows.len() > 1 {
+            out.par_chunks_mut(q_w).enumerate().for_each(work);
+        } else {
+            out.chunks_mut(q_w).enumerate().for_each(work);
+        }
+    }
+}

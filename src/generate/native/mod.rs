@@ -1,0 +1,225 @@
+//! Our CPU generation engine behind the `Generator` seam: Llama-family GGUF models on our
+//! own kernels, with continuous batching.
+//!
+//! One engine thread owns the weights and every sequence's KV cache. Each step it admits
+//! new sequences, drops those whose reader went away, and runs one forward pass over rows
+//! from all of them: the last token of every decoding sequence plus a chunk of a prompt
+//! being prefilled (so a long prompt never stalls the others). Sampling is per sequence
+//! with its own seeded `Sampler`; text is detokenized incrementally, whole characters only.
+
+pub mod gguf;
+pub mod llama;
+pub mod tokenizer;
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
+use super::sampling::{Sampler, SamplingParams};
+use super::template::{ChatMessage, ChatTemplate};
+use llama::{KvCache, LlamaWeights, Row, Scratch};
+use tokenizer::{Detokenizer, GgufTokenizer};
+
+/// Most prompt tokens prefilled in one step, shared by the prefilling sequences; decoding
+/// sequences always get their row.
+const PREFILL_ROWS_PER_STEP: usize = 256;
+
+/// A sequence waiting to join the engine.
+struct NewSequence {
+    prompt: Vec<u32>,
+    sampler: Sampler,
+    max_tokens: usize,
+    events: mpsc::UnboundedSender<GenEvent>,
+}
+
+/// A sequence in the engine.
+struct Sequence {
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    max_tokens: usize,
+    generated: usize,
+    detok: Detokenizer,
+    events: mpsc::UnboundedSender<GenEvent>,
+}
+
+/// The native engine's handle.
+pub struct NativeGenerator {
+    tx: std_mpsc::Sender<NewSequence>,
+    tokenizer: Arc<GgufTokenizer>,
+    template: ChatTemplate,
+    context: usize,
+    details: serde_json::Value,
+}
+
+impl NativeGenerator {
+    /// Loads a GGUF file and starts the engine thread.
+    pub fn load(path: &std::path::Path, threads: usize) -> Result<Self, String> {
+        let model = gguf::load(path)?;
+        let tokenizer = Arc::new(model.tokenizer);
+        let template = ChatTemplate::new(&model.chat_template, &model.bos_text, &model.eos_text)?;
+        let weights = model.weights;
+        let c = weights.config.clone();
+        let weight_bytes: usize = weights.blocks.iter().map(|b| b.qkv.bytes() + b.attn_out.bytes() + b.gate_up.bytes() + b.down.bytes()).sum::<usize>()
+            + weights.embed.bytes()
+            + weights.output.bytes();
+        let details = serde_json::json!({
+            "layers": c.layers, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
+            "vocab_size": c.vocab, "weight_bytes": weight_bytes, "formats": model.formats,
+            "cpu_isa": crate::cpu::Isa::detect().name(), "threads": threads,
+        });
+        let (tx, rx) = std_mpsc::channel();
+        let eos = tokenizer.eos.clone();
+        let tok = tokenizer.clone();
+        std::thread::Builder::new()
+            .name("generate-native".into())
+            .spawn(move || run_engine(weights, tok, eos, rx, threads.max(1)))
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        Ok(NativeGenerator { tx, tokenizer, template, context: c.context, details })
+    }
+}
+
+impl Generator for NativeGenerator {
+    fn info(&self) -> GeneratorInfo {
+        GeneratorInfo { engine: "native", context: self.context, details: self.details.clone() }
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        self.template.render(messages)
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String> {
+        self.tokenizer.encode(text)
+    }
+
+    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, _stop: &[String]) -> Result<TokenStream, String> {
+        let mut sampler = Sampler::new(params);
+        if params.ignore_eos {
+            sampler.ban(&self.tokenizer.eos);
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        self.tx
+            .send(NewSequence { prompt, sampler, max_tokens, events })
+            .map_err(|_| "the engine thread has stopped".to_string())?;
+        Ok(TokenStream { events: rx, _cancel: Box::new(()) })
+    }
+}
+
+fn run_engine(weights: LlamaWeights, tokenizer: Arc<GgufTokenizer>, eos: Vec<u32>, rx: std_mpsc::Receiver<NewSequence>, threads: usize) {
+    let layers = weights.config.layers;
+    let context = weights.config.context;
+    let vocab = weights.config.vocab;
+    let mut active: Vec<Sequence> = Vec::new();
+    let mut scratch = Scratch::default();
+    let admit = |n: NewSequence, active: &mut Vec<Sequence>| {
+        active.push(Sequence {
+            prompt_len: n.prompt.len(),
+            tokens: n.prompt,
+            prefilled: 0,
+            cache: KvCache::new(layers),
+            sampler: n.sampler,
+            max_tokens: n.max_tokens,
+            generated: 0,
+            detok: Detokenizer::default(),
+            events: n.events,
+        });
+    };
+    loop {
+        if active.is_empty() {
+            match rx.recv() {
+                Ok(n) => admit(n, &mut active),
+                Err(_) => return,
+            }
+        }
+        while let Ok(n) = rx.try_recv() {
+            admit(n, &mut active);
+        }
+        // A reader that went away cancels its sequence here, within one step.
+        active.retain(|s| !s.events.is_closed());
+        if active.is_empty() {
+            continue;
+        }
+
+        // Rows: every decoding sequence's next token, then prompt chunks within the budget.
+        let mut rows = Vec::new();
+        let mut budget = PREFILL_ROWS_PER_STEP;
+        for (i, s) in active.iter().enumerate() {
+            if s.prefilled >= s.prompt_len {
+                let pos = s.tokens.len() - 1;
+                rows.push(Row { seq: i, pos, token: s.tokens[pos], logits: true });
+            }
+        }
+        for (i, s) in active.iter().enumerate() {
+            if s.prefilled < s.prompt_len && budget > 0 {
+                let take = (s.prompt_len - s.prefilled).min(budget);
+                budget -= take;
+                for p in s.prefilled..s.prefilled + take {
+                    rows.push(Row { seq: i, pos: p, token: s.tokens[p], logits: p + 1 == s.prompt_len });
+                }
+            }
+        }
+        // Rows of one sequence must be consecutive: sort by sequence, keeping position order.
+        rows.sort_by_key(|r| (r.seq, r.pos));
+
+        let result = {
+            let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| weights.step(&rows, &mut caches, &mut scratch, threads)))
+        };
+        if result.is_err() {
+            // The step panicked: fail every sequence in it and start clean.
+            for s in active.drain(..) {
+                let _ = s.events.send(GenEvent::Failed("the engine failed on this step".into()));
+            }
+            scratch = Scratch::default();
+            continue;
+        }
+
+        // Prefill progress, then sampling for rows that produced logits.
+        for r in &rows {
+            let s = &mut active[r.seq];
+            if r.pos < s.prompt_len {
+                s.prefilled = s.prefilled.max(r.pos + 1);
+            }
+        }
+        let mut done = Vec::new();
+        let mut k = 0;
+        for r in rows.iter().filter(|r| r.logits) {
+            let logits = &scratch.logits[k * vocab..(k + 1) * vocab];
+            k += 1;
+            let s = &mut active[r.seq];
+            let token = s.sampler.sample(logits);
+            s.tokens.push(token);
+            s.generated += 1;
+            let is_eos = eos.contains(&token);
+            if !is_eos {
+                if let Some(text) = s.detok.push(|ids| tokenizer.decode(ids), &s.tokens[s.prompt_len..]) {
+                    let _ = s.events.send(GenEvent::Text { text, tokens: s.generated });
+                }
+            }
+            let finish = if is_eos {
+                Some(FinishReason::Stop)
+            } else if s.generated >= s.max_tokens || s.tokens.len() >= context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = finish {
+                let generated = if is_eos { &s.tokens[s.prompt_len..s.tokens.len() - 1] } else { &s.tokens[s.prompt_len..] };
+                if let Some(rest) = s.detok.flush(|ids| tokenizer.decode(ids), generated) {
+                    let _ = s.events.send(GenEvent::Text { text: rest, tokens: s.generated });
+                }
+                let _ = s.events.send(GenEvent::Done { reason, completion_tokens: s.generated });
+                done.push(r.seq);
+            }
+        }
+        done.sort_unstable();
+        for i in done.into_iter().rev() {
+            active.swap_remove(i);
+        }
+    }
+}
