@@ -129,11 +129,12 @@ fn bench_embed(d: &Daemon) {
     );
 }
 
-/// Streams one chat completion; returns (time to first token, decode tokens/s after it, tokens).
-fn stream_chat(addr: &str, body: &Value) -> (f64, f64, usize) {
+/// Streams one completion (`/v1/completions`, the same raw prompts the llama.cpp baseline
+/// evaluates); returns (time to first token, decode tokens/s after it, tokens).
+fn stream_completion(addr: &str, body: &Value) -> (f64, f64, usize) {
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
     let t0 = Instant::now();
-    let r = client.post(format!("http://{addr}/v1/chat/completions")).json(body).send().unwrap();
+    let r = client.post(format!("http://{addr}/v1/completions")).json(body).send().unwrap();
     assert_eq!(r.status(), 200);
     let mut first = None;
     let mut last = t0;
@@ -145,7 +146,7 @@ fn stream_chat(addr: &str, body: &Value) -> (f64, f64, usize) {
             break;
         }
         let v: Value = serde_json::from_str(data).unwrap();
-        if v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()) {
+        if v["choices"][0]["text"].as_str().is_some_and(|c| !c.is_empty()) {
             let now = Instant::now();
             first.get_or_insert(now);
             last = now;
@@ -162,11 +163,11 @@ fn stream_chat(addr: &str, body: &Value) -> (f64, f64, usize) {
 fn bench_generate(d: &Daemon) {
     let story = json!({
         "model": "smollm2", "stream": true, "stream_options": {"include_usage": true},
-        "messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}],
+        "prompt": "<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a message in a bottle.<|im_end|>\n<|im_start|>assistant\n",
         "temperature": 0, "max_tokens": 128, "ignore_eos": true,
     });
-    stream_chat(&d.addr, &story);
-    let decode = (0..3).map(|_| stream_chat(&d.addr, &story).1).fold(0.0, f64::max);
+    stream_completion(&d.addr, &story);
+    let decode = (0..3).map(|_| stream_completion(&d.addr, &story).1).fold(0.0, f64::max);
     // Prompt processing: a ~420-token prompt, one token generated.
     let long_prompt = vec!["Edge inference trades cost for latency."; 60].join(" ");
     let client = reqwest::blocking::Client::new();
@@ -183,12 +184,13 @@ fn bench_generate(d: &Daemon) {
         let n = r["usage"]["prompt_tokens"].as_f64().unwrap();
         pp = pp.max(n / t.elapsed().as_secs_f64());
     }
-    // Time to first token for a short chat prompt: median of 5.
+    // Time to first token for a short chat prompt (16 tokens): median of 5.
     let short = json!({
         "model": "smollm2", "stream": true,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 1,
+        "prompt": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "temperature": 0, "max_tokens": 1,
     });
-    let mut ttft: Vec<f64> = (0..5).map(|_| stream_chat(&d.addr, &short).0 * 1000.0).collect();
+    let mut ttft: Vec<f64> = (0..5).map(|_| stream_completion(&d.addr, &short).0 * 1000.0).collect();
     ttft.sort_by(f64::total_cmp);
     // Eight concurrent streams of 128 tokens each.
     let t = Instant::now();
@@ -196,7 +198,7 @@ fn bench_generate(d: &Daemon) {
         .map(|_| {
             let addr = d.addr.clone();
             let body = story.clone();
-            std::thread::spawn(move || stream_chat(&addr, &body).2)
+            std::thread::spawn(move || stream_completion(&addr, &body).2)
         })
         .collect();
     let tokens: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();

@@ -11,8 +11,43 @@ pub mod math;
 pub mod matmul;
 pub mod norm;
 pub mod quant;
+pub mod team;
 
 use std::sync::OnceLock;
+
+/// Something that runs `f(0..tasks)` in parallel and returns when all are done.
+pub trait Parallel: Sync {
+    /// Runs every task.
+    fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync));
+    /// Threads it uses.
+    fn threads(&self) -> usize;
+}
+
+impl Parallel for team::Team {
+    fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.run(tasks, f)
+    }
+    fn threads(&self) -> usize {
+        team::Team::threads(self)
+    }
+}
+
+/// rayon's global pool (tests, benches, and callers without a team).
+pub struct Rayon(pub usize);
+
+impl Parallel for Rayon {
+    fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        use rayon::prelude::*;
+        if self.0 > 1 && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(f);
+        } else {
+            (0..tasks).for_each(f);
+        }
+    }
+    fn threads(&self) -> usize {
+        self.0
+    }
+}
 
 /// The instruction sets our kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use candle_core::Device;
 
 use super::llama::{Block, LlamaConfig, LlamaWeights};
 use super::tokenizer::GgufTokenizer;
-use crate::cpu::quant::{QMatrix, QWeights, QK};
+use crate::cpu::quant::{QMatrix, QK};
 
 /// Everything a GGUF file gives the engine.
 pub struct GgufModel {
@@ -32,10 +32,6 @@ struct Reader<'a> {
     content: &'a Content,
     file: File,
     map: memmap2::Mmap,
-}
-
-fn f16(bytes: &[u8]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([bytes[0], bytes[1]])).to_f32()
 }
 
 impl Reader<'_> {
@@ -67,27 +63,9 @@ impl Reader<'_> {
         if cols % QK != 0 {
             return Err(format!("{name}: width {cols} is not a multiple of {QK}"));
         }
-        let blocks = rows * cols / QK;
         match info.ggml_dtype {
-            GgmlDType::Q4_1 => {
-                let raw = self.bytes(info)?;
-                let (mut d, mut m, mut q) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks), Vec::with_capacity(blocks * 16));
-                for b in raw.chunks_exact(20) {
-                    d.push(f16(&b[0..2]));
-                    m.push(f16(&b[2..4]));
-                    q.extend_from_slice(&b[4..20]);
-                }
-                Ok(QMatrix { rows, cols, weights: QWeights::Q4_1 { d, m, q } })
-            }
-            GgmlDType::Q8_0 => {
-                let raw = self.bytes(info)?;
-                let (mut d, mut q) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks * QK));
-                for b in raw.chunks_exact(34) {
-                    d.push(f16(&b[0..2]));
-                    q.extend(b[2..34].iter().map(|&x| x as i8));
-                }
-                Ok(QMatrix { rows, cols, weights: QWeights::Q8_0 { d, q } })
-            }
+            GgmlDType::Q4_1 => Ok(QMatrix::from_q4_1(self.bytes(info)?, rows, cols)),
+            GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(self.bytes(info)?, rows, cols)),
             _ => {
                 let values = self.f32s(name)?;
                 Ok(QMatrix::q8_0_from_f32(&values, rows, cols))

@@ -5,14 +5,26 @@
 //! weight block is read once for all of them (`cpu::quant::qmatmul`). Each row carries its
 //! sequence and position; attention reads that sequence's own KV cache, causally.
 
-use rayon::prelude::*;
-
 use std::cell::RefCell;
 
 use crate::cpu::attention::attend_cached;
 use crate::cpu::math::swiglu;
 use crate::cpu::norm::{rms_norm, rms_norm_into};
 use crate::cpu::quant::{qmatmul, QActs, QMatrix};
+use crate::cpu::Parallel;
+
+/// Rows of the attention output, written by one task each.
+#[derive(Clone, Copy)]
+struct OutRows(*mut f32);
+// SAFETY: every task writes only its own row.
+unsafe impl Send for OutRows {}
+unsafe impl Sync for OutRows {}
+
+impl OutRows {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 
 thread_local! {
     /// Attention scores of one query row, per thread, reused.
@@ -126,7 +138,7 @@ impl LlamaWeights {
     /// Runs one step. `caches[row.seq]` must hold exactly `row.pos` positions before the
     /// sequence's first row of the step; rows of one sequence are consecutive positions.
     /// Logits of the rows with `logits: true` land in `scratch.logits`, in row order.
-    pub fn step(&self, rows: &[Row], caches: &mut [&mut KvCache], scratch: &mut Scratch, threads: usize) {
+    pub fn step(&self, rows: &[Row], caches: &mut [&mut KvCache], scratch: &mut Scratch, par: &dyn Parallel) {
         let c = &self.config;
         let (n, h, hd) = (rows.len(), c.hidden, c.head_dim);
         let (q_w, kv_w) = (c.heads * hd, c.kv_heads * hd);
@@ -147,7 +159,7 @@ impl LlamaWeights {
             // Attention.
             rms_norm_into(&s.x[..n * h], &mut s.h[..n * h], &block.attn_norm, c.rms_eps);
             s.acts.quantize(&s.h[..n * h], n, h);
-            qmatmul(&block.qkv, &s.acts, &mut s.qkv, threads);
+            qmatmul(&block.qkv, &s.acts, &mut s.qkv, par);
             for (r, row) in rows.iter().enumerate() {
                 let qkv = &mut s.qkv[r * qkv_w..(r + 1) * qkv_w];
                 for head in qkv[..q_w + kv_w].chunks_exact_mut(hd) {
@@ -158,19 +170,19 @@ impl LlamaWeights {
                 cache.k[layer].extend_from_slice(&qkv[q_w..q_w + kv_w]);
                 cache.v[layer].extend_from_slice(&qkv[q_w + kv_w..]);
             }
-            self.attend(rows, caches, layer, s, threads);
+            self.attend(rows, caches, layer, s, par);
             s.acts.quantize(&s.attn[..n * q_w], n, q_w);
-            qmatmul(&block.attn_out, &s.acts, &mut s.proj, threads);
+            qmatmul(&block.attn_out, &s.acts, &mut s.proj, par);
             for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
                 *x += *p;
             }
             // Feed-forward (SwiGLU).
             rms_norm_into(&s.x[..n * h], &mut s.h[..n * h], &block.ffn_norm, c.rms_eps);
             s.acts.quantize(&s.h[..n * h], n, h);
-            qmatmul(&block.gate_up, &s.acts, &mut s.gate_up, threads);
+            qmatmul(&block.gate_up, &s.acts, &mut s.gate_up, par);
             swiglu(&s.gate_up[..n * 2 * c.intermediate], &mut s.act[..n * c.intermediate], c.intermediate);
             s.acts.quantize(&s.act[..n * c.intermediate], n, c.intermediate);
-            qmatmul(&block.down, &s.acts, &mut s.proj, threads);
+            qmatmul(&block.down, &s.acts, &mut s.proj, par);
             for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
                 *x += *p;
             }
@@ -188,11 +200,11 @@ impl LlamaWeights {
         rms_norm(&mut s.last[..wanted.len() * h], &self.norm, c.rms_eps);
         s.acts.quantize(&s.last[..wanted.len() * h], wanted.len(), h);
         s.logits.resize(wanted.len() * c.vocab, 0.0);
-        qmatmul(&self.output, &s.acts, &mut s.logits, threads);
+        qmatmul(&self.output, &s.acts, &mut s.logits, par);
     }
 
     /// Causal grouped-query attention of every row against its sequence's cache.
-    fn attend(&self, rows: &[Row], caches: &[&mut KvCache], layer: usize, s: &mut Scratch, threads: usize) {
+    fn attend(&self, rows: &[Row], caches: &[&mut KvCache], layer: usize, s: &mut Scratch, par: &dyn Parallel) {
         let c = &self.config;
         let hd = c.head_dim;
         let (q_w, kv_w) = (c.heads * hd, c.kv_heads * hd);
@@ -200,7 +212,10 @@ impl LlamaWeights {
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &s.qkv;
-        let work = |(r, out): (usize, &mut [f32])| {
+        let out_ptr = OutRows(s.attn.as_mut_ptr());
+        let work = |r: usize| {
+            // SAFETY: row r's output is its own q_w-wide slice of `attn` (sized by `step`).
+            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * q_w), q_w) };
             let row = rows[r];
             let cache = &caches[row.seq];
             let len = row.pos + 1;
@@ -217,11 +232,6 @@ impl LlamaWeights {
                 }
             });
         };
-        let out = &mut s.attn[..rows.len() * q_w];
-        if threads > 1 && rows.len() > 1 {
-            out.par_chunks_mut(q_w).enumerate().for_each(work);
-        } else {
-            out.chunks_mut(q_w).enumerate().for_each(work);
-        }
+        par.for_each(rows.len(), &work);
     }
 }

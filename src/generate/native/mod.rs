@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use super::sampling::{Sampler, SamplingParams};
 use super::template::{ChatMessage, ChatTemplate};
+use crate::cpu::team::Team;
 use llama::{KvCache, LlamaWeights, Row, Scratch};
 use tokenizer::{Detokenizer, GgufTokenizer};
 
@@ -78,7 +79,10 @@ impl NativeGenerator {
         let tok = tokenizer.clone();
         std::thread::Builder::new()
             .name("generate-native".into())
-            .spawn(move || run_engine(weights, tok, eos, rx, threads.max(1)))
+            .spawn(move || match Team::new(threads.max(1), "generate") {
+                Ok(team) => run_engine(weights, tok, eos, rx, &team),
+                Err(e) => tracing::error!("cannot start the engine's threads: {e}"),
+            })
             .map_err(|e| format!("cannot start the engine thread: {e}"))?;
         Ok(NativeGenerator { tx, tokenizer, template, context: c.context, details })
     }
@@ -110,7 +114,7 @@ impl Generator for NativeGenerator {
     }
 }
 
-fn run_engine(weights: LlamaWeights, tokenizer: Arc<GgufTokenizer>, eos: Vec<u32>, rx: std_mpsc::Receiver<NewSequence>, threads: usize) {
+fn run_engine(weights: LlamaWeights, tokenizer: Arc<GgufTokenizer>, eos: Vec<u32>, rx: std_mpsc::Receiver<NewSequence>, team: &Team) {
     let layers = weights.config.layers;
     let context = weights.config.context;
     let vocab = weights.config.vocab;
@@ -168,7 +172,7 @@ fn run_engine(weights: LlamaWeights, tokenizer: Arc<GgufTokenizer>, eos: Vec<u32
 
         let result = {
             let mut caches: Vec<&mut KvCache> = active.iter_mut().map(|s| &mut s.cache).collect();
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| weights.step(&rows, &mut caches, &mut scratch, threads)))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| weights.step(&rows, &mut caches, &mut scratch, team)))
         };
         if result.is_err() {
             // The step panicked: fail every sequence in it and start clean.
