@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use edgenode::cpu::gemm::{Epilogue, PackedLinear};
 use edgenode::cpu::matmul::linear;
 use edgenode::cpu::quant::{qmatmul, QActs, QMatrix};
 
@@ -62,13 +63,16 @@ fn main() {
             }
         }
     }
-    for (name, m, k, n) in [("qkv", 400, 384, 1152), ("up", 400, 384, 1536), ("down", 400, 1536, 384), ("qkv single", 12, 384, 1152)] {
+    for (name, m, k, n) in [("qkv", 400, 384, 1152), ("up", 400, 384, 1536), ("down", 400, 1536, 384), ("qkv single", 12, 384, 1152), ("down single", 12, 1536, 384)] {
         let x = random(m * k, 4);
         let w = random(n * k, 5);
         let b = random(n, 6);
         let mut out = vec![0f32; m * n];
         let reps = (4_000_000_000 / (m * n * k)).clamp(3, 2000);
         let s = time(|| linear(&x, &w, &b, &mut out, m, k, n, threads), reps);
-        println!("linear f32 {name} {m}x{k}x{n} {:>8.1} us  {:>6.1} GFLOP/s", s * 1e6, 2.0 * (m * n * k) as f64 / s / 1e9);
+        println!("gemm crate  {name} {m}x{k}x{n} {:>8.1} us  {:>6.1} GFLOP/s", s * 1e6, 2.0 * (m * n * k) as f64 / s / 1e9);
+        let packed = PackedLinear::new(&w, &b, n, k);
+        let s = time(|| packed.forward(&x, m, &mut out, Epilogue::None, threads), reps);
+        println!("packed      {name} {m}x{k}x{n} {:>8.1} us  {:>6.1} GFLOP/s", s * 1e6, 2.0 * (m * n * k) as f64 / s / 1e9);
     }
 }

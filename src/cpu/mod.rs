@@ -7,6 +7,7 @@
 //! straightforward implementation on random inputs.
 
 pub mod attention;
+pub mod gemm;
 pub mod math;
 pub mod matmul;
 pub mod norm;

@@ -2,8 +2,9 @@
 //!
 //! Same math as `bert.rs` (candle, any device), shaped for a CPU: activations live in
 //! buffers owned by the model and reused across batches (no allocation per op), the dense
-//! layers are one `gemm` call each with the bias folded in, bias+GELU and residual+LayerNorm
-//! are single passes, and attention runs per input on its own tokens (no padding at all).
+//! layers run on weights packed once at load with the bias and GELU fused into the multiply
+//! (`cpu::gemm`), residual+LayerNorm is one pass, and attention runs per input on its own
+//! tokens (no padding at all).
 
 use std::path::Path;
 
@@ -13,15 +14,18 @@ use candle_nn::VarBuilder;
 use super::bert::PackedBatch;
 use super::files::BertConfig;
 use crate::cpu::attention::attention;
-use crate::cpu::math::bias_gelu;
-use crate::cpu::matmul::linear;
+use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::norm::{add_layer_norm, layer_norm};
 
 struct Dense {
-    w: Vec<f32>,
-    b: Vec<f32>,
-    input: usize,
+    packed: PackedLinear,
     output: usize,
+}
+
+impl Dense {
+    fn new(w: &[f32], b: &[f32], input: usize, output: usize) -> Dense {
+        Dense { packed: PackedLinear::new(w, b, output, input), output }
+    }
 }
 
 struct Norm {
@@ -65,7 +69,7 @@ pub struct CpuBert {
     hidden: usize,
     heads: usize,
     eps: f32,
-    approximate_gelu: bool,
+    gelu: Epilogue,
     max_positions: usize,
     type_vocab: usize,
     vocab: usize,
@@ -78,7 +82,7 @@ fn read(vb: &VarBuilder, shape: &[usize], name: &str) -> candle_core::Result<Vec
 }
 
 fn dense(vb: &VarBuilder, input: usize, output: usize) -> candle_core::Result<Dense> {
-    Ok(Dense { w: read(vb, &[output, input], "weight")?, b: read(vb, &[output], "bias")?, input, output })
+    Ok(Dense::new(&read(vb, &[output, input], "weight")?, &read(vb, &[output], "bias")?, input, output))
 }
 
 fn norm(vb: &VarBuilder, width: usize) -> candle_core::Result<Norm> {
@@ -113,7 +117,7 @@ impl CpuBert {
                 b.extend(read(&s.pp(part), &[h], "bias")?);
             }
             layers.push(Layer {
-                qkv: Dense { w, b, input: h, output: 3 * h },
+                qkv: Dense::new(&w, &b, h, 3 * h),
                 attn_out: dense(&a.pp("output.dense"), h, h)?,
                 attn_norm: norm(&a.pp("output.LayerNorm"), h)?,
                 up: dense(&l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
@@ -135,7 +139,7 @@ impl CpuBert {
             hidden: h,
             heads: cfg.num_attention_heads,
             eps: cfg.layer_norm_eps as f32,
-            approximate_gelu: cfg.hidden_act != "gelu",
+            gelu: if cfg.hidden_act == "gelu" { Epilogue::Gelu } else { Epilogue::GeluTanh },
             max_positions: cfg.max_position_embeddings,
             type_vocab: cfg.type_vocab_size,
             vocab: cfg.vocab_size,
@@ -149,8 +153,8 @@ impl CpuBert {
         self.hidden
     }
 
-    fn run_dense(&self, d: &Dense, x: &[f32], out: &mut [f32], rows: usize) {
-        linear(x, &d.w, &d.b, out, rows, d.input, d.output, self.threads);
+    fn run_dense(&self, d: &Dense, x: &[f32], out: &mut [f32], rows: usize, epilogue: Epilogue) {
+        d.packed.forward(x, rows, out, epilogue, self.threads);
     }
 
     /// Final hidden states of every token, packed `[total_tokens, H]` (borrowed from the
@@ -186,24 +190,18 @@ impl CpuBert {
         let d = h / self.heads;
         for layer in &self.layers {
             let i = layer.up.output;
-            self.run_dense(&layer.qkv, &s.x, &mut s.qkv, t);
+            self.run_dense(&layer.qkv, &s.x, &mut s.qkv, t, Epilogue::None);
             attention(&s.qkv[..3 * t * h], &mut s.ctx[..t * h], &batch.cu_seqlens, self.heads, d);
-            self.run_dense(&layer.attn_out, &s.ctx, &mut s.tmp, t);
+            self.run_dense(&layer.attn_out, &s.ctx, &mut s.tmp, t, Epilogue::None);
             add_layer_norm(&mut s.tmp[..t * h], &s.x[..t * h], &layer.attn_norm.gamma, &layer.attn_norm.beta, self.eps);
             std::mem::swap(&mut s.x, &mut s.tmp);
-            // The up-projection's bias and GELU are applied in one pass after the multiply.
-            self.up_gelu(layer, &s.x, &mut s.inter, t);
-            self.run_dense(&layer.down, &s.inter[..t * i], &mut s.tmp, t);
+            // GELU is applied as the up-projection's outputs are stored (fused epilogue).
+            self.run_dense(&layer.up, &s.x, &mut s.inter, t, self.gelu);
+            self.run_dense(&layer.down, &s.inter[..t * i], &mut s.tmp, t, Epilogue::None);
             add_layer_norm(&mut s.tmp[..t * h], &s.x[..t * h], &layer.out_norm.gamma, &layer.out_norm.beta, self.eps);
             std::mem::swap(&mut s.x, &mut s.tmp);
         }
         Ok(())
-    }
-
-    fn up_gelu(&self, layer: &Layer, x: &[f32], inter: &mut [f32], t: usize) {
-        let d = &layer.up;
-        crate::cpu::matmul::linear_no_bias(x, &d.w, inter, t, d.input, d.output, self.threads);
-        bias_gelu(&mut inter[..t * d.output], &d.b, self.approximate_gelu);
     }
 
     /// Class logits `[inputs, labels]` from the hidden states `forward` just returned.
@@ -217,11 +215,11 @@ impl CpuBert {
             cls.extend_from_slice(&self.scratch.x[start * h..(start + 1) * h]);
         }
         let mut pooled = vec![0f32; n * h];
-        linear(&cls, &head.pooler.w, &head.pooler.b, &mut pooled, n, h, h, 1);
+        head.pooler.packed.forward(&cls, n, &mut pooled, Epilogue::None, 1);
         pooled.iter_mut().for_each(|v| *v = v.tanh());
         let labels = head.classifier.output;
         let mut logits = vec![0f32; n * labels];
-        linear(&pooled, &head.classifier.w, &head.classifier.b, &mut logits, n, h, labels, 1);
+        head.classifier.packed.forward(&pooled, n, &mut logits, Epilogue::None, 1);
         Some(logits.chunks_exact(labels).map(<[f32]>::to_vec).collect())
     }
 }
