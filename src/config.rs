@@ -88,6 +88,9 @@ pub struct RuntimeConfig {
     pub device: String,
     /// Compute threads for model work; 0 means one per available core.
     pub threads: usize,
+    /// Widest instruction set our CPU kernels may use: `avx512`, `avx2` or `portable`
+    /// (the CPU's own widest is used when it is narrower). For comparing and debugging.
+    pub isa: crate::cpu::Isa,
 }
 
 /// `[limits]`: the shape of requests this node accepts.
@@ -282,7 +285,7 @@ impl Default for StoreConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { device: "auto".into(), threads: 0 }
+        RuntimeConfig { device: "auto".into(), threads: 0, isa: crate::cpu::Isa::Avx512 }
     }
 }
 

@@ -18,6 +18,7 @@ pub fn apply_threads(config: &Config) {
     let n = compute_threads(config).to_string();
     // Set before any other thread exists (called from main before the runtime starts).
     std::env::set_var("RAYON_NUM_THREADS", &n);
+    crate::cpu::Isa::limit(config.runtime.isa);
 }
 
 /// The device models run on, and its name for `/info`.

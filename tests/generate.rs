@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-fn start_with(extra: &str) -> Daemon {
-    let config = format!("[[models]]\nname = \"smollm2\"\nkind = \"generate\"\n{extra}\n");
+fn start_with(engine: &str, extra: &str) -> Daemon {
+    let config = format!("[[models]]\nname = \"smollm2\"\nkind = \"generate\"\nengine = \"{engine}\"\n{extra}\n");
     let d = Daemon::start(Options { config: Some(config), ..Default::default() });
     d.wait_ready(Duration::from_secs(180));
     d
@@ -58,9 +58,8 @@ fn chat_text(d: &Daemon, body: &Value) -> (String, Value) {
     (b["choices"][0]["message"]["content"].as_str().unwrap().to_string(), b)
 }
 
-#[test]
-fn greedy_is_deterministic_streaming_or_not() {
-    let d = start_with("");
+fn greedy_is_deterministic_streaming_or_not(engine: &str) {
+    let d = start_with(engine, "");
     let body = chat("What is the capital of France?", json!({}));
     let (a, full) = chat_text(&d, &body);
     let (b, _) = chat_text(&d, &body);
@@ -79,9 +78,8 @@ fn greedy_is_deterministic_streaming_or_not() {
     assert!(full["id"].as_str().unwrap().starts_with("chatcmpl-"));
 }
 
-#[test]
-fn stop_sequences_cut_the_text_and_are_not_included() {
-    let d = start_with("");
+fn stop_sequences_cut_the_text_and_are_not_included(engine: &str) {
+    let d = start_with(engine, "");
     let body = chat("Write a sentence about the sea.", json!({"max_tokens": 32}));
     let (text, _) = chat_text(&d, &body);
     // Stop on a word from the middle of the greedy answer.
@@ -98,9 +96,8 @@ fn stop_sequences_cut_the_text_and_are_not_included() {
     assert_eq!(streamed, text[..at], "streaming must not leak the stop sequence");
 }
 
-#[test]
-fn max_tokens_gives_length_with_exactly_that_many_tokens() {
-    let d = start_with("");
+fn max_tokens_gives_length_with_exactly_that_many_tokens(engine: &str) {
+    let d = start_with(engine, "");
     for n in [1, 7, 20] {
         let body = chat("Tell me a long story about a dragon.", json!({"max_tokens": n}));
         let (_, full) = chat_text(&d, &body);
@@ -117,9 +114,8 @@ fn max_tokens_gives_length_with_exactly_that_many_tokens() {
     assert_eq!(b["model"], "smollm2");
 }
 
-#[test]
-fn concurrent_streams_are_independent_and_correct() {
-    let d = Arc::new(start_with(""));
+fn concurrent_streams_are_independent_and_correct(engine: &str) {
+    let d = Arc::new(start_with(engine, ""));
     let prompts: Vec<String> = [
         "What is the capital of France?",
         "Name a color.",
@@ -147,9 +143,8 @@ fn concurrent_streams_are_independent_and_correct() {
     assert_eq!(got, expected);
 }
 
-#[test]
-fn a_dropped_stream_frees_its_slot() {
-    let d = start_with("max_concurrent_sequences = 1\nmax_waiting = 0\n");
+fn a_dropped_stream_frees_its_slot(engine: &str) {
+    let d = start_with(engine, "max_concurrent_sequences = 1\nmax_waiting = 0\n");
     let body = chat("Tell me a very long story about the ocean.", json!({"max_tokens": 400, "stream": true}));
     let response = client().post(d.url("/v1/chat/completions")).json(&body).send().unwrap();
     assert_eq!(response.status(), 200);
@@ -178,9 +173,8 @@ fn a_dropped_stream_frees_its_slot() {
     }
 }
 
-#[test]
-fn a_seed_makes_sampling_repeatable() {
-    let d = start_with("");
+fn a_seed_makes_sampling_repeatable(engine: &str) {
+    let d = start_with(engine, "");
     let body = chat("Write a short poem about rain.", json!({"temperature": 0.9, "top_p": 0.95, "seed": 1234, "max_tokens": 32}));
     let (a, _) = chat_text(&d, &body);
     let (b, _) = chat_text(&d, &body);
@@ -195,9 +189,8 @@ fn a_seed_makes_sampling_repeatable() {
     assert!(texts.len() > 1, "different seeds should sample differently");
 }
 
-#[test]
-fn bad_generation_requests_name_the_field() {
-    let d = start_with("context = 64\n");
+fn bad_generation_requests_name_the_field(engine: &str) {
+    let d = start_with(engine, "context = 64\n");
     let cases = [
         (json!({"model": "smollm2"}), 400, "missing_field"),
         (json!({"model": "smollm2", "messages": []}), 400, "empty_input"),
@@ -227,8 +220,7 @@ fn bad_generation_requests_name_the_field() {
     assert_error(s, &b, 400, "missing_field");
 }
 
-#[test]
-fn loads_and_generates_without_any_network() {
+fn loads_and_generates_without_any_network(engine: &str) {
     let home = tempfile::tempdir().unwrap();
     let closed = "http://127.0.0.1:9";
     let env: Vec<(String, String)> = [
@@ -246,7 +238,7 @@ fn loads_and_generates_without_any_network() {
         ("HF_HOME".to_string(), home.path().join("hf").display().to_string()),
     ])
     .collect();
-    let config = "[[models]]\nname = \"smollm2\"\nkind = \"generate\"\n".to_string();
+    let config = format!("[[models]]\nname = \"smollm2\"\nkind = \"generate\"\nengine = \"{engine}\"\n");
     let d = Daemon::start(Options { config: Some(config), env, ..Default::default() });
     d.wait_ready(Duration::from_secs(180));
     let (s, b) = post_json(&d, "/generate", &json!({"prompt": "Hello", "max_tokens": 3}));
@@ -255,3 +247,18 @@ fn loads_and_generates_without_any_network() {
     let created: Vec<_> = std::fs::read_dir(home.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(created.is_empty(), "something wrote to HOME/HF_HOME: {created:?}");
 }
+
+/// Every test above, on both engines: our CPU engine (the default on a CPU) and mistral.rs
+/// (the GPU engine, run here on the CPU).
+macro_rules! on_both_engines {
+    ($($name:ident),*) => {
+        mod native {
+            $(#[test] fn $name() { super::$name("native") })*
+        }
+        mod mistralrs {
+            $(#[test] fn $name() { super::$name("mistralrs") })*
+        }
+    };
+}
+
+on_both_engines!(greedy_is_deterministic_streaming_or_not, stop_sequences_cut_the_text_and_are_not_included, max_tokens_gives_length_with_exactly_that_many_tokens, concurrent_streams_are_independent_and_correct, a_dropped_stream_frees_its_slot, a_seed_makes_sampling_repeatable, bad_generation_requests_name_the_field, loads_and_generates_without_any_network);

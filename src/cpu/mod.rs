@@ -16,6 +16,8 @@ pub mod team;
 
 use std::sync::OnceLock;
 
+static ISA: OnceLock<Isa> = OnceLock::new();
+
 /// Something that runs `f(0..tasks)` in parallel and returns when all are done.
 pub trait Parallel: Sync {
     /// Runs every task.
@@ -51,7 +53,8 @@ impl Parallel for Rayon {
 }
 
 /// The instruction sets our kernels are compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Isa {
     /// AVX-512F (+ VL, BW, DQ) with FMA.
     Avx512,
@@ -62,30 +65,43 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The widest instruction set this CPU supports (decided once).
+    /// The instruction set the kernels use: the widest this CPU supports, or narrower if
+    /// `limit` said so first (`runtime.isa`). Decided once per process.
     pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::env::var_os("EDGENODE_CPU_ISA").is_some_and(|v| v == "portable") {
-                    return Isa::Portable;
-                }
-                let avx512 = std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512dq");
-                let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-                let forced_avx2 = std::env::var_os("EDGENODE_CPU_ISA").is_some_and(|v| v == "avx2");
-                if avx512 && !forced_avx2 {
-                    return Isa::Avx512;
-                }
-                if avx2 {
-                    return Isa::Avx2;
-                }
+        *ISA.get_or_init(Isa::widest)
+    }
+
+    /// Caps the instruction set (call before any kernel runs; later calls have no effect).
+    /// Returns what will be used.
+    pub fn limit(cap: Isa) -> Isa {
+        let widest = Isa::widest();
+        let chosen = if cap.rank() < widest.rank() { cap } else { widest };
+        *ISA.get_or_init(|| chosen)
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Isa::Portable => 0,
+            Isa::Avx2 => 1,
+            Isa::Avx512 => 2,
+        }
+    }
+
+    fn widest() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq");
+            if avx512 {
+                return Isa::Avx512;
             }
-            Isa::Portable
-        })
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
     }
 
     /// Its name, for `/info` and logs.

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 
 use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use super::sampling::{Sampler, SamplingParams};
+use super::detok::Detokenizer;
 use super::template::{ChatMessage, ChatTemplate};
 
 /// A model served by mistral.rs.
@@ -197,12 +198,22 @@ struct SeededPick {
     sampler: Mutex<Sampler>,
     generated: AtomicUsize,
     last: AtomicU32,
+    /// Every token picked, in order: the text is made from these by our own detokenizer,
+    /// so both engines turn the same tokens into the same text (mistral.rs trims the first
+    /// piece and drops byte-fallback tokens from its own).
+    picks: Mutex<Vec<u32>>,
+    /// When set, the first logits seen are kept here (the parity test reads them).
+    capture: Option<Mutex<Option<Vec<f32>>>>,
 }
 
 impl mistralrs::CustomLogitsProcessor for SeededPick {
     fn apply(&self, logits: &candle_core::Tensor, _context: &[u32]) -> candle_core::Result<candle_core::Tensor> {
         let values: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        if let Some(slot) = &self.capture {
+            slot.lock().get_or_insert_with(|| values.clone());
+        }
         let pick = self.sampler.lock().sample(&values);
+        self.picks.lock().push(pick);
         self.generated.fetch_add(1, Ordering::SeqCst);
         self.last.store(pick, Ordering::SeqCst);
         let mut one_hot = vec![f32::NEG_INFINITY; values.len()];
@@ -228,6 +239,32 @@ impl Generator for MistralGenerator {
     }
 
     fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, String> {
+        self.start_with(prompt, params, max_tokens, stop, None).map(|(s, _)| s)
+    }
+}
+
+impl MistralGenerator {
+    /// The logits mistral.rs computes for the token after `prompt` (the parity test compares
+    /// them with our engine's on the same weights).
+    pub async fn next_token_logits(&self, prompt: Vec<u32>) -> Result<Vec<f32>, String> {
+        let (mut stream, pick) = self.start_with(prompt, SamplingParams::greedy(), 1, &[], Some(Mutex::new(None)))?;
+        while let Some(e) = stream.events.recv().await {
+            if let GenEvent::Failed(m) = e {
+                return Err(m);
+            }
+        }
+        let captured = pick.capture.as_ref().and_then(|c| c.lock().take());
+        captured.ok_or_else(|| "no logits were captured".to_string())
+    }
+
+    fn start_with(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        max_tokens: usize,
+        stop: &[String],
+        capture: Option<Mutex<Option<Vec<f32>>>>,
+    ) -> Result<(TokenStream, Arc<SeededPick>), String> {
         let mut sampler = Sampler::new(params);
         if params.ignore_eos {
             sampler.ban(&self.eos);
@@ -236,6 +273,8 @@ impl Generator for MistralGenerator {
             sampler: Mutex::new(sampler),
             generated: AtomicUsize::new(0),
             last: AtomicU32::new(u32::MAX),
+            picks: Mutex::new(Vec::new()),
+            capture,
         });
         // Room for every message of the answer, so the engine never waits on this channel.
         let (tx, mut rx) = mpsc::channel::<Response>(max_tokens + 16);
@@ -275,7 +314,19 @@ impl Generator for MistralGenerator {
         let (out, events) = mpsc::unbounded_channel();
         let eos = self.eos.clone();
         let turns = self.turns.clone();
+        let tokenizer = self.tokenizer.clone();
+        let task_pick = pick.clone();
         tokio::spawn(async move {
+            let pick = task_pick;
+            let mut detok = Detokenizer::default();
+            let decode = |ids: &[u32]| tokenizer.decode(ids, true).unwrap_or_default();
+            // New text from the picks so far (an end-of-sequence pick is never text).
+            let text_now = |detok: &mut Detokenizer, flush: bool| {
+                let picks = pick.picks.lock().clone();
+                let end = if picks.last().is_some_and(|t| eos.contains(t)) { picks.len() - 1 } else { picks.len() };
+                let text = if flush { detok.flush(decode, &picks[..end]) } else { detok.push(decode, &picks[..end]) };
+                (text, picks.len())
+            };
             // Wait for the engine's turn (see `turns`); give up if the reader leaves first.
             let _turn = tokio::select! {
                 _ = out.closed() => return,
@@ -294,13 +345,21 @@ impl Generator for MistralGenerator {
                     _ = out.closed() => return,
                     m = rx.recv() => m,
                 };
+                // mistral.rs's own text is ignored: ours comes from the tokens it picked.
+                if let Some(Response::CompletionChunk(_) | Response::CompletionDone(_)) | None = &message {
+                    let done = match &message {
+                        Some(Response::CompletionChunk(c)) => c.choices.first().is_some_and(|c| c.finish_reason.is_some()),
+                        _ => true,
+                    };
+                    if let (Some(text), tokens) = text_now(&mut detok, done) {
+                        if out.send(GenEvent::Text { text, tokens }).is_err() {
+                            return;
+                        }
+                    }
+                }
                 let event = match message {
                     Some(Response::CompletionChunk(chunk)) => {
                         let Some(choice) = chunk.choices.into_iter().next() else { continue };
-                        let tokens = pick.generated.load(Ordering::SeqCst);
-                        if !choice.text.is_empty() && out.send(GenEvent::Text { text: choice.text, tokens }).is_err() {
-                            return;
-                        }
                         match choice.finish_reason.as_deref() {
                             None => continue,
                             Some(reason) => finish(reason, &pick),
@@ -331,7 +390,7 @@ impl Generator for MistralGenerator {
                 return;
             }
         });
-        Ok(TokenStream { events, _cancel: Box::new(()) })
+        Ok((TokenStream { events, _cancel: Box::new(()) }, pick))
     }
 }
 

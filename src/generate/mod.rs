@@ -7,6 +7,7 @@
 //! sequence slot: dropping it — a client that went away — frees the slot and cancels the
 //! sequence in the engine within one decode step.
 
+pub mod detok;
 pub mod engine;
 pub mod mistral;
 pub mod native;
@@ -339,7 +340,7 @@ pub async fn load(node: &Node, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir
     let engine: Arc<dyn Generator> = if native {
         let path = gguf.clone().ok_or("no GGUF file")?;
         let threads = crate::runtime::compute_threads(&node.config);
-        Arc::new(tokio::task::spawn_blocking(move || native::NativeGenerator::load(&path, threads)).await.map_err(|e| e.to_string())??)
+        Arc::new(tokio::task::spawn_blocking(move || native::NativeGenerator::load(&path, threads, false)).await.map_err(|e| e.to_string())??)
     } else {
         let files = match &gguf {
             Some(p) => mistral::ModelFiles::Gguf(p),

@@ -13,7 +13,8 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
-use super::llama::{Block, LlamaConfig, LlamaWeights};
+use super::llama::{Block, Linear, LlamaConfig, LlamaWeights};
+use crate::cpu::gemm::PackedLinear;
 use super::tokenizer::GgufTokenizer;
 use crate::cpu::quant::{QMatrix, QK};
 
@@ -55,6 +56,25 @@ impl Reader<'_> {
             .map_err(|e| format!("{name}: {e}"))
     }
 
+    /// Several 2-D weights of one width stacked row-wise (fused projections), quantized or,
+    /// with `exact`, dequantized to f32.
+    fn linear(&mut self, names: &[&str], exact: bool) -> Result<Linear, String> {
+        if exact {
+            let mut values = Vec::new();
+            let (mut rows, mut cols) = (0, 0);
+            for name in names {
+                let dims = self.info(name)?.shape.dims().to_vec();
+                let [r, c] = dims[..] else { return Err(format!("{name}: expected 2 dimensions, got {dims:?}")) };
+                values.extend(self.f32s(name)?);
+                rows += r;
+                cols = c;
+            }
+            return Ok(Linear::Exact(PackedLinear::new(&values, &vec![0.0; rows], rows, cols)));
+        }
+        let parts = names.iter().map(|n| self.matrix(n)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Linear::Quant(QMatrix::concat(parts)?))
+    }
+
     /// A 2-D weight (`[rows, cols]`, one row per output) in a format our kernels run.
     fn matrix(&mut self, name: &str) -> Result<QMatrix, String> {
         let info = self.info(name)?;
@@ -87,8 +107,9 @@ fn f32_key(c: &Content, key: &str, default: f32) -> f32 {
     c.metadata.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default)
 }
 
-/// Reads the file: configuration, tokenizer, chat template and every weight.
-pub fn load(path: &Path) -> Result<GgufModel, String> {
+/// Reads the file: configuration, tokenizer, chat template and every weight. `exact` keeps
+/// projections in f32 (dequantized) instead of running them quantized: the reference mode.
+pub fn load(path: &Path, exact: bool) -> Result<GgufModel, String> {
     let mut file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let content = Content::read(&mut file).map_err(|e| format!("{} is not a valid GGUF file: {e}", path.display()))?;
     let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
@@ -127,22 +148,22 @@ pub fn load(path: &Path) -> Result<GgufModel, String> {
     let mut r = Reader { content: &content, file, map };
     let embed = r.matrix("token_embd.weight")?;
     let vocab = embed.rows;
-    let output = if content.tensor_infos.contains_key("output.weight") { r.matrix("output.weight")? } else { embed.clone() };
+    // Without output.weight the output projection is the embedding matrix (tied).
+    let output_name = if content.tensor_infos.contains_key("output.weight") { "output.weight" } else { "token_embd.weight" };
+    let output = r.linear(&[output_name], exact)?;
     let mut blocks = Vec::with_capacity(layers);
     let mut intermediate = 0;
     for i in 0..layers {
         let p = |n: &str| format!("blk.{i}.{n}.weight");
-        let qkv = QMatrix::concat(vec![r.matrix(&p("attn_q"))?, r.matrix(&p("attn_k"))?, r.matrix(&p("attn_v"))?])?;
-        let gate = r.matrix(&p("ffn_gate"))?;
-        intermediate = gate.rows;
-        let gate_up = QMatrix::concat(vec![gate, r.matrix(&p("ffn_up"))?])?;
+        let gate_up = r.linear(&[&p("ffn_gate"), &p("ffn_up")], exact)?;
+        intermediate = gate_up.rows() / 2;
         blocks.push(Block {
             attn_norm: r.f32s(&p("attn_norm"))?,
-            qkv,
-            attn_out: r.matrix(&p("attn_output"))?,
+            qkv: r.linear(&[&p("attn_q"), &p("attn_k"), &p("attn_v")], exact)?,
+            attn_out: r.linear(&[&p("attn_output")], exact)?,
             ffn_norm: r.f32s(&p("ffn_norm"))?,
             gate_up,
-            down: r.matrix(&p("ffn_down"))?,
+            down: r.linear(&[&p("ffn_down")], exact)?,
         });
     }
     let norm = r.f32s("output_norm.weight")?;

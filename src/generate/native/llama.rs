@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use crate::cpu::attention::attend_cached;
 use crate::cpu::math::swiglu;
 use crate::cpu::norm::{rms_norm, rms_norm_into};
+use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::quant::{qmatmul, QActs, QMatrix};
 use crate::cpu::Parallel;
 
@@ -46,25 +47,63 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
 }
 
+/// A projection's weights: quantized (activations quantized to 8 bits per block, the
+/// serving path) or exact (f32 weights and activations: the reference the engine is checked
+/// against, on the same weights dequantized).
+pub enum Linear {
+    Quant(QMatrix),
+    Exact(PackedLinear),
+}
+
+impl Linear {
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            Linear::Quant(m) => m.rows,
+            Linear::Exact(p) => p.n,
+        }
+    }
+
+    /// Bytes of weights held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Quant(m) => m.bytes(),
+            Linear::Exact(p) => 4 * p.n * p.k,
+        }
+    }
+
+    /// `out[n × rows] = x[n × cols] · wᵀ`.
+    fn apply(&self, x: &[f32], n: usize, out: &mut [f32], acts: &mut QActs, par: &dyn Parallel) {
+        match self {
+            Linear::Quant(m) => {
+                acts.quantize(x, n, m.cols);
+                qmatmul(m, acts, out, par);
+            }
+            Linear::Exact(p) => p.forward(x, n, out, Epilogue::None, par.threads()),
+        }
+    }
+}
+
 /// One decoder block's weights.
 pub struct Block {
     pub attn_norm: Vec<f32>,
     /// q, k and v stacked: `(heads + 2·kv_heads)·head_dim` rows.
-    pub qkv: QMatrix,
-    pub attn_out: QMatrix,
+    pub qkv: Linear,
+    pub attn_out: Linear,
     pub ffn_norm: Vec<f32>,
     /// gate and up stacked: `2·intermediate` rows.
-    pub gate_up: QMatrix,
-    pub down: QMatrix,
+    pub gate_up: Linear,
+    pub down: Linear,
 }
 
 /// All weights.
 pub struct LlamaWeights {
     pub config: LlamaConfig,
+    /// Token embeddings (rows are dequantized on lookup, exactly).
     pub embed: QMatrix,
     pub blocks: Vec<Block>,
     pub norm: Vec<f32>,
-    pub output: QMatrix,
+    pub output: Linear,
 }
 
 /// A sequence's keys and values, per layer: `[position][kv_head][head_dim]`.
@@ -158,8 +197,7 @@ impl LlamaWeights {
         for (layer, block) in self.blocks.iter().enumerate() {
             // Attention.
             rms_norm_into(&s.x[..n * h], &mut s.h[..n * h], &block.attn_norm, c.rms_eps);
-            s.acts.quantize(&s.h[..n * h], n, h);
-            qmatmul(&block.qkv, &s.acts, &mut s.qkv, par);
+            block.qkv.apply(&s.h[..n * h], n, &mut s.qkv, &mut s.acts, par);
             for (r, row) in rows.iter().enumerate() {
                 let qkv = &mut s.qkv[r * qkv_w..(r + 1) * qkv_w];
                 for head in qkv[..q_w + kv_w].chunks_exact_mut(hd) {
@@ -171,18 +209,15 @@ impl LlamaWeights {
                 cache.v[layer].extend_from_slice(&qkv[q_w + kv_w..]);
             }
             self.attend(rows, caches, layer, s, par);
-            s.acts.quantize(&s.attn[..n * q_w], n, q_w);
-            qmatmul(&block.attn_out, &s.acts, &mut s.proj, par);
+            block.attn_out.apply(&s.attn[..n * q_w], n, &mut s.proj, &mut s.acts, par);
             for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
                 *x += *p;
             }
             // Feed-forward (SwiGLU).
             rms_norm_into(&s.x[..n * h], &mut s.h[..n * h], &block.ffn_norm, c.rms_eps);
-            s.acts.quantize(&s.h[..n * h], n, h);
-            qmatmul(&block.gate_up, &s.acts, &mut s.gate_up, par);
+            block.gate_up.apply(&s.h[..n * h], n, &mut s.gate_up, &mut s.acts, par);
             swiglu(&s.gate_up[..n * 2 * c.intermediate], &mut s.act[..n * c.intermediate], c.intermediate);
-            s.acts.quantize(&s.act[..n * c.intermediate], n, c.intermediate);
-            qmatmul(&block.down, &s.acts, &mut s.proj, par);
+            block.down.apply(&s.act[..n * c.intermediate], n, &mut s.proj, &mut s.acts, par);
             for (x, p) in s.x[..n * h].iter_mut().zip(&s.proj[..n * h]) {
                 *x += *p;
             }
@@ -198,9 +233,18 @@ impl LlamaWeights {
             s.last[j * h..(j + 1) * h].copy_from_slice(&s.x[r * h..(r + 1) * h]);
         }
         rms_norm(&mut s.last[..wanted.len() * h], &self.norm, c.rms_eps);
-        s.acts.quantize(&s.last[..wanted.len() * h], wanted.len(), h);
         s.logits.resize(wanted.len() * c.vocab, 0.0);
-        qmatmul(&self.output, &s.acts, &mut s.logits, par);
+        self.output.apply(&s.last[..wanted.len() * h], wanted.len(), &mut s.logits, &mut s.acts, par);
+    }
+
+    /// The logits for the token after `tokens` (one fresh sequence, one step).
+    pub fn next_token_logits(&self, tokens: &[u32], par: &dyn Parallel) -> Vec<f32> {
+        let rows: Vec<Row> =
+            tokens.iter().enumerate().map(|(i, &t)| Row { seq: 0, pos: i, token: t, logits: i + 1 == tokens.len() }).collect();
+        let mut cache = KvCache::new(self.config.layers);
+        let mut scratch = Scratch::default();
+        self.step(&rows, &mut [&mut cache], &mut scratch, par);
+        scratch.logits[..self.config.vocab].to_vec()
     }
 
     /// Causal grouped-query attention of every row against its sequence's cache.

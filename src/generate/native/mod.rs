@@ -21,7 +21,8 @@ use super::sampling::{Sampler, SamplingParams};
 use super::template::{ChatMessage, ChatTemplate};
 use crate::cpu::team::Team;
 use llama::{KvCache, LlamaWeights, Row, Scratch};
-use tokenizer::{Detokenizer, GgufTokenizer};
+use super::detok::Detokenizer;
+use tokenizer::GgufTokenizer;
 
 /// Most prompt tokens prefilled in one step, shared by the prefilling sequences; decoding
 /// sequences always get their row.
@@ -59,16 +60,18 @@ pub struct NativeGenerator {
 }
 
 impl NativeGenerator {
-    /// Loads a GGUF file and starts the engine thread.
-    pub fn load(path: &std::path::Path, threads: usize) -> Result<Self, String> {
-        let model = gguf::load(path)?;
+    /// Loads a GGUF file and starts the engine thread. `exact` runs the projections in f32
+    /// on dequantized weights (the reference mode the parity test uses; 4–8× the memory).
+    pub fn load(path: &std::path::Path, threads: usize, exact: bool) -> Result<Self, String> {
+        let model = gguf::load(path, exact)?;
         let tokenizer = Arc::new(model.tokenizer);
         let template = ChatTemplate::new(&model.chat_template, &model.bos_text, &model.eos_text)?;
         let weights = model.weights;
         let c = weights.config.clone();
-        let weight_bytes: usize = weights.blocks.iter().map(|b| b.qkv.bytes() + b.attn_out.bytes() + b.gate_up.bytes() + b.down.bytes()).sum::<usize>()
-            + weights.embed.bytes()
-            + weights.output.bytes();
+        let weight_bytes: usize =
+            weights.blocks.iter().map(|b| b.qkv.bytes() + b.attn_out.bytes() + b.gate_up.bytes() + b.down.bytes()).sum::<usize>()
+                + weights.embed.bytes()
+                + weights.output.bytes();
         let details = serde_json::json!({
             "layers": c.layers, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
             "vocab_size": c.vocab, "weight_bytes": weight_bytes, "formats": model.formats,
