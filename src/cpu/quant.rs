@@ -43,6 +43,9 @@ pub struct QMatrix {
     pub d: Vec<f32>,
     /// Per block: offset.
     pub m: Vec<f32>,
+    /// The offsets transposed, `[block][row]`: the offset term of a task's rows is then a
+    /// few vector multiply-adds per activation row instead of a dot product per output.
+    pub m_t: Vec<f32>,
     /// Quants, `row_bytes()` per row.
     pub q: Vec<u8>,
     /// The GGML type it came from (for `/info`).
@@ -105,6 +108,11 @@ crate::multiversion! {
 impl QActs {
     /// Quantizes `x` (`rows × cols`, row-major) into this buffer, reusing its memory.
     pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        self.quantize_par(x, rows, cols, &super::Rayon(1));
+    }
+
+    /// `quantize`, with rows split across `par` when there are several.
+    pub fn quantize_par(&mut self, x: &[f32], rows: usize, cols: usize, par: &dyn Parallel) {
         assert!(cols % QK == 0 && x.len() >= rows * cols);
         let blocks = cols / QK;
         let pairs = blocks.div_ceil(2);
@@ -115,12 +123,52 @@ impl QActs {
         self.s.resize(rows * blocks, 0.0);
         self.dpat.resize(rows * pairs * 16, 0.0);
         self.q.resize(rows * cols, 0);
-        quantize_blocks(&x[..rows * cols], &mut self.d, &mut self.s_q81, &mut self.s, &mut self.q);
-        for r in 0..rows {
+        let ptrs = ActPtrs {
+            d: self.d.as_mut_ptr(),
+            s_q81: self.s_q81.as_mut_ptr(),
+            s: self.s.as_mut_ptr(),
+            dpat: self.dpat.as_mut_ptr(),
+            q: self.q.as_mut_ptr(),
+        };
+        let tasks = if rows >= 4 { par.threads().min(rows) } else { 1 };
+        let per = rows.div_ceil(tasks);
+        par.for_each(tasks, &|t| {
+            let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
+            // SAFETY: task t owns rows r0..r1 of every buffer (all row-major and sized above).
+            unsafe { ptrs.quantize_rows(&x[r0 * cols..r1 * cols], r0, r1, blocks, pairs) };
+        });
+    }
+}
+
+/// Raw views of `QActs`'s buffers, so row ranges can be filled by separate tasks.
+#[derive(Clone, Copy)]
+struct ActPtrs {
+    d: *mut f32,
+    s_q81: *mut f32,
+    s: *mut f32,
+    dpat: *mut f32,
+    q: *mut i8,
+}
+// SAFETY: tasks write disjoint row ranges.
+unsafe impl Send for ActPtrs {}
+unsafe impl Sync for ActPtrs {}
+
+impl ActPtrs {
+    /// # Safety
+    /// Rows `r0..r1` of every buffer exist and no one else touches them meanwhile.
+    unsafe fn quantize_rows(&self, x: &[f32], r0: usize, r1: usize, blocks: usize, pairs: usize) {
+        let n = r1 - r0;
+        let d = std::slice::from_raw_parts_mut(self.d.add(r0 * blocks), n * blocks);
+        let s_q81 = std::slice::from_raw_parts_mut(self.s_q81.add(r0 * blocks), n * blocks);
+        let s = std::slice::from_raw_parts_mut(self.s.add(r0 * blocks), n * blocks);
+        let q = std::slice::from_raw_parts_mut(self.q.add(r0 * blocks * QK), n * blocks * QK);
+        let dpat = std::slice::from_raw_parts_mut(self.dpat.add(r0 * pairs * 16), n * pairs * 16);
+        quantize_blocks(x, d, s_q81, s, q);
+        for r in 0..n {
             for p in 0..pairs {
-                let d0 = self.d[r * blocks + 2 * p];
-                let d1 = if 2 * p + 1 < blocks { self.d[r * blocks + 2 * p + 1] } else { 0.0 };
-                let pat = &mut self.dpat[(r * pairs + p) * 16..(r * pairs + p + 1) * 16];
+                let d0 = d[r * blocks + 2 * p];
+                let d1 = if 2 * p + 1 < blocks { d[r * blocks + 2 * p + 1] } else { 0.0 };
+                let pat = &mut dpat[(r * pairs + p) * 16..(r * pairs + p + 1) * 16];
                 pat[..8].fill(d0);
                 pat[8..].fill(d1);
             }
@@ -141,7 +189,7 @@ impl QMatrix {
     /// j in the low nibble of byte j and element j+16 in its high nibble).
     pub fn from_q4_1(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
         let blocks = cols / QK;
-        let mut out = QMatrix { rows, cols, packing: Packing::Nibbles, d: vec![], m: vec![], q: vec![], source: "Q4_1" };
+        let mut out = QMatrix { rows, cols, packing: Packing::Nibbles, d: vec![], m: vec![], m_t: vec![], q: vec![], source: "Q4_1" };
         let row_bytes = out.row_bytes();
         out.q = vec![0u8; rows * row_bytes];
         let mut codes = [0u8; QK];
@@ -161,19 +209,41 @@ impl QMatrix {
                 }
             }
         }
+        out.transpose_offsets();
         out
+    }
+
+    /// Rebuilds `m_t` from `m`.
+    fn transpose_offsets(&mut self) {
+        let blocks = self.cols / QK;
+        self.m_t = vec![0.0; self.m.len()];
+        for r in 0..self.rows {
+            for b in 0..blocks {
+                self.m_t[b * self.rows + r] = self.m[r * blocks + b];
+            }
+        }
     }
 
     /// From GGUF Q8_0 blocks (34 bytes each: f16 d, 32 signed bytes).
     pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
         let blocks = rows * cols / QK;
-        let mut out = QMatrix { rows, cols, packing: Packing::Bytes, d: Vec::with_capacity(blocks), m: Vec::with_capacity(blocks), q: Vec::with_capacity(rows * cols), source: "Q8_0" };
+        let mut out = QMatrix {
+            rows,
+            cols,
+            packing: Packing::Bytes,
+            d: Vec::with_capacity(blocks),
+            m: Vec::with_capacity(blocks),
+            m_t: vec![],
+            q: Vec::with_capacity(rows * cols),
+            source: "Q8_0",
+        };
         for blk in raw.chunks_exact(34).take(blocks) {
             let d = f16_bits(blk[0], blk[1]);
             out.d.push(d);
             out.m.push(-128.0 * d);
             out.q.extend(blk[2..].iter().map(|&x| (x as i8 as i16 + 128) as u8));
         }
+        out.transpose_offsets();
         out
     }
 
@@ -218,7 +288,7 @@ impl QMatrix {
 
     /// Bytes of weight data (for `/info` and memory accounting).
     pub fn bytes(&self) -> usize {
-        4 * (self.d.len() + self.m.len()) + self.q.len()
+        4 * (self.d.len() + self.m.len() + self.m_t.len()) + self.q.len()
     }
 
     /// Stacks matrices of the same width and packing (fused projections: q, k and v, or
@@ -235,6 +305,7 @@ impl QMatrix {
             out.m.extend(p.m);
             out.q.extend(p.q);
         }
+        out.transpose_offsets();
         Ok(out)
     }
 }
@@ -275,7 +346,9 @@ pub fn qmatmul_with(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], par
     let ptr = OutPtr(out.as_mut_ptr());
     // Enough tasks for the threads to balance, few enough that each is worth a dispatch.
     let tasks = (w.rows / MIN_ROWS_PER_TASK).clamp(1, par.threads() * 8);
-    let per_task = w.rows.div_ceil(tasks);
+    // Whole vectors of outputs per task (the offset term runs 16 outputs per vector).
+    let per_task = w.rows.div_ceil(tasks).div_ceil(16) * 16;
+    let tasks = w.rows.div_ceil(per_task);
     let run = |chunk: usize| {
         let n0 = (chunk * per_task).min(w.rows);
         let n1 = (n0 + per_task).min(w.rows);
@@ -300,10 +373,46 @@ unsafe fn offsets(w: &QMatrix, x: &QActs, n0: usize, n1: usize, out: *mut f32) {
         Packing::Nibbles => &x.s_q81,
         Packing::Bytes => &x.s,
     };
-    for r in 0..x.rows {
-        let s = &sums[r * blocks..(r + 1) * blocks];
-        for n in n0..n1 {
-            *out.add(r * w.rows + n) = crate::cpu::attention::dot(&w.m[n * blocks..(n + 1) * blocks], s);
+    offsets_rows(&w.m_t, sums, blocks, w.rows, x.rows, n0, n1, out);
+}
+
+crate::multiversion! {
+    /// `out[r][n0..n1] = Σ_b sums[r][b] · m_t[b][n0..n1]`: vector multiply-adds over outputs.
+    fn offsets_rows(m_t: &[f32], sums: &[f32], blocks: usize, rows_w: usize, rows_x: usize, n0: usize, n1: usize, out: *mut f32) {
+        let width = n1 - n0;
+        for r in 0..rows_x {
+            // SAFETY: the caller guarantees `out` holds rows_x × rows_w floats and that this
+            // task alone writes columns n0..n1.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * rows_w + n0), width) };
+            let s = &sums[r * blocks..(r + 1) * blocks];
+            // 64 outputs at a time (four independent vector chains), accumulated in registers
+            // over every block and stored once; then 16 at a time.
+            let mut c = 0;
+            while c + 64 <= width {
+                let mut acc = [0f32; 64];
+                for (b, sb) in s.iter().enumerate() {
+                    let m = &m_t[b * rows_w + n0 + c..b * rows_w + n0 + c + 64];
+                    for i in 0..64 {
+                        acc[i] = sb.mul_add(m[i], acc[i]);
+                    }
+                }
+                o[c..c + 64].copy_from_slice(&acc);
+                c += 64;
+            }
+            while c + 16 <= width {
+                let mut acc = [0f32; 16];
+                for (b, sb) in s.iter().enumerate() {
+                    let m = &m_t[b * rows_w + n0 + c..b * rows_w + n0 + c + 16];
+                    for i in 0..16 {
+                        acc[i] = sb.mul_add(m[i], acc[i]);
+                    }
+                }
+                o[c..c + 16].copy_from_slice(&acc);
+                c += 16;
+            }
+            for (i, v) in o[c..].iter_mut().enumerate() {
+                *v = s.iter().enumerate().fold(0.0, |a, (b, sb)| sb.mul_add(m_t[b * rows_w + n0 + c + i], a));
+            }
         }
     }
 }

@@ -76,7 +76,7 @@ impl Linear {
     fn apply(&self, x: &[f32], n: usize, out: &mut [f32], acts: &mut QActs, par: &dyn Parallel) {
         match self {
             Linear::Quant(m) => {
-                acts.quantize(x, n, m.cols);
+                acts.quantize_par(x, n, m.cols, par);
                 qmatmul(m, acts, out, par);
             }
             Linear::Exact(p) => p.forward(x, n, out, Epilogue::None, par.threads()),
@@ -150,6 +150,8 @@ pub struct Scratch {
     act: Vec<f32>,
     acts: QActs,
     last: Vec<f32>,
+    /// Per row: its position's RoPE table, computed once for every head and layer.
+    rope: Vec<Vec<(f32, f32)>>,
     /// Logits of the rows that asked for them, in row order (`vocab` each).
     pub logits: Vec<f32>,
 }
@@ -160,13 +162,21 @@ fn grow(buf: &mut Vec<f32>, len: usize) {
     }
 }
 
-/// Rotates pairs `(x[2i], x[2i+1])` by `pos·base^(-2i/d)`: the rotation GGUF Llama weights
-/// are laid out for (llama.cpp's "normal" RoPE).
-fn rope(x: &mut [f32], pos: usize, base: f32) {
-    let d = x.len();
+/// The RoPE angles' cosines and sines for one position: `[cos_i, sin_i]` for each pair,
+/// with `θ_i = pos / base^(2i/d)` computed as candle computes it (f32 inverse frequencies).
+fn rope_table(pos: usize, d: usize, base: f32, out: &mut Vec<(f32, f32)>) {
+    out.clear();
     for i in 0..d / 2 {
-        let theta = pos as f32 * base.powf(-2.0 * i as f32 / d as f32);
-        let (s, c) = theta.sin_cos();
+        let inv_freq = 1f32 / base.powf((2 * i) as f32 / d as f32);
+        let (s, c) = (pos as f32 * inv_freq).sin_cos();
+        out.push((c, s));
+    }
+}
+
+/// Rotates pairs `(x[2i], x[2i+1])`: the rotation GGUF Llama weights are laid out for
+/// (llama.cpp's "normal" RoPE; candle's `rope_i`).
+fn rope(x: &mut [f32], table: &[(f32, f32)]) {
+    for (i, &(c, s)) in table.iter().enumerate() {
         let (a, b) = (x[2 * i], x[2 * i + 1]);
         x[2 * i] = a * c - b * s;
         x[2 * i + 1] = a * s + b * c;
@@ -191,8 +201,10 @@ impl LlamaWeights {
         grow(&mut s.gate_up, n * 2 * c.intermediate);
         grow(&mut s.act, n * c.intermediate);
 
+        s.rope.resize_with(n, Vec::new);
         for (r, row) in rows.iter().enumerate() {
             self.embed.dequantize_row(row.token as usize, &mut s.x[r * h..(r + 1) * h]);
+            rope_table(row.pos, hd, c.rope_base, &mut s.rope[r]);
         }
         for (layer, block) in self.blocks.iter().enumerate() {
             // Attention.
@@ -201,7 +213,7 @@ impl LlamaWeights {
             for (r, row) in rows.iter().enumerate() {
                 let qkv = &mut s.qkv[r * qkv_w..(r + 1) * qkv_w];
                 for head in qkv[..q_w + kv_w].chunks_exact_mut(hd) {
-                    rope(head, row.pos, c.rope_base);
+                    rope(head, &s.rope[r]);
                 }
                 let cache = &mut caches[row.seq];
                 debug_assert_eq!(cache.k[layer].len(), row.pos * kv_w);
