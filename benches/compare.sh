@@ -19,16 +19,23 @@ out="$(mktemp -d)"
 cargo build --release --bins --benches -q
 "$CARGO_TARGET_DIR/release/edgenode" models fetch >/dev/null
 
+run_edge=()
 for w in "${what[@]}"; do
   case "$w" in
     embed)
       "$py" benches/baselines/bench_st.py models/minilm tests/fixtures/public_sentences.txt "$threads" | tee "$out/st.txt"
-      cargo bench -q --bench edge -- embed | tee "$out/edge-embed.txt" ;;
+      run_edge+=(embed) ;;
     generate)
       "$py" benches/baselines/bench_llamacpp.py models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$threads" 128 | tee "$out/llama.txt"
-      cargo bench -q --bench edge -- generate | tee "$out/edge-generate.txt" ;;
+      run_edge+=(generate) ;;
   esac
 done
+# One daemon serving both default models for all of edgenode's measurements (so its
+# peak memory is the footprint of the whole default deployment under load).
+cargo bench -q --bench edge -- "${run_edge[@]}" | tee "$out/edge.txt"
+grep "edgenode embed" "$out/edge.txt" > "$out/edge-embed.txt" || true
+grep "edgenode generate" "$out/edge.txt" > "$out/edge-generate.txt" || true
+grep "edgenode memory" "$out/edge.txt" > "$out/edge-memory.txt" || true
 
 python3 - "$out" "$threads" <<'PY'
 import re, sys, os, datetime, platform
@@ -52,4 +59,7 @@ if ll and g:
     print(f"| prompt processing, tokens/s | {g['prompt_tok_per_s']:.0f} | llama.cpp {ll['prompt_tok_per_s']:.0f} | {g['prompt_tok_per_s']/ll['prompt_tok_per_s']:.2f}× |")
     print(f"| time to first token, ms | {g['ttft_ms_p50']:.0f} | llama.cpp {ll['ttft_ms_p50']:.0f} | {ll['ttft_ms_p50']/g['ttft_ms_p50']:.2f}× |")
     print(f"| 8 concurrent streams, tokens/s | {g['streams8_tok_per_s']:.1f} ({g['streams8_vs_one']:.2f}× one stream) | — | — |")
+mem = kv("edge-memory.txt")
+if mem:
+    print(f"| peak RSS of the daemon (both default models, under this benchmark), MiB | {mem['peak_rss_mb']:.0f} | — | — |")
 PY
