@@ -69,6 +69,7 @@ async fn boot_model(node: &Arc<Node>, slot: &Arc<ModelSlot>, device: &Device) ->
         (ModelKind::Embed | ModelKind::Classify, Some(dir)) => {
             slot.set_stage(Stage::Loading);
             let (service, policy) = load_encoder(node, slot, &dir, device).await?;
+            compile_kernels(slot, device).await?;
             slot.set_stage(Stage::WarmingUp);
             warm_encoder(&service, policy).await?;
             Service::Encoder(service)
@@ -171,7 +172,7 @@ async fn load_encoder(
     };
     let (job_tx, job_rx) = mpsc::unbounded_channel();
     let (batch_tx, batch_rx) = mpsc::channel(1);
-    tokio::spawn(run_queue(job_rx, batch_tx, policy));
+    tokio::spawn(run_queue(slot.name().to_string(), job_rx, batch_tx, policy));
     let exit_slot = slot.clone();
     spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, move || {
         if exit_slot.stage() == Stage::Ready {
@@ -206,6 +207,20 @@ async fn load_encoder(
         max_in_flight,
     );
     Ok((Arc::new(service), policy))
+}
+
+/// On a GPU, compiles our pooling kernels for its architecture now, so no request pays
+/// for NVRTC. Nothing to do on a CPU.
+async fn compile_kernels(slot: &Arc<ModelSlot>, device: &Device) -> Result<(), String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        slot.set_stage(Stage::CompilingKernels);
+        let dev = dev.clone();
+        blocking(move || crate::gpu::compile_for_device(&dev).map(|_| ()).map_err(|e| format!("cannot compile kernels/pooling.cu: {e}")))
+            .await?;
+    }
+    let _ = (slot, device);
+    Ok(())
 }
 
 /// Runs the shapes traffic will use through the real queue: one single short input, and

@@ -48,6 +48,11 @@ pub enum ModelsCommand {
         /// Manifest to check against (default: `store.manifest`, else the built-in one).
         #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
+        /// Also compare the verified digests with a central manifest (a file or an http(s)
+        /// URL): each model in_sync, stale, missing or extra; exits 1 on drift, 2 when the
+        /// manifest cannot be read.
+        #[arg(long, value_name = "FILE|URL")]
+        against: Option<String>,
         /// Entries to verify (default: every entry of the manifest that the config serves).
         names: Vec<String>,
     },

@@ -9,6 +9,7 @@ use crate::config::{Config, ModelKind};
 use crate::models::fetch::{fetch, Fetched};
 use crate::models::manifest::{Manifest, ManifestEntry};
 use crate::models::registry::Registry;
+use crate::models::sync::{self, Drift, Pin};
 use crate::models::verify::{all_present, verify_model};
 
 /// Runs one command to completion.
@@ -51,19 +52,42 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        ModelsCommand::Verify { manifest, names } => {
+        ModelsCommand::Verify { manifest, against, names } => {
             let path = manifest.as_deref().or(config.store.manifest.as_deref());
             let manifest = Manifest::load(path)?;
             let entries = select(&manifest, config, &names)?;
             let mut failed = false;
+            let mut local = std::collections::BTreeMap::new();
             for entry in entries {
                 let dir = entry.dir(&config.store.dir);
                 match verify_model(entry, &dir) {
-                    Ok(v) => println!("ok       {:<12} {}@{} digest {}", entry.name, entry.name, entry.version, v.digest),
+                    Ok(v) => {
+                        println!("ok       {:<12} {}@{} digest {}", entry.name, entry.name, entry.version, v.digest);
+                        local.insert(entry.name.clone(), Pin { version: entry.version.clone(), digest: v.digest });
+                    }
                     Err(e) => {
                         println!("MISMATCH {e}");
                         failed = true;
                     }
+                }
+            }
+            if let Some(source) = against {
+                let timeout = std::time::Duration::from_secs(config.sync.timeout_s.max(1));
+                let expected = tokio::runtime::Handle::current().block_on(sync::fetch(&source, timeout));
+                let expected = match expected {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("cannot compare: {e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                };
+                let drift = sync::compare(&local, &expected);
+                for (name, m) in &drift {
+                    let show = |p: &Option<Pin>| p.as_ref().map(|p| format!("{}+{}", p.version, &p.digest[..12.min(p.digest.len())])).unwrap_or_else(|| "-".into());
+                    println!("{:<8} {:<12} local {:<24} expected {}", m.status.as_str(), name, show(&m.local), show(&m.expected));
+                }
+                if drift.values().any(|m| matches!(m.status, Drift::Stale | Drift::Missing)) {
+                    failed = true;
                 }
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })

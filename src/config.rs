@@ -28,6 +28,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub runtime: RuntimeConfig,
     pub limits: LimitsConfig,
+    pub sync: SyncConfig,
+    pub telemetry: TelemetryConfig,
     /// The models this node serves, one `[[models]]` table each.
     pub models: Vec<ModelConfig>,
 }
@@ -105,6 +107,39 @@ pub struct LimitsConfig {
     pub max_input_chars: usize,
     /// Longest a request may take end to end, in seconds (504 after it).
     pub request_timeout_s: u64,
+}
+
+/// `[sync]`: the central manifest this node's models are compared with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// A file path or an http(s) URL of a manifest in `models/manifest.toml`'s format;
+    /// empty turns model sync off.
+    pub expected_manifest: String,
+    /// Seconds between checks (the first runs at boot).
+    pub interval_s: u64,
+    /// Seconds one fetch of the expected manifest may take.
+    pub timeout_s: u64,
+    /// When a served model is stale or missing, `/readyz` answers 503 `drift` so the
+    /// platform routes around this node.
+    pub fail_ready_on_drift: bool,
+}
+
+/// `[telemetry]`: traces and the latency profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP (protobuf) base endpoint, e.g. `http://collector:4318`; spans go to
+    /// `<endpoint>/v1/traces`. Empty: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` if set, else no export.
+    pub otlp_endpoint: String,
+    /// `service.name` of exported spans; `OTEL_SERVICE_NAME` wins when set.
+    pub service_name: String,
+    /// Seconds of history `/stats` summarizes.
+    pub stats_window_s: u64,
+    /// The network saving `/stats` weighs against observed latency when the request does
+    /// not say (`?saving_ms=`).
+    pub saving_ms: f64,
 }
 
 /// What a served model does.
@@ -289,6 +324,18 @@ impl Default for RuntimeConfig {
     }
 }
 
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig { expected_manifest: String::new(), interval_s: 300, timeout_s: 10, fail_ready_on_drift: false }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { otlp_endpoint: String::new(), service_name: "edgenode".into(), stats_window_s: 300, saving_ms: 50.0 }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig { max_body_bytes: 2 * 1024 * 1024, max_inputs: 64, max_input_chars: 100_000, request_timeout_s: 60 }
@@ -303,6 +350,8 @@ impl Default for Config {
             store: StoreConfig::default(),
             runtime: RuntimeConfig::default(),
             limits: LimitsConfig::default(),
+            sync: SyncConfig::default(),
+            telemetry: TelemetryConfig::default(),
             models: default_models(),
         }
     }
@@ -451,6 +500,12 @@ impl Config {
         }
         if self.limits.max_body_bytes == 0 || self.limits.max_inputs == 0 || self.limits.max_input_chars == 0 {
             return Err(ConfigError("limits: max_body_bytes, max_inputs and max_input_chars must be at least 1".into()));
+        }
+        if !self.sync.expected_manifest.is_empty() && (self.sync.interval_s == 0 || self.sync.timeout_s == 0) {
+            return Err(ConfigError("sync: interval_s and timeout_s must be at least 1".into()));
+        }
+        if self.telemetry.stats_window_s == 0 {
+            return Err(ConfigError("telemetry: stats_window_s must be at least 1".into()));
         }
         Ok(())
     }

@@ -25,7 +25,8 @@ fn main() -> ExitCode {
     };
     // Before any thread exists: thread counts are read from the environment by rayon.
     edgenode::runtime::apply_threads(&config);
-    edgenode::telemetry::init_logging(&config.log);
+    // Before the async runtime: the span exporter's HTTP client is a blocking one.
+    let telemetry = edgenode::telemetry::init(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -34,6 +35,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(edgenode::commands::run(cli.command, config));
+    // Work still running after a drain's grace period is abandoned, not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -8,6 +8,8 @@ use crate::config::Config;
 use crate::encoder::tokenize::TokenizerPool;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
+use crate::models::sync::SyncReport;
+use crate::telemetry::stats::Stats;
 
 /// The running daemon's shared state.
 pub struct Node {
@@ -21,12 +23,17 @@ pub struct Node {
     pub started: Instant,
     pub started_at: SystemTime,
     draining: AtomicBool,
+    /// The latency profile `/stats` reports.
+    pub stats: Stats,
+    /// The last model-sync check, when `[sync]` is on.
+    sync: parking_lot::RwLock<Option<SyncReport>>,
 }
 
 impl Node {
     /// A node whose models are all still pending.
     pub fn new(config: Config, manifest: Manifest, registry: Registry, device: String) -> std::io::Result<Self> {
         let threads = crate::runtime::compute_threads(&config).clamp(1, 4);
+        let config_window = config.telemetry.stats_window_s;
         Ok(Node {
             config,
             manifest,
@@ -36,6 +43,8 @@ impl Node {
             started: Instant::now(),
             started_at: SystemTime::now(),
             draining: AtomicBool::new(false),
+            sync: parking_lot::RwLock::new(None),
+            stats: Stats::new(Duration::from_secs(config_window)),
         })
     }
 
@@ -47,6 +56,26 @@ impl Node {
     /// Starts draining.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The last model-sync report (none when sync is off or before the first check).
+    pub fn sync_report(&self) -> Option<SyncReport> {
+        self.sync.read().clone()
+    }
+
+    /// Stores a model-sync report.
+    pub fn set_sync_report(&self, report: SyncReport) {
+        *self.sync.write() = Some(report);
+    }
+
+    /// True when `fail_ready_on_drift` is set and the last comparison found drift.
+    pub fn drift_blocks_ready(&self) -> bool {
+        self.config.sync.fail_ready_on_drift && self.sync.read().as_ref().is_some_and(|r| r.drifted())
+    }
+
+    /// The routing tier's section of `/stats`, once routing exists.
+    pub fn routing_stats(&self) -> Option<serde_json::Value> {
+        None
     }
 
     /// How long a request waits for a model that is still warming.

@@ -27,6 +27,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %local, device = %device_name, version = env!("CARGO_PKG_VERSION"), "listening");
 
     tokio::spawn(boot_all(node.clone(), device));
+    if !node.config.sync.expected_manifest.is_empty() {
+        tokio::spawn(crate::models::sync::run(node.clone()));
+    }
 
     let app = crate::http::router(node.clone());
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();

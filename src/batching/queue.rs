@@ -40,6 +40,8 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<JobOutput, Error>>,
     /// The request's span, so the batch's work shows up in the request's trace.
     pub span: tracing::Span,
+    /// Open while the input waits; the worker closes it when the input's batch starts.
+    pub queue_span: tracing::Span,
 }
 
 impl Job {
@@ -108,9 +110,11 @@ pub fn next_batch(queue: &mut VecDeque<Job>, policy: BatchPolicy) -> Vec<Job> {
 /// Runs the queue as an actor: takes jobs from `jobs`, and whenever the worker can take a
 /// batch (the `batches` channel holds one ready batch while the worker runs another) cuts
 /// the next one. Ends when every job sender is gone and the queue is empty.
-pub async fn run_queue(mut jobs: mpsc::UnboundedReceiver<Job>, batches: mpsc::Sender<Vec<Job>>, policy: BatchPolicy) {
+pub async fn run_queue(model: String, mut jobs: mpsc::UnboundedReceiver<Job>, batches: mpsc::Sender<Vec<Job>>, policy: BatchPolicy) {
+    let depth = crate::telemetry::metrics::METRICS.queue_depth.with_label_values(&[model.as_str()]);
     let mut queue: VecDeque<Job> = VecDeque::new();
     loop {
+        depth.set(queue.len() as i64);
         if queue.is_empty() {
             match jobs.recv().await {
                 Some(j) => queue.push_back(j),
@@ -157,6 +161,7 @@ mod tests {
             enqueued: Instant::now(),
             reply: tx,
             span: tracing::Span::none(),
+            queue_span: tracing::Span::none(),
         };
         (j, rx)
     }

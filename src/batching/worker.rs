@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::queue::{Job, JobOutput};
 use crate::encoder::bert::PackedBatch;
 use crate::error::Error;
+use crate::telemetry::metrics::METRICS;
 
 /// A model that runs packed batches (implemented by the encoders).
 pub trait BatchModel: Send + 'static {
@@ -38,16 +39,30 @@ pub fn spawn_worker(
 
 fn run_batch(name: &str, model: &mut dyn BatchModel, jobs: Vec<Job>) {
     // Clients may have gone while the batch waited for this thread.
-    let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.abandoned()).collect();
+    let mut jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.abandoned()).collect();
     if jobs.is_empty() {
         return;
     }
     let started = Instant::now();
     let packed = PackedBatch::new(jobs.iter().map(|j| (j.ids.as_slice(), j.type_ids.as_slice())));
     let normalize: Vec<bool> = jobs.iter().map(|j| j.normalize).collect();
-    let span = tracing::debug_span!(parent: &jobs[0].span, "batch", model = name, size = jobs.len(), tokens = packed.tokens());
-    let result = span.in_scope(|| catch_unwind(AssertUnwindSafe(|| model.run(&packed, &normalize))));
+    // Each input's trace shows its wait and its batch; the model's own stages (inference,
+    // pool) hang under the first input's batch span, which this thread enters.
+    let metrics = &*METRICS;
+    let batch_spans: Vec<tracing::Span> = jobs
+        .iter_mut()
+        .map(|j| {
+            j.queue_span = tracing::Span::none();
+            metrics.queue_seconds.with_label_values(&[name]).observe(started.duration_since(j.enqueued).as_secs_f64());
+            tracing::info_span!(parent: &j.span, "batch", model = name, batch.size = packed.len(), batch.tokens = packed.tokens())
+        })
+        .collect();
+    let result = batch_spans[0].in_scope(|| catch_unwind(AssertUnwindSafe(|| model.run(&packed, &normalize))));
+    drop(batch_spans);
     let compute_s = started.elapsed().as_secs_f64();
+    metrics.inference_seconds.with_label_values(&[name]).observe(compute_s);
+    metrics.batch_size.with_label_values(&[name]).observe(packed.len() as f64);
+    metrics.batch_tokens.with_label_values(&[name]).observe(packed.tokens() as f64);
     let outcome = match result {
         Ok(Ok(rows)) if rows.len() == jobs.len() => Ok(rows),
         Ok(Ok(rows)) => Err(format!("model returned {} rows for {} inputs", rows.len(), jobs.len())),

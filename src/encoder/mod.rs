@@ -15,6 +15,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -23,6 +25,7 @@ use crate::batching::queue::{BatchPolicy, Job, JobOutput};
 use crate::batching::worker::BatchModel;
 use crate::config::Pooling;
 use crate::error::Error;
+use crate::telemetry::metrics::METRICS;
 use bert::{Bert, PackedBatch};
 use cpu_bert::CpuBert;
 use files::EncoderFiles;
@@ -91,7 +94,8 @@ impl EncoderModel {
 
     fn run_native(bert: &mut CpuBert, task: &EncoderTask, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
         let dim = bert.hidden();
-        let hidden = bert.forward(batch)?;
+        let hidden = tracing::info_span!("inference", engine = "native").in_scope(|| bert.forward(batch))?;
+        let _pool = tracing::info_span!("pool").entered();
         match task {
             EncoderTask::Classify { .. } => bert.classify(batch).ok_or_else(|| "the model has no classifier head".to_string()),
             EncoderTask::Embed { pooling, always_normalize } => {
@@ -111,7 +115,8 @@ impl EncoderModel {
     }
 
     fn run_candle(bert: &Bert, task: &EncoderTask, batch: &PackedBatch, normalize: &[bool]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let hidden = bert.forward(batch)?;
+        let hidden = tracing::info_span!("inference", engine = "candle").in_scope(|| bert.forward(batch))?;
+        let _pool = tracing::info_span!("pool").entered();
         match task {
             EncoderTask::Classify { .. } => {
                 let logits = bert.classify(&hidden, batch)?.ok_or_else(|| candle_core::Error::Msg("no head".into()))?;
@@ -230,7 +235,11 @@ impl EncoderService {
                 retry_after_s: 1,
             })?;
         let started = Instant::now();
-        let tokens = self.pool.encode(self.tokenizer.clone(), Arc::new(texts), truncate).await?;
+        let tokens = self
+            .pool
+            .encode(self.tokenizer.clone(), Arc::new(texts), truncate)
+            .instrument(tracing::info_span!("tokenize", inputs = n))
+            .await?;
         let tokenize_s = started.elapsed().as_secs_f64();
         let span = tracing::Span::current();
         let mut replies = Vec::with_capacity(n);
@@ -238,7 +247,8 @@ impl EncoderService {
         for t in tokens {
             let (tx, rx) = oneshot::channel();
             counts.push(t.ids.len());
-            let job = Job { ids: t.ids, type_ids: t.type_ids, normalize, enqueued: Instant::now(), reply: tx, span: span.clone() };
+            let queue_span = tracing::info_span!(parent: &span, "queue", model = %self.name, tokens = t.ids.len());
+            let job = Job { ids: t.ids, type_ids: t.type_ids, normalize, enqueued: Instant::now(), reply: tx, span: span.clone(), queue_span };
             self.jobs.send(job).map_err(|_| Error::NotReady {
                 message: format!("model {} is restarting", self.name),
                 retry_after_s: 2,
@@ -253,6 +263,7 @@ impl EncoderService {
             compute_s = compute_s.max(out.compute_s);
             rows.push(out.values);
         }
+        METRICS.tokens.with_label_values(&[self.name.as_str(), "input"]).inc_by(counts.iter().sum::<usize>() as u64);
         Ok(Encoded { rows, tokens: counts, queue_s, compute_s, tokenize_s })
     }
 }

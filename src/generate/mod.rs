@@ -21,12 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use crate::config::Engine;
 use crate::error::Error;
 use crate::models::manifest::ManifestEntry;
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
+use crate::telemetry::metrics::METRICS;
 use engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use sampling::SamplingParams;
 use stop::StopMatcher;
@@ -178,8 +180,9 @@ impl GenerateService {
     /// Takes a sequence slot (waiting in the bounded queue if need be) and starts generating.
     pub async fn start(&self, prepared: Prepared, sampling: SamplingParams, stop: Vec<String>) -> Result<Generation, Error> {
         let started = Instant::now();
-        let permit = self.admit().await?;
+        let permit = self.admit().instrument(tracing::info_span!("queue", model = %self.name)).await?;
         let prompt_tokens = prepared.tokens.len();
+        METRICS.queue_seconds.with_label_values(&[self.name.as_str()]).observe(started.elapsed().as_secs_f64());
         let stream = self
             .engine
             .start(prepared.tokens, sampling, prepared.max_tokens, &stop)
@@ -196,6 +199,10 @@ impl GenerateService {
             first_piece: None,
             pending_done: None,
             finished: false,
+            model: self.name.clone(),
+            prefill_span: tracing::info_span!("prefill", model = %self.name, prompt_tokens),
+            request_span: tracing::Span::current(),
+            decode_span: tracing::Span::none(),
             _permit: permit,
         })
     }
@@ -254,6 +261,13 @@ pub struct Generation {
     /// A `Done` to deliver after the text piece just returned.
     pending_done: Option<FinishReason>,
     finished: bool,
+    model: String,
+    /// The request's span, parent of the stage spans.
+    request_span: tracing::Span,
+    /// Open from admission to the first token.
+    prefill_span: tracing::Span,
+    /// Open from the first token to the end.
+    decode_span: tracing::Span,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -261,7 +275,7 @@ impl Generation {
     /// The next piece, or `None` after `Done` / `Error`.
     pub async fn next(&mut self) -> Option<Piece> {
         if let Some(reason) = self.pending_done.take() {
-            self.finished = true;
+            self.finish();
             return Some(Piece::Done(self.usage(), reason));
         }
         if self.finished {
@@ -287,7 +301,7 @@ impl Generation {
                         return Some(self.then_done(released.text, FinishReason::Stop));
                     }
                     if !released.text.is_empty() {
-                        self.first_piece.get_or_insert_with(Instant::now);
+                        self.mark_first_piece();
                         return Some(Piece::Text(released.text));
                     }
                 }
@@ -307,13 +321,53 @@ impl Generation {
     /// Returns `text` now and `Done` next, or `Done` at once when there is no text.
     fn then_done(&mut self, text: String, reason: FinishReason) -> Piece {
         if text.is_empty() {
-            self.finished = true;
+            self.finish();
             Piece::Done(self.usage(), reason)
         } else {
-            self.first_piece.get_or_insert_with(Instant::now);
+            self.mark_first_piece();
             self.pending_done = Some(reason);
             Piece::Text(text)
         }
+    }
+
+    /// Tokens generated so far.
+    pub fn completion_tokens(&self) -> usize {
+        self.completion_tokens
+    }
+
+    /// Seconds in the model: from admission to now (or to the end, once finished).
+    pub fn compute_s(&self) -> f64 {
+        self.admitted.elapsed().as_secs_f64()
+    }
+
+    /// Seconds waiting for a sequence slot.
+    pub fn queue_s(&self) -> f64 {
+        self.admitted.duration_since(self.started).as_secs_f64()
+    }
+
+    /// The first text: prefill ends, decode begins, time to first token is known.
+    fn mark_first_piece(&mut self) {
+        if self.first_piece.is_none() {
+            let now = Instant::now();
+            self.first_piece = Some(now);
+            METRICS.ttft_seconds.with_label_values(&[self.model.as_str()]).observe(now.duration_since(self.started).as_secs_f64());
+            self.prefill_span = tracing::Span::none();
+            self.decode_span =
+                tracing::info_span!(parent: &self.request_span, "decode", model = %self.model, completion_tokens = tracing::field::Empty);
+        }
+    }
+
+    /// The generation ended normally: close its spans and count its tokens.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.prefill_span = tracing::Span::none();
+        self.decode_span.record("completion_tokens", self.completion_tokens as u64);
+        self.decode_span = tracing::Span::none();
+        let m = &*METRICS;
+        let model = self.model.as_str();
+        m.tokens.with_label_values(&[model, "prompt"]).inc_by(self.prompt_tokens as u64);
+        m.tokens.with_label_values(&[model, "completion"]).inc_by(self.completion_tokens as u64);
+        m.inference_seconds.with_label_values(&[model]).observe(self.compute_s());
     }
 
     fn usage(&self) -> Usage {

@@ -17,7 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::json::JsonBody;
-use super::{inference_headers, AppState};
+use super::{inference_headers, AppState, Served};
+use crate::telemetry::trace::{record_model, record_tokens};
 use crate::config::ModelKind;
 use crate::encoder::prototype::sort_scores;
 use crate::encoder::{bert::class_scores, Encoded, EncoderService, EncoderTask};
@@ -110,19 +111,36 @@ async fn ready_encoder(node: &Node, slot: &ModelSlot) -> Result<Arc<EncoderServi
     }
 }
 
-fn answer(body: Value, slot: &ModelSlot, encoded: &Encoded) -> Response {
+fn answer(body: Value, slot: &ModelSlot, encoded: &Encoded, workload: &'static str) -> Response {
     let mut response = Json(body).into_response();
-    inference_headers(&mut response, &slot.label(), encoded.queue_s, encoded.compute_s);
+    let input_tokens = encoded.tokens.iter().sum();
+    record_tokens(&tracing::Span::current(), input_tokens, None);
+    let served = Served {
+        workload,
+        model: slot.name().to_string(),
+        queue_s: encoded.queue_s,
+        compute_s: encoded.compute_s,
+        input_tokens,
+        output_tokens: 0,
+        streaming: false,
+    };
+    inference_headers(&mut response, &slot.label(), served);
     response
+}
+
+/// Runs the request's checks inside a `validate` span.
+fn validated(inputs: &Inputs, field: &str, node: &Node) -> Result<(), Error> {
+    tracing::info_span!("validate", inputs = inputs.texts.len()).in_scope(|| inputs.validate(field, node))
 }
 
 /// `POST /embed`: one vector per input, in input order.
 pub async fn embed(State(node): State<AppState>, JsonBody(req): JsonBody<EmbedRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
-    req.inputs.validate("inputs", &node)?;
+    record_model(slot);
+    validated(&req.inputs, "inputs", &node)?;
     let encoder = ready_encoder(&node, slot).await?;
     let encoded = encoder.encode(req.inputs.texts, req.truncate, req.normalize).await?;
-    Ok(answer(json!(encoded.rows), slot, &encoded))
+    Ok(answer(json!(encoded.rows), slot, &encoded, "embed"))
 }
 
 /// `POST /v1/embeddings` body (OpenAI).
@@ -151,7 +169,8 @@ pub enum EncodingFormat {
 /// `POST /v1/embeddings`: OpenAI's shape, with `usage` token counts, base64 and `dimensions`.
 pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): JsonBody<OpenAiEmbeddingRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Embed)?;
-    req.input.validate("input", &node)?;
+    record_model(slot);
+    validated(&req.input, "input", &node)?;
     let encoder = ready_encoder(&node, slot).await?;
     if let Some(d) = req.dimensions {
         if d == 0 || d > encoder.dims {
@@ -188,7 +207,7 @@ pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): Json
         "model": slot.name(),
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     });
-    Ok(answer(body, slot, &encoded))
+    Ok(answer(body, slot, &encoded, "embed"))
 }
 
 /// `POST /classify` and `/predict` body (TEI).
@@ -207,7 +226,8 @@ pub struct ClassifyRequest {
 /// A single string input answers with one flat list, as TEI does.
 pub async fn classify(State(node): State<AppState>, JsonBody(req): JsonBody<ClassifyRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Classify)?;
-    req.inputs.validate("inputs", &node)?;
+    record_model(slot);
+    validated(&req.inputs, "inputs", &node)?;
     let (scored, encoded) = match slot.ready_service(node.ready_wait()).await? {
         Service::Prototype(p) => p.classify(req.inputs.texts, req.truncate, req.raw_scores).await?,
         Service::Encoder(e) => {
@@ -227,5 +247,5 @@ pub async fn classify(State(node): State<AppState>, JsonBody(req): JsonBody<Clas
         .map(|row| json!(row.into_iter().map(|(label, score)| json!({"label": label, "score": score})).collect::<Vec<_>>()))
         .collect();
     let body = if req.inputs.single { rows.into_iter().next().unwrap_or(json!([])) } else { json!(rows) };
-    Ok(answer(body, slot, &encoded))
+    Ok(answer(body, slot, &encoded, "classify"))
 }

@@ -16,8 +16,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::json::JsonBody;
-use super::sse::{stream_response, PieceFormat};
-use super::{inference_headers, AppState};
+use super::sse::{stream_response, OnEnd, PieceFormat};
+use super::{inference_headers, record_request, AppState, Served};
+use crate::telemetry::trace::{record_model, record_tokens};
 use crate::config::ModelKind;
 use crate::error::Error;
 use crate::generate::engine::FinishReason;
@@ -228,10 +229,21 @@ async fn collect(mut generation: Generation) -> Result<(String, Usage, FinishRea
     Err(Error::Internal("the generation ended without finishing".into()))
 }
 
+fn served(slot: &ModelSlot, generation: &Generation, streaming: bool) -> Served {
+    Served {
+        workload: "generate",
+        model: slot.name().to_string(),
+        queue_s: generation.queue_s(),
+        compute_s: if streaming { 0.0 } else { generation.compute_s() },
+        input_tokens: generation.prompt_tokens,
+        output_tokens: generation.completion_tokens(),
+        streaming,
+    }
+}
+
 fn headers(mut response: Response, slot: &ModelSlot, generation: &Generation) -> Response {
-    let queue = generation.admitted.duration_since(generation.started).as_secs_f64();
-    let compute = generation.admitted.elapsed().as_secs_f64();
-    inference_headers(&mut response, &slot.label(), queue, compute);
+    record_tokens(&tracing::Span::current(), generation.prompt_tokens, Some(generation.completion_tokens()));
+    inference_headers(&mut response, &slot.label(), served(slot, generation, false));
     response
 }
 
@@ -286,11 +298,12 @@ impl PieceFormat for NativeFormat {
 /// `POST /generate`: `{"text", "finish_reason", "usage", "model"}`, or SSE with `stream`.
 pub async fn generate(State(node): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Generate)?;
+    record_model(slot);
     let prompt = native_prompt(req.prompt, req.messages)?;
     let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
     let model = slot.name().to_string();
     if req.stream {
-        let response = stream_response_with_headers(slot, generation, vec![], NativeFormat { model });
+        let response = stream_response_with_headers(&node, "/generate", slot, generation, vec![], NativeFormat { model });
         return Ok(response);
     }
     let (text, usage, reason, generation) = collect(generation).await?;
@@ -298,10 +311,28 @@ pub async fn generate(State(node): State<AppState>, JsonBody(req): JsonBody<Gene
     Ok(headers(Json(body).into_response(), slot, &generation))
 }
 
-fn stream_response_with_headers<F: PieceFormat>(slot: &ModelSlot, generation: Generation, prelude: Vec<Value>, format: F) -> Response {
-    let queue = generation.admitted.duration_since(generation.started).as_secs_f64();
-    let mut response = stream_response(generation, prelude, format);
-    inference_headers(&mut response, &slot.label(), queue, 0.0);
+/// An SSE answer; the request is recorded in `/metrics` and `/stats` when the stream ends
+/// (status 499 when the client left first).
+fn stream_response_with_headers<F: PieceFormat>(
+    node: &AppState,
+    route: &'static str,
+    slot: &Arc<ModelSlot>,
+    generation: Generation,
+    prelude: Vec<Value>,
+    format: F,
+) -> Response {
+    let mut head = served(slot, &generation, true);
+    let (node, slot_for_end, span) = (node.clone(), slot.clone(), tracing::Span::current());
+    let on_end: OnEnd = Box::new(move |generation: &Generation, completed: bool| {
+        record_tokens(&span, generation.prompt_tokens, Some(generation.completion_tokens()));
+        let mut s = served(&slot_for_end, generation, false);
+        s.streaming = true;
+        let status = if completed { 200 } else { 499 };
+        record_request(&node, route, status, generation.started.elapsed().as_secs_f64(), Some(&s));
+    });
+    let mut response = stream_response(generation, prelude, format, on_end);
+    head.compute_s = 0.0;
+    inference_headers(&mut response, &slot.label(), head);
     response
 }
 
@@ -365,6 +396,7 @@ impl PieceFormat for ChatFormat {
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(node): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
+    record_model(slot);
     let prompt = PromptInput::Chat(to_chat(req.messages)?);
     let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
     let format = ChatFormat {
@@ -375,7 +407,7 @@ pub async fn chat_completions(State(node): State<AppState>, JsonBody(req): JsonB
     };
     if req.stream {
         let first = format.chunk(json!({"role": "assistant", "content": ""}), None);
-        return Ok(stream_response_with_headers(slot, generation, vec![first], format));
+        return Ok(stream_response_with_headers(&node, "/v1/chat/completions", slot, generation, vec![first], format));
     }
     let (text, usage, reason, generation) = collect(generation).await?;
     let body = json!({
@@ -462,6 +494,7 @@ const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
 /// `POST /v1/completions`.
 pub async fn completions(State(node): State<AppState>, JsonBody(mut req): JsonBody<CompletionRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
+    record_model(slot);
     if req.prompt.0.is_empty() {
         return Err(Error::EmptyInput("prompt".into()));
     }
@@ -476,7 +509,7 @@ pub async fn completions(State(node): State<AppState>, JsonBody(mut req): JsonBo
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     };
     if req.stream {
-        return Ok(stream_response_with_headers(slot, generation, vec![], format));
+        return Ok(stream_response_with_headers(&node, "/v1/completions", slot, generation, vec![], format));
     }
     let (text, usage, reason, generation) = collect(generation).await?;
     let body = json!({

@@ -10,10 +10,11 @@ pub mod generate;
 pub mod json;
 pub mod ops;
 pub mod sse;
+pub mod stats;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +23,10 @@ use axum::Router;
 
 use crate::error::Error;
 use crate::node::Node;
+use crate::telemetry::metrics::METRICS;
+use crate::telemetry::stats::Sample;
+use crate::telemetry::trace::{record_status, request_span};
+use tracing::Instrument;
 
 /// The state handlers share.
 pub type AppState = Arc<Node>;
@@ -33,6 +38,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/info", get(ops::info))
         .route("/v1/models", get(ops::list_models))
+        .route("/metrics", get(stats::metrics))
+        .route("/stats", get(stats::stats))
         .route("/embed", post(embed::embed))
         .route("/v1/embeddings", post(embed::openai_embeddings))
         .route("/classify", post(embed::classify))
@@ -56,37 +63,86 @@ async fn wrong_method(method: Method, uri: Uri) -> Error {
     Error::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
 }
 
-/// Wraps every request: records the body limit for error messages, refuses work while
-/// draining, and enforces the request timeout on non-streaming answers.
+/// Wraps every request: opens its span (continuing the caller's `traceparent`), records
+/// the body limit for error messages, refuses work while draining, enforces the request
+/// timeout on non-streaming answers, and records metrics and the latency profile.
 async fn envelope(State(node): State<AppState>, mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(json::BodyLimit(node.config.limits.max_body_bytes));
     let path = req.uri().path().to_string();
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let is_ops = matches!(path.as_str(), "/livez" | "/readyz" | "/info" | "/metrics" | "/stats" | "/v1/models");
-    if node.is_draining() && !is_ops {
-        return Error::Draining.into_response();
+    if is_ops {
+        return next.run(req).await;
     }
-    let timeout = std::time::Duration::from_secs(node.config.limits.request_timeout_s);
+    let span = request_span(req.method().as_str(), &route, req.headers());
     let started = std::time::Instant::now();
-    let mut response = match tokio::time::timeout(timeout, next.run(req)).await {
-        Ok(r) => r,
-        Err(_) => Error::Timeout(node.config.limits.request_timeout_s).into_response(),
-    };
-    if !is_ops {
-        let total = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0);
-        if let Ok(v) = HeaderValue::from_str(&total) {
-            response.headers_mut().insert("x-total-time", v);
+    let mut response = if node.is_draining() {
+        Error::Draining.into_response()
+    } else {
+        let timeout = std::time::Duration::from_secs(node.config.limits.request_timeout_s);
+        match tokio::time::timeout(timeout, next.run(req).instrument(span.clone())).await {
+            Ok(r) => r,
+            Err(_) => Error::Timeout(node.config.limits.request_timeout_s).into_response(),
         }
+    };
+    let total_s = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    record_status(&span, status);
+    let served = response.extensions().get::<Served>().cloned();
+    // A stream records itself when it ends; everything else is recorded now.
+    if !served.as_ref().is_some_and(|s| s.streaming) {
+        record_request(&node, &route, status, total_s, served.as_ref());
+    }
+    let total = format!("{:.2}", total_s * 1000.0);
+    if let Ok(v) = HeaderValue::from_str(&total) {
+        response.headers_mut().insert("x-total-time", v);
     }
     response
 }
 
-/// Sets `x-edgenode-model` and the stage timing headers on an inference answer.
-pub fn inference_headers(response: &mut Response, model_label: &str, queue_s: f64, compute_s: f64) {
+/// What an inference handler reports about its answer (a response extension the envelope
+/// reads for metrics and `/stats`).
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// `embed`, `classify` or `generate`.
+    pub workload: &'static str,
+    pub model: String,
+    pub queue_s: f64,
+    pub compute_s: f64,
+    pub input_tokens: usize,
+    pub output_tokens: usize,
+    /// A stream records itself when it ends.
+    pub streaming: bool,
+}
+
+/// Counts one answered request in `/metrics` and, when a model answered, in `/stats`.
+pub fn record_request(node: &Node, route: &str, status: u16, total_s: f64, served: Option<&Served>) {
+    let m = &*METRICS;
+    let model = served.map(|s| s.model.as_str()).unwrap_or("");
+    let code = status.to_string();
+    m.requests.with_label_values(&[route, model, &code]).inc();
+    m.request_seconds.with_label_values(&[route, model, &code]).observe(total_s);
+    if let Some(s) = served.filter(|_| status < 400) {
+        let sample = Sample {
+            at: std::time::Instant::now(),
+            total_s,
+            queue_s: s.queue_s,
+            compute_s: s.compute_s,
+            input_tokens: s.input_tokens,
+            output_tokens: s.output_tokens,
+        };
+        node.stats.record(s.workload, &s.model, sample);
+    }
+}
+
+/// Sets `x-edgenode-model`, the stage timing headers (`x-queue-time`, `x-inference-time`,
+/// `server-timing`) and the `Served` report on an inference answer.
+pub fn inference_headers(response: &mut Response, model_label: &str, served: Served) {
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(model_label) {
         h.insert("x-edgenode-model", v);
     }
-    let (q, c) = (queue_s * 1000.0, compute_s * 1000.0);
+    let (q, c) = (served.queue_s * 1000.0, served.compute_s * 1000.0);
     if let Ok(v) = HeaderValue::from_str(&format!("{q:.2}")) {
         h.insert("x-queue-time", v);
     }
@@ -96,4 +152,5 @@ pub fn inference_headers(response: &mut Response, model_label: &str, queue_s: f6
     if let Ok(v) = HeaderValue::from_str(&format!("queue;dur={q:.2}, inference;dur={c:.2}")) {
         h.insert("server-timing", v);
     }
+    response.extensions_mut().insert(served);
 }

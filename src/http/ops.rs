@@ -34,6 +34,8 @@ pub async fn readyz(State(node): State<AppState>) -> Response {
     let any_failed = node.registry.slots().iter().any(|s| matches!(s.stage(), Stage::Failed(_)));
     let status = if node.is_draining() {
         "draining"
+    } else if node.drift_blocks_ready() {
+        "drift"
     } else if node.registry.all_ready() {
         "ready"
     } else if any_failed {
@@ -42,11 +44,21 @@ pub async fn readyz(State(node): State<AppState>) -> Response {
         "warming"
     };
     let code = if status == "ready" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let mut response = (code, Json(json!({"status": status, "models": models}))).into_response();
+    let mut body = json!({"status": status, "models": models});
+    if let Some(report) = node.sync_report() {
+        body["sync"] = sync_summary(&report);
+    }
+    let mut response = (code, Json(body)).into_response();
     if code != StatusCode::OK {
         response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
     }
     response
+}
+
+/// Per manifest entry, its drift status; plus whether the manifest could be read.
+fn sync_summary(report: &crate::models::sync::SyncReport) -> Value {
+    let models: serde_json::Map<String, Value> = report.models.iter().map(|(k, m)| (k.clone(), json!(m.status))).collect();
+    json!({"source": report.source, "reachable": report.reachable, "error": report.error, "models": models})
 }
 
 /// `GET /info`: version, build, device, limits, and per model its version, digest, files,
@@ -84,7 +96,13 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
         })
         .collect();
     let limits = &node.config.limits;
+    let sync = match node.sync_report() {
+        Some(r) => serde_json::to_value(&r).unwrap_or(Value::Null),
+        None if node.config.sync.expected_manifest.is_empty() => json!({"enabled": false}),
+        None => json!({"enabled": true, "source": node.config.sync.expected_manifest, "checked_at": null}),
+    };
     Json(json!({
+        "sync": sync,
         "name": "edgenode",
         "version": env!("CARGO_PKG_VERSION"),
         "git_sha": option_env!("BUILD_GIT_SHA").unwrap_or("unknown"),
@@ -102,6 +120,7 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
 
 /// `GET /v1/models`: OpenAI's list, each entry with our `version`, `digest`, `kind` and `device`.
 pub async fn list_models(State(node): State<AppState>) -> Json<Value> {
+    let report = node.sync_report();
     let created = node.started_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let data: Vec<Value> = node
         .registry
@@ -119,6 +138,8 @@ pub async fn list_models(State(node): State<AppState>) -> Json<Value> {
                 "digest": facts.digest,
                 "device": facts.device,
                 "ready": s.stage() == Stage::Ready,
+                "label": s.label(),
+                "sync": s.entry.as_ref().and_then(|e| report.as_ref().and_then(|r| r.models.get(&e.name))).map(|m| m.status),
             })
         })
         .collect();

@@ -19,23 +19,54 @@ pub trait PieceFormat: Send + 'static {
     fn format(&mut self, piece: &Piece) -> Vec<Value>;
 }
 
+/// Called once when a stream ends: with `true` after `[DONE]`, `false` when the client
+/// went away first. It records the request's metrics, which only the stream's end knows.
+pub type OnEnd = Box<dyn FnOnce(&Generation, bool) + Send>;
+
+/// A running stream: the generation, its formatter, and its `stream` span (the request's
+/// span stays open through it, so the trace covers the whole stream).
+struct Running<F> {
+    generation: Box<Generation>,
+    format: F,
+    on_end: Option<OnEnd>,
+    _span: tracing::Span,
+}
+
+impl<F> Running<F> {
+    fn end(&mut self, completed: bool) {
+        if let Some(f) = self.on_end.take() {
+            f(&self.generation, completed);
+        }
+    }
+}
+
+impl<F> Drop for Running<F> {
+    fn drop(&mut self) {
+        self.end(false);
+    }
+}
+
 enum Phase<F> {
-    Running(Box<Generation>, F),
+    Running(Box<Running<F>>),
     Finished,
 }
 
 /// The SSE response for a running generation, with `prelude` events sent first.
-pub fn stream_response<F: PieceFormat>(generation: Generation, prelude: Vec<Value>, format: F) -> Response {
+pub fn stream_response<F: PieceFormat>(generation: Generation, prelude: Vec<Value>, format: F, on_end: OnEnd) -> Response {
     let start = stream::iter(prelude.into_iter().map(|v| Ok::<Event, Infallible>(json_event(&v))));
-    let body = stream::unfold(Phase::Running(Box::new(generation), format), |phase| async move {
+    let running = Running { generation: Box::new(generation), format, on_end: Some(on_end), _span: tracing::info_span!("stream") };
+    let body = stream::unfold(Phase::Running(Box::new(running)), |phase| async move {
         match phase {
             Phase::Finished => None,
-            Phase::Running(mut generation, mut format) => match generation.next().await {
+            Phase::Running(mut r) => match r.generation.next().await {
                 Some(piece) => {
-                    let events: Vec<Event> = format.format(&piece).iter().map(json_event).collect();
-                    Some((stream::iter(events), Phase::Running(generation, format)))
+                    let events: Vec<Event> = r.format.format(&piece).iter().map(json_event).collect();
+                    Some((stream::iter(events), Phase::Running(r)))
                 }
-                None => Some((stream::iter(vec![Event::default().data("[DONE]")]), Phase::Finished)),
+                None => {
+                    r.end(true);
+                    Some((stream::iter(vec![Event::default().data("[DONE]")]), Phase::Finished))
+                }
             },
         }
     })

@@ -4,4 +4,5 @@
 pub mod fetch;
 pub mod manifest;
 pub mod registry;
+pub mod sync;
 pub mod verify;

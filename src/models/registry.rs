@@ -30,6 +30,8 @@ pub enum Stage {
     Verifying,
     /// Reading weights onto the device.
     Loading,
+    /// Compiling our CUDA kernels with NVRTC for this GPU (CUDA devices only).
+    CompilingKernels,
     /// Running warm-up inputs at the shapes traffic will use.
     WarmingUp,
     /// Serving.
@@ -48,6 +50,7 @@ impl Stage {
             Stage::Fetching => "fetching",
             Stage::Verifying => "verifying",
             Stage::Loading => "loading",
+            Stage::CompilingKernels => "compiling_kernels",
             Stage::WarmingUp => "warming_up",
             Stage::Ready => "ready",
             Stage::Restarting => "restarting",
@@ -121,8 +124,15 @@ impl ModelSlot {
         }
         match &stage {
             Stage::Failed(msg) => tracing::error!(model = %self.name(), "failed: {msg}"),
+            Stage::Ready => {
+                let facts = self.facts.read();
+                let stages: Vec<String> = facts.stage_seconds.iter().map(|(k, v)| format!("{k}={v:.3}s")).collect();
+                tracing::info!(model = %self.name(), label = %self.label_of(&facts), stages = %stages.join(" "), "ready");
+            }
             s => tracing::info!(model = %self.name(), stage = s.name(), "stage"),
         }
+        let metrics = &crate::telemetry::metrics::METRICS;
+        metrics.model_ready.with_label_values(&[self.name()]).set(i64::from(stage == Stage::Ready));
         self.stage.send_replace(stage);
     }
 
@@ -155,7 +165,10 @@ impl ModelSlot {
 
     /// `NAME@VERSION+DIGEST12` for the `x-edgenode-model` header.
     pub fn label(&self) -> String {
-        let facts = self.facts.read();
+        self.label_of(&self.facts.read())
+    }
+
+    fn label_of(&self, facts: &ModelFacts) -> String {
         match (&facts.version, &facts.digest) {
             (Some(v), Some(d)) => format!("{}@{}+{}", self.name(), v, &d[..d.len().min(12)]),
             _ => self.name().to_string(),
