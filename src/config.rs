@@ -30,6 +30,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub sync: SyncConfig,
     pub telemetry: TelemetryConfig,
+    pub upstream: UpstreamConfig,
+    pub routing: RoutingConfig,
+    pub costs: CostsConfig,
     /// The models this node serves, one `[[models]]` table each.
     pub models: Vec<ModelConfig>,
 }
@@ -140,6 +143,89 @@ pub struct TelemetryConfig {
     /// The network saving `/stats` weighs against observed latency when the request does
     /// not say (`?saving_ms=`).
     pub saving_ms: f64,
+}
+
+/// `[upstream]`: the cloud tier, any OpenAI-compatible endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL ending before `/chat/completions`, e.g. `https://api.openai.com/v1`; empty:
+    /// no cloud tier (every `auto` request answers at the edge).
+    pub base_url: String,
+    /// The model name sent upstream for requests routed there.
+    pub model: String,
+    /// The environment variable holding the upstream's API key (sent as a bearer token).
+    /// Not under `EDGENODE_`, which is reserved for config keys.
+    pub api_key_env: String,
+    /// Milliseconds to establish a connection.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds until the upstream's answer starts (headers and first byte).
+    pub first_byte_timeout_ms: u64,
+    /// Seconds a whole upstream answer may take.
+    pub timeout_s: u64,
+    /// Consecutive failures that open the circuit breaker.
+    pub circuit_failures: u32,
+    /// Seconds the circuit stays open before one probe request is let through.
+    pub circuit_open_s: u64,
+}
+
+/// How `model: "auto"` requests are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// By the router classifier's confidence and the request's shape.
+    Confidence,
+    /// A seeded random share to each tier regardless of confidence (A/B measurement).
+    Split,
+}
+
+/// `[routing]`: the per-request edge/cloud decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub mode: RoutingMode,
+    /// The classify model that scores requests.
+    pub classifier: String,
+    /// Its label meaning "the edge answers this well".
+    pub edge_label: String,
+    /// Edge confidence at or above which a request stays at the edge.
+    pub threshold: f32,
+    /// The local generate model that answers at the edge.
+    pub local_model: String,
+    /// Milliseconds the edge has to produce its first token before the request goes to the cloud.
+    pub edge_timeout_ms: u64,
+    /// Longest prompt (tokens) the edge takes.
+    pub max_edge_prompt_tokens: usize,
+    /// Largest `max_tokens` the edge takes.
+    pub max_edge_completion_tokens: usize,
+    /// Longest conversation (messages) the edge takes.
+    pub max_edge_messages: usize,
+    /// split mode: the share of `auto` requests sent to the edge (0..1).
+    pub split_edge_share: f64,
+    /// split mode: the seed of the draw, so a run can be repeated.
+    pub split_seed: u64,
+}
+
+/// `[costs]`: prices, the rolling-day ledger and budgets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CostsConfig {
+    /// US dollars per million tokens (prompt + completion) answered at the edge.
+    pub edge_usd_per_1m_tokens: f64,
+    /// US dollars per million tokens answered by the cloud tier.
+    pub cloud_usd_per_1m_tokens: f64,
+    /// Warn (log and gauge) when the edge's share of the day's spend passes this (0..1).
+    pub edge_share_alert: f64,
+    /// Most the edge tier may spend in a rolling day; unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge_daily_budget_usd: Option<f64>,
+    /// Most the cloud tier may spend in a rolling day; unset: no limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_daily_budget_usd: Option<f64>,
+    /// What a second of latency saved is worth, as US dollars per hour, for the viability test.
+    pub latency_usd_per_hour: f64,
+    /// The cloud round trip assumed for the viability test until cloud answers are observed.
+    pub assumed_cloud_latency_ms: f64,
 }
 
 /// What a served model does.
@@ -336,6 +422,53 @@ impl Default for TelemetryConfig {
     }
 }
 
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            base_url: String::new(),
+            model: "gpt-4o-mini".into(),
+            api_key_env: "UPSTREAM_API_KEY".into(),
+            connect_timeout_ms: 2000,
+            first_byte_timeout_ms: 15000,
+            timeout_s: 120,
+            circuit_failures: 3,
+            circuit_open_s: 30,
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            mode: RoutingMode::Confidence,
+            classifier: "router".into(),
+            edge_label: "edge".into(),
+            threshold: 0.6,
+            local_model: "smollm2".into(),
+            edge_timeout_ms: 500,
+            max_edge_prompt_tokens: 1024,
+            max_edge_completion_tokens: 512,
+            max_edge_messages: 16,
+            split_edge_share: 0.5,
+            split_seed: 0,
+        }
+    }
+}
+
+impl Default for CostsConfig {
+    fn default() -> Self {
+        CostsConfig {
+            edge_usd_per_1m_tokens: 0.20,
+            cloud_usd_per_1m_tokens: 0.005,
+            edge_share_alert: 0.05,
+            edge_daily_budget_usd: None,
+            cloud_daily_budget_usd: None,
+            latency_usd_per_hour: 36.0,
+            assumed_cloud_latency_ms: 500.0,
+        }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig { max_body_bytes: 2 * 1024 * 1024, max_inputs: 64, max_input_chars: 100_000, request_timeout_s: 60 }
@@ -352,6 +485,9 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             sync: SyncConfig::default(),
             telemetry: TelemetryConfig::default(),
+            upstream: UpstreamConfig::default(),
+            routing: RoutingConfig::default(),
+            costs: CostsConfig::default(),
             models: default_models(),
         }
     }
@@ -444,7 +580,9 @@ impl Config {
                 }
                 figment = figment.merge(Toml::file_exact(path));
             }
-            FileSource::Implicit => figment = figment.merge(Toml::file_exact(DEFAULT_FILE)),
+            // The working directory's file is optional: without one, the defaults serve.
+            FileSource::Implicit if Path::new(DEFAULT_FILE).is_file() => figment = figment.merge(Toml::file_exact(DEFAULT_FILE)),
+            FileSource::Implicit => {}
         }
         // `EDGENODE_CONFIG` names the file (a CLI flag's variable), not a key.
         let env = env.split("__").ignore(&["config"]);
@@ -503,6 +641,25 @@ impl Config {
         }
         if !self.sync.expected_manifest.is_empty() && (self.sync.interval_s == 0 || self.sync.timeout_s == 0) {
             return Err(ConfigError("sync: interval_s and timeout_s must be at least 1".into()));
+        }
+        let r = &self.routing;
+        if !(0.0..=1.0).contains(&r.threshold) || !(0.0..=1.0).contains(&r.split_edge_share) {
+            return Err(ConfigError("routing: threshold and split_edge_share must be between 0 and 1".into()));
+        }
+        let c = &self.costs;
+        let prices = [c.edge_usd_per_1m_tokens, c.cloud_usd_per_1m_tokens, c.latency_usd_per_hour, c.assumed_cloud_latency_ms];
+        let budgets = [c.edge_daily_budget_usd, c.cloud_daily_budget_usd];
+        if prices.iter().chain(budgets.iter().flatten()).any(|p| !p.is_finite() || *p < 0.0) || !(0.0..=1.0).contains(&c.edge_share_alert) {
+            return Err(ConfigError("costs: prices, budgets and latency values must be non-negative; edge_share_alert is between 0 and 1".into()));
+        }
+        if !self.upstream.base_url.is_empty() {
+            let u = &self.upstream;
+            if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
+                return Err(ConfigError(format!("upstream.base_url must be an http(s) URL, got {:?}", u.base_url)));
+            }
+            if u.circuit_failures == 0 || u.first_byte_timeout_ms == 0 || u.timeout_s == 0 || u.connect_timeout_ms == 0 {
+                return Err(ConfigError("upstream: timeouts and circuit_failures must be at least 1".into()));
+            }
         }
         if self.telemetry.stats_window_s == 0 {
             return Err(ConfigError("telemetry: stats_window_s must be at least 1".into()));

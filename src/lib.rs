@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod http;
 pub mod models;
 pub mod node;
+pub mod routing;
 pub mod runtime;
 pub mod server;
 pub mod service;

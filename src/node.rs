@@ -9,6 +9,7 @@ use crate::encoder::tokenize::TokenizerPool;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
 use crate::models::sync::SyncReport;
+use crate::routing::Router;
 use crate::telemetry::stats::Stats;
 
 /// The running daemon's shared state.
@@ -23,6 +24,8 @@ pub struct Node {
     pub started: Instant,
     pub started_at: SystemTime,
     draining: AtomicBool,
+    /// The edge/cloud routing tier (its upstream, ledger and decisions).
+    pub router: Router,
     /// The latency profile `/stats` reports.
     pub stats: Stats,
     /// The last model-sync check, when `[sync]` is on.
@@ -34,6 +37,7 @@ impl Node {
     pub fn new(config: Config, manifest: Manifest, registry: Registry, device: String) -> std::io::Result<Self> {
         let threads = crate::runtime::compute_threads(&config).clamp(1, 4);
         let config_window = config.telemetry.stats_window_s;
+        let config_for_router = config.clone();
         Ok(Node {
             config,
             manifest,
@@ -45,6 +49,7 @@ impl Node {
             draining: AtomicBool::new(false),
             sync: parking_lot::RwLock::new(None),
             stats: Stats::new(Duration::from_secs(config_window)),
+            router: Router::new(&config_for_router).map_err(std::io::Error::other)?,
         })
     }
 
@@ -75,7 +80,7 @@ impl Node {
 
     /// The routing tier's section of `/stats`, once routing exists.
     pub fn routing_stats(&self) -> Option<serde_json::Value> {
-        None
+        Some(self.router.stats())
     }
 
     /// How long a request waits for a model that is still warming.

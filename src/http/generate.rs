@@ -89,7 +89,7 @@ impl Role {
     }
 }
 
-fn to_chat(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
+pub(crate) fn to_chat(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
     if messages.is_empty() {
         return Err(Error::EmptyInput("messages".into()));
     }
@@ -135,7 +135,7 @@ fn integer(field: &str, v: &Option<Value>) -> Result<Option<i64>, Error> {
 }
 
 impl SamplingFields {
-    fn params(&self) -> Result<SamplingParams, Error> {
+    pub(crate) fn params(&self) -> Result<SamplingParams, Error> {
         let temperature = number("temperature", &self.temperature)?.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(Error::field("temperature", format!("must be between 0 and 2, got {temperature}")));
@@ -172,7 +172,7 @@ impl SamplingFields {
     }
 
     /// `stop`: one string or a list of up to 8 non-empty strings.
-    fn stops(&self) -> Result<Vec<String>, Error> {
+    pub(crate) fn stops(&self) -> Result<Vec<String>, Error> {
         let list = match &self.stop {
             None | Some(Value::Null) => vec![],
             Some(Value::String(s)) => vec![s.clone()],
@@ -195,7 +195,7 @@ impl SamplingFields {
         Ok(list)
     }
 
-    fn max_tokens(&self) -> Result<Option<i64>, Error> {
+    pub(crate) fn max_tokens(&self) -> Result<Option<i64>, Error> {
         Ok(integer("max_completion_tokens", &self.max_completion_tokens)?.or(integer("max_tokens", &self.max_tokens)?))
     }
 }
@@ -208,7 +208,7 @@ async fn ready_generator(node: &Node, slot: &ModelSlot) -> Result<Arc<GenerateSe
 }
 
 /// Prepares, admits and starts one generation.
-async fn begin(node: &Node, slot: &ModelSlot, prompt: PromptInput, sampling: &SamplingFields) -> Result<(Arc<GenerateService>, Generation), Error> {
+pub(crate) async fn begin(node: &Node, slot: &ModelSlot, prompt: PromptInput, sampling: &SamplingFields) -> Result<(Arc<GenerateService>, Generation), Error> {
     let params = sampling.params()?;
     let service = ready_generator(node, slot).await?;
     let prepared = service.prepare(prompt, sampling.max_tokens()?).await?;
@@ -217,7 +217,7 @@ async fn begin(node: &Node, slot: &ModelSlot, prompt: PromptInput, sampling: &Sa
 }
 
 /// Runs a generation to the end, collecting its text.
-async fn collect(mut generation: Generation) -> Result<(String, Usage, FinishReason, Generation), Error> {
+pub(crate) async fn collect(mut generation: Generation) -> Result<(String, Usage, FinishReason, Generation), Error> {
     let mut text = String::new();
     while let Some(piece) = generation.next().await {
         match piece {
@@ -229,7 +229,7 @@ async fn collect(mut generation: Generation) -> Result<(String, Usage, FinishRea
     Err(Error::Internal("the generation ended without finishing".into()))
 }
 
-fn served(slot: &ModelSlot, generation: &Generation, streaming: bool) -> Served {
+pub(crate) fn served(slot: &ModelSlot, generation: &Generation, streaming: bool) -> Served {
     Served {
         workload: "generate",
         model: slot.name().to_string(),
@@ -241,17 +241,17 @@ fn served(slot: &ModelSlot, generation: &Generation, streaming: bool) -> Served 
     }
 }
 
-fn headers(mut response: Response, slot: &ModelSlot, generation: &Generation) -> Response {
+pub(crate) fn headers(mut response: Response, slot: &ModelSlot, generation: &Generation) -> Response {
     record_tokens(&tracing::Span::current(), generation.prompt_tokens, Some(generation.completion_tokens()));
     inference_headers(&mut response, &slot.label(), served(slot, generation, false));
     response
 }
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn request_id(prefix: &str) -> String {
+pub(crate) fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
@@ -303,7 +303,7 @@ pub async fn generate(State(node): State<AppState>, JsonBody(req): JsonBody<Gene
     let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
     let model = slot.name().to_string();
     if req.stream {
-        let response = stream_response_with_headers(&node, "/generate", slot, generation, vec![], NativeFormat { model });
+        let response = stream_response_with_headers(&node, "/generate", slot, generation, vec![], NativeFormat { model }, None);
         return Ok(response);
     }
     let (text, usage, reason, generation) = collect(generation).await?;
@@ -313,13 +313,14 @@ pub async fn generate(State(node): State<AppState>, JsonBody(req): JsonBody<Gene
 
 /// An SSE answer; the request is recorded in `/metrics` and `/stats` when the stream ends
 /// (status 499 when the client left first).
-fn stream_response_with_headers<F: PieceFormat>(
+pub(crate) fn stream_response_with_headers<F: PieceFormat>(
     node: &AppState,
     route: &'static str,
     slot: &Arc<ModelSlot>,
     generation: Generation,
     prelude: Vec<Value>,
     format: F,
+    also_on_end: Option<OnEnd>,
 ) -> Response {
     let mut head = served(slot, &generation, true);
     let (node, slot_for_end, span) = (node.clone(), slot.clone(), tracing::Span::current());
@@ -329,6 +330,9 @@ fn stream_response_with_headers<F: PieceFormat>(
         s.streaming = true;
         let status = if completed { 200 } else { 499 };
         record_request(&node, route, status, generation.started.elapsed().as_secs_f64(), Some(&s));
+        if let Some(f) = also_on_end {
+            f(generation, completed);
+        }
     });
     let mut response = stream_response(generation, prelude, format, on_end);
     head.compute_s = 0.0;
@@ -358,15 +362,15 @@ pub struct ChatRequest {
     pub sampling: SamplingFields,
 }
 
-struct ChatFormat {
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+pub(crate) struct ChatFormat {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub include_usage: bool,
 }
 
 impl ChatFormat {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+    pub(crate) fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
         json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
@@ -395,6 +399,11 @@ impl PieceFormat for ChatFormat {
 
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(node): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, Error> {
+    chat_local(node, req).await
+}
+
+/// A chat request answered by the local model it names (or the first generate model).
+pub(crate) async fn chat_local(node: AppState, req: ChatRequest) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
     record_model(slot);
     let prompt = PromptInput::Chat(to_chat(req.messages)?);
@@ -407,7 +416,7 @@ pub async fn chat_completions(State(node): State<AppState>, JsonBody(req): JsonB
     };
     if req.stream {
         let first = format.chunk(json!({"role": "assistant", "content": ""}), None);
-        return Ok(stream_response_with_headers(&node, "/v1/chat/completions", slot, generation, vec![first], format));
+        return Ok(stream_response_with_headers(&node, "/v1/chat/completions", slot, generation, vec![first], format, None));
     }
     let (text, usage, reason, generation) = collect(generation).await?;
     let body = json!({
@@ -509,7 +518,7 @@ pub async fn completions(State(node): State<AppState>, JsonBody(mut req): JsonBo
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
     };
     if req.stream {
-        return Ok(stream_response_with_headers(&node, "/v1/completions", slot, generation, vec![], format));
+        return Ok(stream_response_with_headers(&node, "/v1/completions", slot, generation, vec![], format, None));
     }
     let (text, usage, reason, generation) = collect(generation).await?;
     let body = json!({

@@ -73,22 +73,30 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         return Err(Error::InvalidJson(format!("the request body is not valid UTF-8 (at byte {})", e.valid_up_to())));
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = strip_position(&inner.to_string());
-        if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
-            let full = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
-            return Error::MissingField(full);
-        }
-        match inner.classify() {
-            serde_json::error::Category::Data if path != "." && !path.is_empty() => Error::field(path, message),
-            serde_json::error::Category::Data => Error::InvalidJson(message),
-            _ => Error::InvalidJson(format!("malformed JSON: {}", inner)),
-        }
-    })?;
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(field_error)?;
     de.end().map_err(|e| Error::InvalidJson(format!("malformed JSON: {e}")))?;
     Ok(value)
+}
+
+/// Types an already parsed JSON value, naming the offending field as `parse` does (for
+/// routes that keep the raw body, e.g. to forward it upstream).
+pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Error> {
+    serde_path_to_error::deserialize(value).map_err(field_error)
+}
+
+fn field_error(e: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let message = strip_position(&inner.to_string());
+    if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+        let full = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+        return Error::MissingField(full);
+    }
+    match inner.classify() {
+        serde_json::error::Category::Data if path != "." && !path.is_empty() => Error::field(path, message),
+        serde_json::error::Category::Data => Error::InvalidJson(message),
+        _ => Error::InvalidJson(format!("malformed JSON: {}", inner)),
+    }
 }
 
 /// serde_json appends " at line 1 column 17" to data errors; the field path says more.

@@ -9,6 +9,7 @@ pub mod embed;
 pub mod generate;
 pub mod json;
 pub mod ops;
+pub mod route;
 pub mod sse;
 pub mod stats;
 
@@ -45,7 +46,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/classify", post(embed::classify))
         .route("/predict", post(embed::classify))
         .route("/generate", post(generate::generate))
-        .route("/v1/chat/completions", post(generate::chat_completions))
+        .route("/v1/chat/completions", post(route::chat))
+        .route("/route", post(route::route))
         .route("/v1/completions", post(generate::completions))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)

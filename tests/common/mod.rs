@@ -59,6 +59,8 @@ pub struct Options {
     pub config: Option<String>,
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
+    /// Listen here instead of an ephemeral port (for a process restarted on the same port).
+    pub addr: Option<String>,
 }
 
 impl Daemon {
@@ -71,7 +73,8 @@ impl Daemon {
     pub fn start(opts: Options) -> Daemon {
         ensure_models();
         let mut cmd = Command::new(binary());
-        cmd.current_dir(root()).arg("serve").args(["--addr", "127.0.0.1:0"]).args(&opts.args);
+        let addr = opts.addr.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        cmd.current_dir(root()).arg("serve").args(["--addr", addr.as_str()]).args(&opts.args);
         cmd.env("EDGENODE_LOG__FORMAT", "json").env("RUST_LOG", "info").env_remove("EDGENODE_CONFIG");
         let mut config_file = None;
         if let Some(extra) = &opts.config {
@@ -157,6 +160,11 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A blocking client with a generous timeout.

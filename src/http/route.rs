@@ -1,0 +1,269 @@
+//! `POST /v1/chat/completions` with routing, and `POST /route`.
+//!
+//! `model: "auto"` asks the router where the request should run (see `crate::routing`) and
+//! runs it there, falling back to the other tier when the chosen one fails: at the edge,
+//! admission refused, a model error, or no first token within `routing.edge_timeout_ms`
+//! (for streams, always before any byte reached the client); in the cloud, an error, a
+//! timeout or an open circuit. Every answer says where it ran and why
+//! (`x-edgenode-route`, `x-edgenode-route-reason`). A request that names a local model, or
+//! the upstream's model, runs exactly there.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, StreamExt};
+use serde_json::{json, Value};
+
+use super::generate::{begin, chat_local, collect, now_s, request_id, stream_response_with_headers, to_chat, ChatFormat, ChatRequest};
+use super::json::{from_value, JsonBody};
+use super::sse::{OnEnd, PieceFormat};
+use super::AppState;
+use crate::config::ModelKind;
+use crate::error::Error;
+use crate::generate::template::ChatMessage;
+use crate::generate::{Generation, Piece, PromptInput};
+use crate::routing::ledger::Tier;
+use crate::routing::upstream::{Answer, UsageSniffer};
+use crate::routing::Decision;
+
+/// The model name that asks the router to choose.
+pub const AUTO: &str = "auto";
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    let req: ChatRequest = from_value(raw.clone())?;
+    let model = req.model.clone().unwrap_or_default();
+    if model == AUTO {
+        return routed(node, raw, req).await;
+    }
+    let explicit_cloud = node.router.upstream.as_ref().is_some_and(|u| u.model == model) && node.registry.get(&model).is_none();
+    if explicit_cloud {
+        // Named explicitly: it runs there, with no re-routing and no fallback.
+        req.sampling.params()?;
+        let started = Instant::now();
+        node.router.count_decision(Tier::Cloud, "explicit");
+        let mut response = run_cloud(&node, &raw, req.stream, started, false, false).await?;
+        mark(&mut response, Tier::Cloud, "explicit");
+        return Ok(response);
+    }
+    chat_local(node, req).await
+}
+
+/// `POST /route`: the decision for a chat request, without running it.
+pub async fn route(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Json<Value>, Error> {
+    let req: ChatRequest = from_value(raw)?;
+    req.sampling.params()?;
+    let messages = to_chat(req.messages)?;
+    let decision = node.router.decide(&node, &messages, req.sampling.max_tokens()?).await?;
+    let model = match decision.tier {
+        Tier::Edge => node.router.cfg.local_model.clone(),
+        Tier::Cloud => node.router.upstream.as_ref().map(|u| u.model.clone()).unwrap_or_default(),
+    };
+    Ok(Json(json!({
+        "tier": decision.tier,
+        "reason": decision.reason,
+        "model": model,
+        "fits_edge": decision.fits_edge,
+        "split": decision.split,
+        "features": decision.features,
+        "threshold": (node.router.cfg.threshold as f64 * 1000.0).round() / 1000.0,
+    })))
+}
+
+/// Decides, runs, and falls back.
+async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response, Error> {
+    req.sampling.params()?;
+    let started = Instant::now();
+    let stream = req.stream;
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let max_tokens = req.sampling.max_tokens()?;
+    let messages = to_chat(req.messages)?;
+    let decision = node.router.decide(&node, &messages, max_tokens).await?;
+    let router = &node.router;
+    let edge = EdgeRequest { messages, sampling: req.sampling, stream, include_usage };
+    let (mut response, tier, reason) = match decision.tier {
+        Tier::Edge => {
+            let deadline = router.cloud_usable().then(|| Duration::from_millis(router.cfg.edge_timeout_ms));
+            match run_edge(&node, &edge, deadline, &decision, false, started).await {
+                Ok(r) => (r, Tier::Edge, decision.reason.clone()),
+                Err(e) if fallback_worthy(&e) && router.cloud_usable() => {
+                    let why = format!("fallback_from_edge: {}; routed edge: {}", e.code(), decision.reason);
+                    tracing::info!(reason = %why, "edge failed; sending to the cloud: {e}");
+                    match run_cloud(&node, &raw, stream, started, decision.split, true).await {
+                        Ok(r) => (r, Tier::Cloud, why),
+                        Err(cloud) => return Err(both_failed(&e, &cloud)),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Tier::Cloud => match run_cloud(&node, &raw, stream, started, decision.split, false).await {
+            Ok(r) => (r, Tier::Cloud, decision.reason.clone()),
+            Err(e) if decision.fits_edge && !router.ledger.over_budget(Tier::Edge) => {
+                let why = format!("fallback_from_cloud: {}; routed cloud: {}", e.code(), decision.reason);
+                tracing::warn!(reason = %why, "cloud failed; answering at the edge: {e}");
+                match run_edge(&node, &edge, None, &decision, true, started).await {
+                    Ok(r) => (r, Tier::Edge, why),
+                    Err(local) => return Err(both_failed(&local, &e)),
+                }
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    router.count_decision(tier, &reason);
+    mark(&mut response, tier, &reason);
+    Ok(response)
+}
+
+/// Only failures of capacity or health move a request to the other tier; a request that is
+/// itself wrong fails the same everywhere.
+fn fallback_worthy(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Overloaded { .. } | Error::NotReady { .. } | Error::Internal(_) | Error::ContextExceeded { .. } | Error::Timeout(_)
+    )
+}
+
+fn both_failed(edge: &Error, cloud: &Error) -> Error {
+    let message = format!("the edge failed ({edge}) and so did the cloud ({cloud})");
+    match cloud {
+        Error::UpstreamTimeout(_) => Error::UpstreamTimeout(message),
+        _ => Error::Upstream(message),
+    }
+}
+
+fn mark(response: &mut Response, tier: Tier, reason: &str) {
+    let h = response.headers_mut();
+    h.insert("x-edgenode-route", HeaderValue::from_static(tier.as_str()));
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        h.insert("x-edgenode-route-reason", v);
+    }
+}
+
+/// What the edge needs to run a routed request.
+struct EdgeRequest {
+    messages: Vec<ChatMessage>,
+    sampling: super::generate::SamplingFields,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Runs the request on the local model. With `first_token_within`, gives up (cancelling
+/// the sequence) when no token arrives in time, so the caller can try the cloud.
+async fn run_edge(
+    node: &AppState,
+    edge: &EdgeRequest,
+    first_token_within: Option<Duration>,
+    decision: &Decision,
+    fallback: bool,
+    started: Instant,
+) -> Result<Response, Error> {
+    let router = &node.router;
+    let slot = node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate)?.clone();
+    let (_, mut generation) = begin(node, &slot, PromptInput::Chat(edge.messages.clone()), &edge.sampling).await?;
+    let first = match first_token_within {
+        Some(limit) => tokio::time::timeout(limit, generation.next())
+            .await
+            .map_err(|_| Error::Internal(format!("the edge produced no token within {} ms", limit.as_millis())))?,
+        None => generation.next().await,
+    };
+    let first = match first {
+        Some(Piece::Error(e)) => return Err(e),
+        Some(p) => p,
+        None => return Err(Error::Internal("the edge generation ended without output".into())),
+    };
+    let mut format = ChatFormat { id: request_id("chatcmpl"), created: now_s(), model: slot.name().to_string(), include_usage: edge.include_usage };
+    let (split, model) = (decision.split, slot.name().to_string());
+    if edge.stream {
+        let mut prelude = vec![format.chunk(json!({"role": "assistant", "content": ""}), None)];
+        prelude.extend(format.format(&first));
+        let node2 = node.clone();
+        let record: OnEnd = Box::new(move |g: &Generation, completed: bool| {
+            if completed {
+                node2.router.record(Tier::Edge, &model, split, fallback, started.elapsed().as_secs_f64(), g.prompt_tokens as u64, g.completion_tokens() as u64);
+            }
+        });
+        return Ok(stream_response_with_headers(node, "/v1/chat/completions", &slot, generation, prelude, format, Some(record)));
+    }
+    let (mut text, usage, reason, generation) = match first {
+        Piece::Done(usage, reason) => (String::new(), usage, reason, generation),
+        Piece::Text(t) => {
+            let (rest, usage, reason, generation) = collect(generation).await?;
+            (t + &rest, usage, reason, generation)
+        }
+        Piece::Error(e) => return Err(e),
+    };
+    text.shrink_to_fit();
+    router.record(Tier::Edge, &model, split, fallback, started.elapsed().as_secs_f64(), usage.prompt_tokens as u64, usage.completion_tokens as u64);
+    let body = json!({
+        "id": format.id, "object": "chat.completion", "created": format.created, "model": format.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason.as_str(), "logprobs": null}],
+        "usage": usage,
+    });
+    Ok(super::generate::headers(Json(body).into_response(), &slot, &generation))
+}
+
+/// Sends the request to the upstream (as its model), passing a stream through chunk by chunk.
+async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant, split: bool, fallback: bool) -> Result<Response, Error> {
+    let router: &crate::routing::Router = &node.router;
+    let upstream = router.upstream.as_ref().ok_or_else(|| Error::Upstream("no upstream is configured (upstream.base_url)".into()))?;
+    let mut body = raw.clone();
+    body["model"] = json!(upstream.model);
+    if stream {
+        // Ask for the usage chunk so the ledger can count streamed tokens.
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let model = upstream.model.clone();
+    let base_url = upstream.base_url.clone();
+    match upstream.chat(&body, stream).await? {
+        Answer::Json { status, body } => {
+            if (200..300).contains(&status) {
+                let usage = &body["usage"];
+                let (p, c) = (usage["prompt_tokens"].as_u64().unwrap_or(0), usage["completion_tokens"].as_u64().unwrap_or(0));
+                router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), p, c);
+            }
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = (code, Json(body)).into_response();
+            upstream_header(&mut response, &base_url);
+            Ok(response)
+        }
+        Answer::Stream { first, rest } => {
+            let node = node.clone();
+            let mut sniffer = UsageSniffer::default();
+            sniffer.feed(&first);
+            let state = (rest, sniffer, Some((node, model)));
+            let tail = stream::unfold(state, move |(mut rest, mut sniffer, mut end)| async move {
+                match rest.next().await {
+                    Some(Ok(bytes)) => {
+                        sniffer.feed(&bytes);
+                        Some((Ok::<_, std::io::Error>(bytes), (rest, sniffer, end)))
+                    }
+                    Some(Err(e)) => Some((Err(std::io::Error::other(e)), (rest, sniffer, None))),
+                    None => {
+                        if let Some((node, model)) = end.take() {
+                            let (p, c) = (sniffer.prompt_tokens, sniffer.completion_tokens);
+                            node.router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), p, c);
+                        }
+                        None
+                    }
+                }
+            });
+            let body = Body::from_stream(stream::once(async move { Ok(first) }).chain(tail));
+            let mut response = Response::new(body);
+            response.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            response.headers_mut().insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            upstream_header(&mut response, &base_url);
+            Ok(response)
+        }
+    }
+}
+
+fn upstream_header(response: &mut Response, base_url: &str) {
+    if let Ok(v) = HeaderValue::from_str(base_url) {
+        response.headers_mut().insert("x-edgenode-upstream", v);
+    }
+}

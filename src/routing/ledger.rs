@@ -1,0 +1,214 @@
+//! The cost ledger: tokens and spend per tier and model, over a rolling day (per-minute
+//! buckets) and since start; budgets per tier; and the edge-share alert. Prices are per
+//! million tokens (prompt + completion), from `[costs]`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::CostsConfig;
+use crate::telemetry::metrics::METRICS;
+
+/// Where a request was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Edge,
+    Cloud,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Edge => "edge",
+            Tier::Cloud => "cloud",
+        }
+    }
+
+    pub fn other(self) -> Tier {
+        match self {
+            Tier::Edge => Tier::Cloud,
+            Tier::Cloud => Tier::Edge,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Tokens and spend.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+}
+
+impl Totals {
+    fn add(&mut self, prompt: u64, completion: u64, cost: f64) {
+        self.requests += 1;
+        self.prompt_tokens += prompt;
+        self.completion_tokens += completion;
+        self.cost_usd += cost;
+    }
+}
+
+const DAY_MINUTES: u64 = 24 * 60;
+
+#[derive(Default)]
+struct Inner {
+    /// (minute since the epoch, per tier) for the last 24 hours.
+    minutes: VecDeque<(u64, [Totals; 2])>,
+    /// Since start, per (tier, model).
+    by_model: BTreeMap<(Tier, String), Totals>,
+    alerting: bool,
+}
+
+/// The ledger of one node.
+pub struct Ledger {
+    prices: [f64; 2],
+    budgets: [Option<f64>; 2],
+    alert_share: f64,
+    inner: Mutex<Inner>,
+}
+
+fn minute_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() / 60).unwrap_or(0)
+}
+
+impl Ledger {
+    pub fn new(cfg: &CostsConfig) -> Self {
+        Ledger {
+            prices: [cfg.edge_usd_per_1m_tokens, cfg.cloud_usd_per_1m_tokens],
+            budgets: [cfg.edge_daily_budget_usd, cfg.cloud_daily_budget_usd],
+            alert_share: cfg.edge_share_alert,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// What `tokens` cost on `tier`.
+    pub fn price(&self, tier: Tier, tokens: u64) -> f64 {
+        tokens as f64 * self.prices[tier.index()] / 1e6
+    }
+
+    /// Records one answered request; returns its cost.
+    pub fn record(&self, tier: Tier, model: &str, prompt: u64, completion: u64) -> f64 {
+        let cost = self.price(tier, prompt + completion);
+        let now = minute_now();
+        let mut inner = self.inner.lock();
+        match inner.minutes.back_mut() {
+            Some((m, totals)) if *m == now => totals[tier.index()].add(prompt, completion, cost),
+            _ => {
+                let mut totals = [Totals::default(); 2];
+                totals[tier.index()].add(prompt, completion, cost);
+                inner.minutes.push_back((now, totals));
+            }
+        }
+        while inner.minutes.front().is_some_and(|(m, _)| now.saturating_sub(*m) >= DAY_MINUTES) {
+            inner.minutes.pop_front();
+        }
+        inner.by_model.entry((tier, model.to_string())).or_default().add(prompt, completion, cost);
+        let m = &*METRICS;
+        m.tier_tokens.with_label_values(&[tier.as_str(), "prompt"]).inc_by(prompt);
+        m.tier_tokens.with_label_values(&[tier.as_str(), "completion"]).inc_by(completion);
+        m.cost_usd.with_label_values(&[tier.as_str()]).inc_by(cost);
+        let day = Self::day_of(&inner.minutes, now);
+        let total = day[0].cost_usd + day[1].cost_usd;
+        let share = if total > 0.0 { day[0].cost_usd / total } else { 0.0 };
+        m.edge_cost_share.set(share);
+        let over = share > self.alert_share;
+        if over && !inner.alerting {
+            tracing::warn!(
+                edge_share = format!("{:.1}%", share * 100.0),
+                alert_at = format!("{:.1}%", self.alert_share * 100.0),
+                "the edge's share of the day's spend passed costs.edge_share_alert"
+            );
+        }
+        inner.alerting = over;
+        cost
+    }
+
+    fn day_of(minutes: &VecDeque<(u64, [Totals; 2])>, now: u64) -> [Totals; 2] {
+        let mut day = [Totals::default(); 2];
+        for (m, t) in minutes {
+            if now.saturating_sub(*m) < DAY_MINUTES {
+                for i in 0..2 {
+                    day[i].requests += t[i].requests;
+                    day[i].prompt_tokens += t[i].prompt_tokens;
+                    day[i].completion_tokens += t[i].completion_tokens;
+                    day[i].cost_usd += t[i].cost_usd;
+                }
+            }
+        }
+        day
+    }
+
+    /// Totals per tier over the rolling day.
+    pub fn day(&self) -> [Totals; 2] {
+        Self::day_of(&self.inner.lock().minutes, minute_now())
+    }
+
+    /// True when `tier` has a budget and the rolling day's spend reached it.
+    pub fn over_budget(&self, tier: Tier) -> bool {
+        match self.budgets[tier.index()] {
+            Some(budget) => self.day()[tier.index()].cost_usd >= budget,
+            None => false,
+        }
+    }
+
+    /// The ledger as `/stats` shows it.
+    pub fn snapshot(&self) -> Value {
+        let day = self.day();
+        let total = day[0].cost_usd + day[1].cost_usd;
+        let share = if total > 0.0 { day[0].cost_usd / total } else { 0.0 };
+        let by_model: Vec<Value> = self
+            .inner
+            .lock()
+            .by_model
+            .iter()
+            .map(|((tier, model), t)| json!({"tier": tier, "model": model, "totals": t}))
+            .collect();
+        json!({
+            "prices_usd_per_1m_tokens": {"edge": self.prices[0], "cloud": self.prices[1]},
+            "rolling_day": {
+                "edge": day[0],
+                "cloud": day[1],
+                "edge_cost_share": share,
+                "edge_share_alert": self.alert_share,
+                "alerting": share > self.alert_share,
+            },
+            "budgets_usd_per_day": {
+                "edge": self.budgets[0],
+                "cloud": self.budgets[1],
+                "edge_over": self.over_budget(Tier::Edge),
+                "cloud_over": self.over_budget(Tier::Cloud),
+            },
+            "since_start": by_model,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prices_budgets_and_share() {
+        let cfg = CostsConfig { edge_daily_budget_usd: Some(0.0), ..CostsConfig::default() };
+        let l = Ledger::new(&cfg);
+        assert!(l.over_budget(Tier::Edge), "a $0 budget is spent before the first request");
+        assert!(!l.over_budget(Tier::Cloud));
+        let c = l.record(Tier::Cloud, "gpt", 600_000, 400_000);
+        assert!((c - 0.005).abs() < 1e-12);
+        let e = l.record(Tier::Edge, "smollm2", 1_000_000, 0);
+        assert!((e - 0.2).abs() < 1e-12);
+        let day = l.day();
+        assert_eq!(day[1].prompt_tokens, 600_000);
+        assert!((l.snapshot()["rolling_day"]["edge_cost_share"].as_f64().unwrap() - 0.2 / 0.205).abs() < 1e-9);
+    }
+}
