@@ -29,6 +29,9 @@ PY
 export LD_LIBRARY_PATH="${nvrtc_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPENAI_CLIENT_PYTHON="$venv/bin/python"
 
+# The deployment files: hadolint and shellcheck (the fly.toml checks are tests/deploy.rs).
+./scripts/lint-deploy.sh
+
 cargo build --release --bins --tests
 "$CARGO_TARGET_DIR/release/edgenode" models fetch
 cargo test --release "$@"
