@@ -27,6 +27,7 @@ use crate::service::Service;
 /// Boots every model; returns when each is ready or failed.
 pub async fn boot_all(node: Arc<Node>, device: Device) {
     let started = Instant::now();
+    let (restarts, mut restart_rx) = mpsc::unbounded_channel::<Arc<ModelSlot>>();
     let tasks: Vec<_> = node
         .registry
         .slots()
@@ -35,8 +36,9 @@ pub async fn boot_all(node: Arc<Node>, device: Device) {
         .map(|slot| {
             let node = node.clone();
             let device = device.clone();
+            let restarts = restarts.clone();
             tokio::spawn(async move {
-                if let Err(message) = boot_model(&node, &slot, &device).await {
+                if let Err(message) = boot_model(&node, &slot, &device, &restarts).await {
                     slot.set_stage(Stage::Failed(message));
                 }
             })
@@ -52,6 +54,32 @@ pub async fn boot_all(node: Arc<Node>, device: Device) {
         seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
         "boot finished"
     );
+    supervise(node, device, restarts, &mut restart_rx).await;
+}
+
+/// Reloads a model whose worker thread died: `/readyz` shows it `restarting` meanwhile and
+/// requests wait for it (up to `server.ready_wait_s`). A model that keeps dying is retried
+/// with a growing pause, and given up (failed) after five restarts within ten minutes.
+async fn supervise(node: Arc<Node>, device: Device, restarts: mpsc::UnboundedSender<Arc<ModelSlot>>, rx: &mut mpsc::UnboundedReceiver<Arc<ModelSlot>>) {
+    let mut history: std::collections::HashMap<String, Vec<Instant>> = std::collections::HashMap::new();
+    while let Some(slot) = rx.recv().await {
+        let recent = history.entry(slot.name().to_string()).or_default();
+        recent.retain(|t| t.elapsed() < std::time::Duration::from_secs(600));
+        recent.push(Instant::now());
+        if recent.len() > 5 {
+            slot.set_stage(Stage::Failed("its worker died five times within ten minutes; not restarting again".into()));
+            continue;
+        }
+        let pause = std::time::Duration::from_secs(1 << (recent.len() - 1).min(5));
+        tracing::warn!(model = %slot.name(), pause_s = pause.as_secs(), "model worker died; restarting it");
+        let (node, device, restarts) = (node.clone(), device.clone(), restarts.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            if let Err(message) = boot_model(&node, &slot, &device, &restarts).await {
+                slot.set_stage(Stage::Failed(message));
+            }
+        });
+    }
 }
 
 /// Runs blocking work (hashing, loading) off the async workers.
@@ -59,7 +87,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Sen
     tokio::task::spawn_blocking(f).await.map_err(|e| format!("the boot task panicked: {e}"))?
 }
 
-async fn boot_model(node: &Arc<Node>, slot: &Arc<ModelSlot>, device: &Device) -> Result<(), String> {
+async fn boot_model(node: &Arc<Node>, slot: &Arc<ModelSlot>, device: &Device, restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>) -> Result<(), String> {
     let dir = match &slot.entry {
         Some(entry) => Some(verify_files(node, slot, entry.clone()).await?),
         None => None,
@@ -68,7 +96,7 @@ async fn boot_model(node: &Arc<Node>, slot: &Arc<ModelSlot>, device: &Device) ->
     let service = match (slot.config.kind, dir) {
         (ModelKind::Embed | ModelKind::Classify, Some(dir)) => {
             slot.set_stage(Stage::Loading);
-            let (service, policy) = load_encoder(node, slot, &dir, device).await?;
+            let (service, policy) = load_encoder(node, slot, &dir, device, restarts).await?;
             compile_kernels(slot, device).await?;
             slot.set_stage(Stage::WarmingUp);
             warm_encoder(&service, policy).await?;
@@ -127,6 +155,7 @@ async fn load_encoder(
     slot: &Arc<ModelSlot>,
     dir: &Path,
     device: &Device,
+    restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
 ) -> Result<(Arc<EncoderService>, BatchPolicy), String> {
     let cfg = slot.config.clone();
     let on_gpu = device.is_cuda();
@@ -174,9 +203,13 @@ async fn load_encoder(
     let (batch_tx, batch_rx) = mpsc::channel(1);
     tokio::spawn(run_queue(slot.name().to_string(), job_rx, batch_tx, policy));
     let exit_slot = slot.clone();
+    let restarts = restarts.clone();
     spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, move || {
+        // The thread ended while serving (not at shutdown): take the model out of service
+        // and hand it to the supervisor to reload.
         if exit_slot.stage() == Stage::Ready {
-            exit_slot.uninstall(Stage::Failed("the model worker stopped".into()));
+            exit_slot.uninstall(Stage::Restarting);
+            let _ = restarts.send(exit_slot);
         }
     })
     .map_err(|e| format!("cannot start the model worker: {e}"))?;
@@ -205,6 +238,7 @@ async fn load_encoder(
         node.tokenizers.clone(),
         job_tx,
         max_in_flight,
+        node.config.limits.max_request_tokens,
     );
     Ok((Arc::new(service), policy))
 }
@@ -230,7 +264,7 @@ async fn warm_encoder(service: &EncoderService, policy: BatchPolicy) -> Result<(
     let max = service.tokenizer.max_tokens;
     let inputs = (policy.max_batch_tokens / max.max(1)).clamp(1, policy.max_batch_requests.min(service.max_in_flight()));
     let long = "edge ".repeat(max);
-    service.encode(vec![long; inputs], true, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
+    service.encode_internal(vec![long; inputs], true, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
     Ok(())
 }
 

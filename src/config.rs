@@ -33,6 +33,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub routing: RoutingConfig,
     pub costs: CostsConfig,
+    pub auth: AuthConfig,
     /// The models this node serves, one `[[models]]` table each.
     pub models: Vec<ModelConfig>,
 }
@@ -49,6 +50,22 @@ pub struct ServerConfig {
     /// After SIGTERM/SIGINT: how long in-flight requests (streams included) may take to
     /// finish before the process exits anyway.
     pub drain_grace_s: u64,
+    /// Origins allowed to call from a browser (CORS); empty: CORS off; `"*"`: any origin.
+    pub cors_origins: Vec<String>,
+}
+
+/// `[auth]`: who may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accepted API keys (`Authorization: Bearer <key>`); with none here or in
+    /// `api_keys_env`, the node is open.
+    pub api_keys: Vec<String>,
+    /// An environment variable holding more keys, comma-separated (keeps keys out of files).
+    /// Not under `EDGENODE_`, which is reserved for config keys.
+    pub api_keys_env: String,
+    /// Require a key on `/livez`, `/readyz` and `/metrics` too (platform probes usually have none).
+    pub protect_probes: bool,
 }
 
 /// `[log]`: how the daemon logs.
@@ -110,6 +127,12 @@ pub struct LimitsConfig {
     pub max_input_chars: usize,
     /// Longest a request may take end to end, in seconds (504 after it).
     pub request_timeout_s: u64,
+    /// Most tokens in one embed or classify request, all inputs together (413 above it).
+    pub max_request_tokens: usize,
+    /// Largest `max_tokens` a generation request may ask for (400 above it).
+    pub max_tokens: usize,
+    /// Most open client connections; a connection over it gets 503 and is closed.
+    pub max_connections: usize,
 }
 
 /// `[sync]`: the central manifest this node's models are compared with.
@@ -388,7 +411,7 @@ impl ModelConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { addr: SocketAddr::from(([0, 0, 0, 0], 8080)), ready_wait_s: 30, drain_grace_s: 30 }
+        ServerConfig { addr: SocketAddr::from(([0, 0, 0, 0], 8080)), ready_wait_s: 30, drain_grace_s: 30, cors_origins: Vec::new() }
     }
 }
 
@@ -469,9 +492,23 @@ impl Default for CostsConfig {
     }
 }
 
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { api_keys: Vec::new(), api_keys_env: "API_KEYS".into(), protect_probes: false }
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
-        LimitsConfig { max_body_bytes: 2 * 1024 * 1024, max_inputs: 64, max_input_chars: 100_000, request_timeout_s: 60 }
+        LimitsConfig {
+            max_body_bytes: 2 * 1024 * 1024,
+            max_inputs: 64,
+            max_input_chars: 100_000,
+            request_timeout_s: 60,
+            max_request_tokens: 16384,
+            max_tokens: 4096,
+            max_connections: 1024,
+        }
     }
 }
 
@@ -488,6 +525,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             routing: RoutingConfig::default(),
             costs: CostsConfig::default(),
+            auth: AuthConfig::default(),
             models: default_models(),
         }
     }
@@ -636,8 +674,14 @@ impl Config {
                 }
             }
         }
-        if self.limits.max_body_bytes == 0 || self.limits.max_inputs == 0 || self.limits.max_input_chars == 0 {
-            return Err(ConfigError("limits: max_body_bytes, max_inputs and max_input_chars must be at least 1".into()));
+        let l = &self.limits;
+        if [l.max_body_bytes, l.max_inputs, l.max_input_chars, l.max_request_tokens, l.max_tokens, l.max_connections].contains(&0) {
+            return Err(ConfigError(
+                "limits: max_body_bytes, max_inputs, max_input_chars, max_request_tokens, max_tokens and max_connections must be at least 1".into(),
+            ));
+        }
+        if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err(ConfigError("auth.api_keys: a key must not be empty".into()));
         }
         if !self.sync.expected_manifest.is_empty() && (self.sync.interval_s == 0 || self.sync.timeout_s == 0) {
             return Err(ConfigError("sync: interval_s and timeout_s must be at least 1".into()));

@@ -34,6 +34,15 @@ pub enum Error {
     /// An input longer (in characters) than `limits.max_input_chars`, checked before tokenizing.
     #[error("input {index} has {chars} characters; the limit is {limit}")]
     InputTooManyChars { index: usize, chars: usize, limit: usize },
+    /// All inputs of one request together over `limits.max_request_tokens`.
+    #[error("the request has {tokens} tokens in all; the limit is {limit} per request")]
+    RequestTooManyTokens { tokens: usize, limit: usize },
+    /// `max_tokens` over `limits.max_tokens`.
+    #[error("{field} is {requested}; the limit is {limit}")]
+    MaxTokensTooLarge { field: String, requested: i64, limit: usize },
+    /// More open connections than `limits.max_connections`.
+    #[error("the node has {0} open connections, its limit; retry shortly")]
+    TooManyConnections(usize),
     /// An input over the model's token limit when `truncate` is false.
     #[error("input {index} has {tokens} tokens; the limit is {limit} (set \"truncate\": true to cut it)")]
     InputTooLong { index: usize, tokens: usize, limit: usize },
@@ -95,12 +104,13 @@ impl Error {
             Unauthorized => StatusCode::UNAUTHORIZED,
             UnknownModel { .. } | UnknownRoute { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            BodyTooLarge { .. } | TooManyInputs { .. } | InputTooManyChars { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTooLarge { .. } | TooManyInputs { .. } | InputTooManyChars { .. } | RequestTooManyTokens { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            MaxTokensTooLarge { .. } => StatusCode::BAD_REQUEST,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             InputTooLong { .. } | ContextExceeded { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Overloaded { .. } | BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Upstream(_) => StatusCode::BAD_GATEWAY,
-            NotReady { .. } | Draining => StatusCode::SERVICE_UNAVAILABLE,
+            NotReady { .. } | Draining | TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout(_) | UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -118,6 +128,9 @@ impl Error {
             TooManyInputs { .. } => "too_many_inputs",
             InputTooManyChars { .. } => "input_too_many_chars",
             InputTooLong { .. } => "input_too_long",
+            RequestTooManyTokens { .. } => "request_too_many_tokens",
+            MaxTokensTooLarge { .. } => "max_tokens_too_large",
+            TooManyConnections(_) => "too_many_connections",
             ContextExceeded { .. } => "context_length_exceeded",
             UnsupportedMediaType(_) => "unsupported_media_type",
             UnknownModel { .. } => "model_not_found",
@@ -149,15 +162,16 @@ impl Error {
     fn param(&self) -> Option<&str> {
         match self {
             Error::InvalidField { field, .. } | Error::MissingField(field) | Error::EmptyInput(field) => Some(field),
-            Error::TooManyInputs { field, .. } => Some(field),
+            Error::TooManyInputs { field, .. } | Error::MaxTokensTooLarge { field, .. } => Some(field),
             _ => None,
         }
     }
 
-    fn retry_after_s(&self) -> Option<u64> {
+    pub fn retry_after_s(&self) -> Option<u64> {
         match self {
             Error::Overloaded { retry_after_s, .. } | Error::NotReady { retry_after_s, .. } => Some(*retry_after_s),
             Error::Draining => Some(5),
+            Error::TooManyConnections(_) => Some(1),
             _ => None,
         }
     }
@@ -176,6 +190,9 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(self, Error::Unauthorized) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let Some(s) = self.retry_after_s() {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);

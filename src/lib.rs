@@ -5,6 +5,7 @@
 //! ready, and proves which model versions it serves. See `docs/architecture.md` for how
 //! the pieces fit; each module's doc says what it owns.
 
+pub mod auth;
 pub mod batching;
 pub mod boot;
 pub mod cli;

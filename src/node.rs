@@ -9,6 +9,7 @@ use crate::encoder::tokenize::TokenizerPool;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
 use crate::models::sync::SyncReport;
+use crate::auth::ApiKeys;
 use crate::routing::Router;
 use crate::telemetry::stats::Stats;
 
@@ -24,6 +25,8 @@ pub struct Node {
     pub started: Instant,
     pub started_at: SystemTime,
     draining: AtomicBool,
+    /// The accepted API keys, as sha256 digests (empty: the node is open).
+    pub keys: ApiKeys,
     /// The edge/cloud routing tier (its upstream, ledger and decisions).
     pub router: Router,
     /// The latency profile `/stats` reports.
@@ -50,6 +53,7 @@ impl Node {
             sync: parking_lot::RwLock::new(None),
             stats: Stats::new(Duration::from_secs(config_window)),
             router: Router::new(&config_for_router).map_err(std::io::Error::other)?,
+            keys: ApiKeys::from_config(&config_for_router.auth),
         })
     }
 

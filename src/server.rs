@@ -32,6 +32,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     let app = crate::http::router(node.clone());
+    let listener = crate::http::listener::LimitedListener::new(listener, node.config.limits.max_connections);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown_node = node.clone();
     let mut server = tokio::spawn(async move {

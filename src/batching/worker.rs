@@ -30,11 +30,23 @@ pub fn spawn_worker(
     on_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(format!("model-{name}")).spawn(move || {
+        // Runs when the thread ends for any reason, a panic outside a batch included.
+        let _exit = OnExit(Some(on_exit));
         while let Some(jobs) = batches.blocking_recv() {
             run_batch(&name, model.as_mut(), jobs);
         }
-        on_exit();
     })
+}
+
+/// Calls its function when dropped: on a normal return and while unwinding.
+struct OnExit<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnExit<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 
 fn run_batch(name: &str, model: &mut dyn BatchModel, jobs: Vec<Job>) {
@@ -98,4 +110,94 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    /// Fails the batch whose first input is token 13 (an error), panics on token 66, and
+    /// answers everything else with its length.
+    struct Flaky;
+
+    impl BatchModel for Flaky {
+        fn run(&mut self, batch: &PackedBatch, _normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+            match batch.ids.first() {
+                Some(13) => Err("unlucky input".into()),
+                Some(66) => panic!("the model blew up"),
+                _ => Ok((0..batch.len()).map(|i| vec![(batch.cu_seqlens[i + 1] - batch.cu_seqlens[i]) as f32]).collect()),
+            }
+        }
+    }
+
+    fn job(id: u32) -> (Job, oneshot::Receiver<Result<JobOutput, Error>>) {
+        let (tx, rx) = oneshot::channel();
+        let j = Job {
+            ids: vec![id, 1, 2],
+            type_ids: vec![0; 3],
+            normalize: false,
+            enqueued: Instant::now(),
+            reply: tx,
+            span: tracing::Span::none(),
+            queue_span: tracing::Span::none(),
+        };
+        (j, rx)
+    }
+
+    #[test]
+    fn a_failed_or_panicking_batch_answers_500_and_the_worker_goes_on() {
+        let (tx, rx) = mpsc::channel(4);
+        let (exited_tx, exited_rx) = std::sync::mpsc::channel();
+        let handle = spawn_worker("flaky".into(), Box::new(Flaky), rx, move || exited_tx.send(()).unwrap()).unwrap();
+        for (id, ok) in [(13, false), (66, false), (5, true)] {
+            let (j, reply) = job(id);
+            tx.blocking_send(vec![j]).unwrap();
+            let out = reply.blocking_recv().unwrap();
+            match out {
+                Ok(o) => {
+                    assert!(ok);
+                    assert_eq!(o.values, vec![3.0]);
+                }
+                Err(e) => {
+                    assert!(!ok);
+                    assert_eq!(e.code(), "internal_error");
+                    assert!(!e.to_string().contains("blew up") || e.to_string().contains("panicked"), "{e}");
+                }
+            }
+        }
+        assert!(exited_rx.try_recv().is_err(), "still running after two bad batches");
+        drop(tx);
+        handle.join().unwrap();
+        exited_rx.recv().unwrap();
+    }
+
+    #[test]
+    fn the_exit_hook_runs_even_when_the_thread_unwinds() {
+        // A panic outside any batch (here: a reply channel whose sender panics is not
+        // possible, so the guard is exercised directly) must still report the exit.
+        let (exited_tx, exited_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let _exit = OnExit(Some(move || exited_tx.send(()).unwrap()));
+            panic!("outside a batch");
+        });
+        assert!(t.join().is_err());
+        exited_rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn the_exit_hook_runs_when_the_batches_end() {
+        struct Idle;
+        impl BatchModel for Idle {
+            fn run(&mut self, _: &PackedBatch, _: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+                Ok(vec![])
+            }
+        }
+        let (tx, rx) = mpsc::channel::<Vec<Job>>(1);
+        let (exited_tx, exited_rx) = std::sync::mpsc::channel();
+        let handle = spawn_worker("idle".into(), Box::new(Idle), rx, move || exited_tx.send(()).unwrap()).unwrap();
+        drop(tx);
+        handle.join().unwrap();
+        exited_rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    }
 }

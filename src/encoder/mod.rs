@@ -186,6 +186,8 @@ pub struct EncoderService {
     jobs: mpsc::UnboundedSender<Job>,
     admission: Arc<Semaphore>,
     max_in_flight: usize,
+    /// `limits.max_request_tokens`: all inputs of one request together.
+    max_request_tokens: usize,
 }
 
 impl EncoderService {
@@ -198,6 +200,7 @@ impl EncoderService {
         pool: Arc<TokenizerPool>,
         jobs: mpsc::UnboundedSender<Job>,
         max_in_flight: usize,
+        max_request_tokens: usize,
     ) -> Self {
         EncoderService {
             name,
@@ -208,6 +211,7 @@ impl EncoderService {
             jobs,
             admission: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
+            max_request_tokens,
         }
     }
 
@@ -224,6 +228,16 @@ impl EncoderService {
     /// Admits, tokenizes, queues and awaits `texts`. Dropping the future (a client that
     /// disconnected) releases its admission at once and its queued inputs are skipped.
     pub async fn encode(&self, texts: Vec<String>, truncate: bool, normalize: bool) -> Result<Encoded, Error> {
+        self.encode_within(texts, truncate, normalize, self.max_request_tokens).await
+    }
+
+    /// `encode` for the node's own work (warm-up at the batch budget), which is not a client
+    /// request and so not bound by `limits.max_request_tokens`.
+    pub async fn encode_internal(&self, texts: Vec<String>, truncate: bool, normalize: bool) -> Result<Encoded, Error> {
+        self.encode_within(texts, truncate, normalize, usize::MAX).await
+    }
+
+    async fn encode_within(&self, texts: Vec<String>, truncate: bool, normalize: bool, max_request_tokens: usize) -> Result<Encoded, Error> {
         let n = texts.len();
         // A request larger than the whole admission budget could never be admitted.
         let permits = u32::try_from(n).ok().filter(|&p| p as usize <= self.max_in_flight).ok_or(
@@ -241,6 +255,10 @@ impl EncoderService {
             .instrument(tracing::info_span!("tokenize", inputs = n))
             .await?;
         let tokenize_s = started.elapsed().as_secs_f64();
+        let total: usize = tokens.iter().map(|t| t.ids.len()).sum();
+        if total > max_request_tokens {
+            return Err(Error::RequestTooManyTokens { tokens: total, limit: max_request_tokens });
+        }
         let span = tracing::Span::current();
         let mut replies = Vec::with_capacity(n);
         let mut counts = Vec::with_capacity(n);

@@ -43,7 +43,7 @@ impl PrototypeClassifier {
             // One chunk at a time keeps warm-up within the embedder's admission limit.
             let mut sum = vec![0f32; embedder.dims];
             for chunk in texts.chunks(32) {
-                let out = embedder.encode(chunk.to_vec(), true, true).await.map_err(|e| e.to_string())?;
+                let out = embedder.encode_internal(chunk.to_vec(), true, true).await.map_err(|e| e.to_string())?;
                 for row in out.rows {
                     sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
                 }

@@ -86,6 +86,8 @@ pub struct GenerateService {
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     timeout: Duration,
+    /// `limits.max_tokens`: the largest `max_tokens` a request may ask for.
+    max_tokens_limit: usize,
 }
 
 /// Decrements the waiting count when a waiting request is admitted or gives up.
@@ -99,7 +101,7 @@ impl Drop for Waiting {
 
 impl GenerateService {
     /// Wraps a loaded engine with the model's admission limits.
-    pub fn new(name: String, engine: Arc<dyn Generator>, slot: &ModelSlot, timeout: Duration) -> Self {
+    pub fn new(name: String, engine: Arc<dyn Generator>, slot: &ModelSlot, timeout: Duration, max_tokens_limit: usize) -> Self {
         let info = engine.info();
         let context = slot.config.context.map_or(info.context, |c| c.min(info.context));
         let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
@@ -114,6 +116,7 @@ impl GenerateService {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting: slot.config.max_waiting.unwrap_or(DEFAULT_MAX_WAITING),
             timeout,
+            max_tokens_limit,
         }
     }
 
@@ -132,6 +135,9 @@ impl GenerateService {
         if let Some(m) = max_tokens {
             if m < 1 {
                 return Err(Error::field("max_tokens", format!("must be at least 1, got {m}")));
+            }
+            if m > self.max_tokens_limit as i64 {
+                return Err(Error::MaxTokensTooLarge { field: "max_tokens".into(), requested: m, limit: self.max_tokens_limit });
             }
         }
         let engine = self.engine.clone();
@@ -404,7 +410,7 @@ pub async fn load(node: &Node, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir
         Arc::new(mistral::MistralGenerator::load(files, device, max_sequences).await?)
     };
     let timeout = Duration::from_secs(node.config.limits.request_timeout_s);
-    let service = GenerateService::new(slot.name().to_string(), engine, slot, timeout);
+    let service = GenerateService::new(slot.name().to_string(), engine, slot, timeout, node.config.limits.max_tokens);
     slot.update_facts(|f| {
         f.details.insert("engine".into(), serde_json::json!(service.info.engine));
         f.details.insert("context".into(), serde_json::json!(service.context));

@@ -4,8 +4,8 @@ use std::sync::OnceLock;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, op::BackpropOp, CudaDevice, CudaStorage, DType, Layout, Storage, Tensor};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, op::BackpropOp, CudaDevice, CudaStorage, DType, Storage, Tensor};
 
 use super::{arch_for, compile, KERNELS};
 use crate::config::Pooling;
@@ -55,34 +55,26 @@ pub fn pool_normalize(hidden: &Tensor, cu_seqlens: &[u32], mode: Pooling, normal
         let Storage::Cuda(storage) = &*guard else { bail!("hidden states are not on the GPU") };
         let cfg = LaunchConfig { grid_dim: (inputs as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (dim_arg, mode_arg, norm_arg) = (dim as i32, mode_id(mode), normalize as i32);
+        let Some((start, end)) = layout.contiguous_offsets() else { bail!("hidden states must be contiguous") };
+        // candle does not export its function handle type, so the launch is written out per
+        // element type instead of in a generic helper.
+        macro_rules! launch {
+            ($t:ty) => {{
+                let slice = storage.as_cuda_slice::<$t>()?;
+                let view = slice.slice(start..end);
+                let mut b = func.builder();
+                b.arg(&view).arg(&cu).arg(&mut out).arg(&dim_arg).arg(&mode_arg).arg(&norm_arg);
+                // SAFETY: argument types and order match `pool_normalize_*` in
+                // kernels/pooling.cu; the grid has one block per input and `cu` has inputs + 1 entries.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
         match hidden.dtype() {
-            DType::F32 => launch::<f32>(&func, storage, layout, &cu, &mut out, dim_arg, mode_arg, norm_arg, cfg)?,
-            _ => launch::<half::f16>(&func, storage, layout, &cu, &mut out, dim_arg, mode_arg, norm_arg, cfg)?,
+            DType::F32 => launch!(f32),
+            _ => launch!(half::f16),
         }
     }
     let storage = CudaStorage::wrap_cuda_slice(out, dev);
     Ok(Tensor::from_storage(Storage::Cuda(storage), (inputs, dim), BackpropOp::none(), false))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn launch<T: CudaDType>(
-    func: &candle_core::cuda_backend::CudaFunc,
-    storage: &CudaStorage,
-    layout: &Layout,
-    cu: &CudaSlice<u32>,
-    out: &mut CudaSlice<f32>,
-    dim: i32,
-    mode: i32,
-    normalize: i32,
-    cfg: LaunchConfig,
-) -> candle_core::Result<()> {
-    let slice = storage.as_cuda_slice::<T>()?;
-    let Some((start, end)) = layout.contiguous_offsets() else { bail!("hidden states must be contiguous") };
-    let view = slice.slice(start..end);
-    let mut b = func.builder();
-    b.arg(&view).arg(cu).arg(out).arg(&dim).arg(&mode).arg(&normalize);
-    // SAFETY: argument types and order match `pool_normalize_*` in kernels/pooling.cu; the
-    // grid has one block per input and `cu` has inputs + 1 entries.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
-}

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::json::JsonBody;
 use super::{inference_headers, AppState, Served};
 use crate::telemetry::trace::{record_model, record_tokens};
-use crate::config::ModelKind;
+use crate::config::{LimitsConfig, ModelKind};
 use crate::encoder::prototype::sort_scores;
 use crate::encoder::{bert::class_scores, Encoded, EncoderService, EncoderTask};
 use crate::error::Error;
@@ -63,8 +63,7 @@ impl<'de> Deserialize<'de> for Inputs {
 
 impl Inputs {
     /// The checks made before any work: non-empty, within the count and character limits.
-    pub fn validate(&self, field: &str, node: &Node) -> Result<(), Error> {
-        let limits = &node.config.limits;
+    pub fn validate(&self, field: &str, limits: &LimitsConfig) -> Result<(), Error> {
         if self.texts.is_empty() {
             return Err(Error::EmptyInput(field.to_string()));
         }
@@ -130,7 +129,7 @@ fn answer(body: Value, slot: &ModelSlot, encoded: &Encoded, workload: &'static s
 
 /// Runs the request's checks inside a `validate` span.
 fn validated(inputs: &Inputs, field: &str, node: &Node) -> Result<(), Error> {
-    tracing::info_span!("validate", inputs = inputs.texts.len()).in_scope(|| inputs.validate(field, node))
+    tracing::info_span!("validate", inputs = inputs.texts.len()).in_scope(|| inputs.validate(field, &node.config.limits))
 }
 
 /// `POST /embed`: one vector per input, in input order.

@@ -6,8 +6,11 @@
 //! bodies answer in the same JSON error shape as everything else.
 
 pub mod embed;
+#[cfg(test)]
+mod fuzz;
 pub mod generate;
 pub mod json;
+pub mod listener;
 pub mod ops;
 pub mod route;
 pub mod sse;
@@ -34,7 +37,8 @@ pub type AppState = Arc<Node>;
 
 /// Builds the router for a node.
 pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
+    let cors = cors_layer(&node.config.server.cors_origins);
+    let app = Router::new()
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/info", get(ops::info))
@@ -54,7 +58,32 @@ pub fn router(node: Arc<Node>) -> Router {
         // `JsonBody` enforces `limits.max_body_bytes` itself (and drains what is over it).
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(node.clone(), envelope))
-        .with_state(node)
+        .with_state(node);
+    match cors {
+        Some(layer) => app.layer(layer),
+        None => app,
+    }
+}
+
+/// CORS for the configured origins (`"*"`: any); `None` when none are configured.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers(Any)
+            .expose_headers(Any)
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn unknown_route(method: Method, uri: Uri) -> Error {
@@ -72,7 +101,17 @@ async fn envelope(State(node): State<AppState>, mut req: Request, next: Next) ->
     req.extensions_mut().insert(json::BodyLimit(node.config.limits.max_body_bytes));
     let path = req.uri().path().to_string();
     let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
-    let is_ops = matches!(path.as_str(), "/livez" | "/readyz" | "/info" | "/metrics" | "/stats" | "/v1/models");
+    let is_probe = matches!(path.as_str(), "/livez" | "/readyz" | "/metrics");
+    if node.keys.enabled() && (!is_probe || node.config.auth.protect_probes) {
+        let authorization = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        // A browser's CORS preflight carries no credentials; the CORS layer answers it.
+        if !node.keys.accepts(authorization) && req.method() != Method::OPTIONS {
+            let response = Error::Unauthorized.into_response();
+            record_request(&node, &route, response.status().as_u16(), 0.0, None);
+            return response;
+        }
+    }
+    let is_ops = is_probe || matches!(path.as_str(), "/info" | "/stats" | "/v1/models");
     if is_ops {
         return next.run(req).await;
     }

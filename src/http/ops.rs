@@ -101,7 +101,13 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
         None if node.config.sync.expected_manifest.is_empty() => json!({"enabled": false}),
         None => json!({"enabled": true, "source": node.config.sync.expected_manifest, "checked_at": null}),
     };
+    let auth = json!({
+        "enabled": node.keys.enabled(),
+        "keys": node.keys.hints(),
+        "protect_probes": node.config.auth.protect_probes,
+    });
     Json(json!({
+        "auth": auth,
         "sync": sync,
         "name": "edgenode",
         "version": env!("CARGO_PKG_VERSION"),
@@ -113,6 +119,9 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
             "max_inputs": limits.max_inputs,
             "max_input_chars": limits.max_input_chars,
             "request_timeout_s": limits.request_timeout_s,
+            "max_request_tokens": limits.max_request_tokens,
+            "max_tokens": limits.max_tokens,
+            "max_connections": limits.max_connections,
         },
         "models": models,
     }))

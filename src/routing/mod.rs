@@ -134,6 +134,7 @@ impl Router {
                         Ok(())
                     }
                     Err(Error::ContextExceeded { .. }) => Err("exceeds_edge_context"),
+                    Err(Error::MaxTokensTooLarge { .. }) => Err("exceeds_edge_max_tokens"),
                     Err(e @ (Error::InvalidField { .. } | Error::EmptyInput(_) | Error::MissingField(_))) => return Err(e),
                     Err(_) => Err("edge_unavailable"),
                 },
