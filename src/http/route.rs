@@ -235,11 +235,25 @@ async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant,
             let node = node.clone();
             let mut sniffer = UsageSniffer::default();
             sniffer.feed(&first);
-            let state = (rest, sniffer, Some((node, model)));
+            let mut end = Some((node, model));
+            if sniffer.seen {
+                if let Some((node, model)) = end.take() {
+                    node.router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), sniffer.prompt_tokens, sniffer.completion_tokens);
+                }
+            }
+            let state = (rest, sniffer, end);
+            // The ledger is written as soon as the usage chunk passes (before the client can
+            // see it), or at the end of a stream that had none.
             let tail = stream::unfold(state, move |(mut rest, mut sniffer, mut end)| async move {
                 match rest.next().await {
                     Some(Ok(bytes)) => {
                         sniffer.feed(&bytes);
+                        if sniffer.seen {
+                            if let Some((node, model)) = end.take() {
+                                let (p, c) = (sniffer.prompt_tokens, sniffer.completion_tokens);
+                                node.router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), p, c);
+                            }
+                        }
                         Some((Ok::<_, std::io::Error>(bytes), (rest, sniffer, end)))
                     }
                     Some(Err(e)) => Some((Err(std::io::Error::other(e)), (rest, sniffer, None))),
