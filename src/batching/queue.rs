@@ -148,22 +148,28 @@ pub async fn run_queue(model: String, mut jobs: mpsc::UnboundedReceiver<Job>, ba
     }
 }
 
+/// A job of these token ids and the receiver of its answer (for tests of the queue and worker).
+#[cfg(test)]
+pub(crate) fn test_job(ids: Vec<u32>) -> (Job, oneshot::Receiver<Result<JobOutput, Error>>) {
+    let (tx, rx) = oneshot::channel();
+    let j = Job {
+        type_ids: vec![0; ids.len()],
+        ids,
+        normalize: true,
+        enqueued: Instant::now(),
+        reply: tx,
+        span: tracing::Span::none(),
+        queue_span: tracing::Span::none(),
+    };
+    (j, rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn job(tokens: usize) -> (Job, oneshot::Receiver<Result<JobOutput, Error>>) {
-        let (tx, rx) = oneshot::channel();
-        let j = Job {
-            ids: vec![1; tokens],
-            type_ids: vec![0; tokens],
-            normalize: true,
-            enqueued: Instant::now(),
-            reply: tx,
-            span: tracing::Span::none(),
-            queue_span: tracing::Span::none(),
-        };
-        (j, rx)
+        test_job(vec![1; tokens])
     }
 
     #[test]

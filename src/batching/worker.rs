@@ -132,17 +132,7 @@ mod tests {
     }
 
     fn job(id: u32) -> (Job, oneshot::Receiver<Result<JobOutput, Error>>) {
-        let (tx, rx) = oneshot::channel();
-        let j = Job {
-            ids: vec![id, 1, 2],
-            type_ids: vec![0; 3],
-            normalize: false,
-            enqueued: Instant::now(),
-            reply: tx,
-            span: tracing::Span::none(),
-            queue_span: tracing::Span::none(),
-        };
-        (j, rx)
+        crate::batching::queue::test_job(vec![id, 1, 2])
     }
 
     #[test]
