@@ -78,25 +78,36 @@ impl Sampler {
         self.scratch.clear();
         self.scratch.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())));
         // Most likely first; ties broken by index so the order never depends on the sort.
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = if self.params.top_k == 0 { self.scratch.len() } else { self.params.top_k.min(self.scratch.len()) };
         if k < self.scratch.len() {
-            self.scratch.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            self.scratch.select_nth_unstable_by(k - 1, order);
             self.scratch.truncate(k);
         }
-        self.scratch.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let total: f32 = self.scratch.iter().map(|p| p.1).sum();
         if self.params.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let mut keep = self.scratch.len();
-            for (i, p) in self.scratch.iter().enumerate() {
-                cumulative += p.1 / total;
-                if cumulative >= self.params.top_p {
-                    keep = i + 1;
-                    break;
+            // The nucleus is almost always a few dozen tokens of a 50k vocabulary: find it
+            // by sorting a growing head (selected in linear time) instead of the whole list.
+            let total: f32 = self.scratch.iter().map(|p| p.1).sum();
+            let mut head = 64.min(self.scratch.len());
+            let keep = loop {
+                if head < self.scratch.len() {
+                    self.scratch.select_nth_unstable_by(head - 1, order);
                 }
-            }
+                self.scratch[..head].sort_unstable_by(order);
+                let mut cumulative = 0.0;
+                let found = self.scratch[..head].iter().position(|p| {
+                    cumulative += p.1 / total;
+                    cumulative >= self.params.top_p
+                });
+                match found {
+                    Some(i) => break i + 1,
+                    None if head == self.scratch.len() => break head,
+                    None => head = (head * 8).min(self.scratch.len()),
+                }
+            };
             self.scratch.truncate(keep.max(1));
         }
+        // Without a nucleus cut no order is needed: walk the distribution in index order.
         let mass: f32 = self.scratch.iter().map(|p| p.1).sum();
         let mut u = self.rng.random::<f32>() * mass;
         for &(i, p) in &self.scratch {
@@ -144,6 +155,31 @@ mod tests {
         };
         assert_eq!(run(p), run(p));
         assert_ne!(run(p), run(SamplingParams { seed: 8, ..p }));
+    }
+
+    #[test]
+    fn top_p_keeps_exactly_the_nucleus_and_sampling_follows_the_distribution() {
+        // Probabilities 0.5, 0.25, 0.125, ... over 200 tokens: top_p 0.8 keeps the first three.
+        let logits: Vec<f32> = (0..200).map(|i| -(i as f32) * std::f32::consts::LN_2).collect();
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.8, top_k: 0, seed: 3, ignore_eos: false });
+        let mut counts = [0usize; 200];
+        for _ in 0..20_000 {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        assert!(counts[3..].iter().all(|&c| c == 0), "only the nucleus: {:?}", &counts[..6]);
+        let share = counts[0] as f64 / 20_000.0;
+        assert!((share - 0.5 / 0.875).abs() < 0.02, "{share}");
+        // A flat distribution over many tokens needs the head to grow past its first 64.
+        let flat = vec![0.0f32; 5000];
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 4, ignore_eos: false });
+        let picks: Vec<u32> = (0..2000).map(|_| s.sample(&flat)).collect();
+        assert!(picks.iter().all(|&t| t < 2500), "ties keep the lowest indices");
+        assert!(picks.iter().any(|&t| t > 64));
+        // Without top_p or top_k every token can be drawn, in proportion.
+        let two = [0.0f32, (3.0f32).ln()];
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 5, ignore_eos: false });
+        let ones = (0..20_000).filter(|_| s.sample(&two) == 1).count() as f64 / 20_000.0;
+        assert!((ones - 0.75).abs() < 0.02, "{ones}");
     }
 
     #[test]
