@@ -9,16 +9,8 @@ use std::time::Instant;
 use edgenode::cpu::gemm::{Epilogue, PackedLinear};
 use edgenode::cpu::matmul::linear;
 use edgenode::cpu::quant::{qmatmul, QActs, QMatrix};
+use edgenode::cpu::random_f32 as random;
 
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn time(mut f: impl FnMut(), reps: usize) -> f64 {
     f();

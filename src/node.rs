@@ -39,8 +39,9 @@ impl Node {
     /// A node whose models are all still pending.
     pub fn new(config: Config, manifest: Manifest, registry: Registry, device: String) -> std::io::Result<Self> {
         let threads = crate::runtime::compute_threads(&config).clamp(1, 4);
-        let config_window = config.telemetry.stats_window_s;
-        let config_for_router = config.clone();
+        let stats = Stats::new(Duration::from_secs(config.telemetry.stats_window_s));
+        let router = Router::new(&config).map_err(std::io::Error::other)?;
+        let keys = ApiKeys::from_config(&config.auth);
         Ok(Node {
             config,
             manifest,
@@ -51,9 +52,9 @@ impl Node {
             started_at: SystemTime::now(),
             draining: AtomicBool::new(false),
             sync: parking_lot::RwLock::new(None),
-            stats: Stats::new(Duration::from_secs(config_window)),
-            router: Router::new(&config_for_router).map_err(std::io::Error::other)?,
-            keys: ApiKeys::from_config(&config_for_router.auth),
+            stats,
+            router,
+            keys,
         })
     }
 
@@ -80,11 +81,6 @@ impl Node {
     /// True when `fail_ready_on_drift` is set and the last comparison found drift.
     pub fn drift_blocks_ready(&self) -> bool {
         self.config.sync.fail_ready_on_drift && self.sync.read().as_ref().is_some_and(|r| r.drifted())
-    }
-
-    /// The routing tier's section of `/stats`, once routing exists.
-    pub fn routing_stats(&self) -> Option<serde_json::Value> {
-        Some(self.router.stats())
     }
 
     /// How long a request waits for a model that is still warming.

@@ -141,3 +141,15 @@ macro_rules! multiversion {
         }
     };
 }
+
+/// `n` reproducible values in [-1, 1) from `seed` (a 64-bit LCG): test and benchmark data
+/// for the kernels, the same on every machine without a random-number crate.
+pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::generate::engine::FinishReason;
 use crate::generate::sampling::SamplingParams;
 use crate::generate::template::ChatMessage;
-use crate::generate::{GenerateService, Generation, Piece, PromptInput, Usage};
+use crate::generate::{GenerateService, Generation, Piece, Prepared, PromptInput, Usage};
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
 use crate::service::Service;
@@ -209,9 +209,23 @@ async fn ready_generator(node: &Node, slot: &ModelSlot) -> Result<Arc<GenerateSe
 
 /// Prepares, admits and starts one generation.
 pub(crate) async fn begin(node: &Node, slot: &ModelSlot, prompt: PromptInput, sampling: &SamplingFields) -> Result<(Arc<GenerateService>, Generation), Error> {
+    begin_prepared(node, slot, prompt, sampling, None).await
+}
+
+/// `begin`, reusing a prompt this model already prepared (the router's decision did).
+pub(crate) async fn begin_prepared(
+    node: &Node,
+    slot: &ModelSlot,
+    prompt: PromptInput,
+    sampling: &SamplingFields,
+    prepared: Option<Prepared>,
+) -> Result<(Arc<GenerateService>, Generation), Error> {
     let params = sampling.params()?;
     let service = ready_generator(node, slot).await?;
-    let prepared = service.prepare(prompt, sampling.max_tokens()?).await?;
+    let prepared = match prepared {
+        Some(p) => p,
+        None => service.prepare(prompt, sampling.max_tokens()?).await?,
+    };
     let generation = service.start(prepared, params, sampling.stops()?).await?;
     Ok((service, generation))
 }

@@ -18,7 +18,7 @@ use axum::Json;
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use super::generate::{begin, chat_local, collect, now_s, request_id, stream_response_with_headers, to_chat, ChatFormat, ChatRequest};
+use super::generate::{begin_prepared, chat_local, collect, now_s, request_id, stream_response_with_headers, to_chat, ChatFormat, ChatRequest};
 use super::json::{from_value, JsonBody};
 use super::sse::{OnEnd, PieceFormat};
 use super::AppState;
@@ -82,13 +82,14 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let max_tokens = req.sampling.max_tokens()?;
     let messages = to_chat(req.messages)?;
-    let decision = node.router.decide(&node, &messages, max_tokens).await?;
+    let mut decision = node.router.decide(&node, &messages, max_tokens).await?;
+    let prepared = decision.prepared.take();
     let router = &node.router;
     let edge = EdgeRequest { messages, sampling: req.sampling, stream, include_usage };
     let (mut response, tier, reason) = match decision.tier {
         Tier::Edge => {
             let deadline = router.cloud_usable().then(|| Duration::from_millis(router.cfg.edge_timeout_ms));
-            match run_edge(&node, &edge, deadline, &decision, false, started).await {
+            match run_edge(&node, &edge, prepared, deadline, &decision, false, started).await {
                 Ok(r) => (r, Tier::Edge, decision.reason.clone()),
                 Err(e) if fallback_worthy(&e) && router.cloud_usable() => {
                     let why = format!("fallback_from_edge: {}; routed edge: {}", e.code(), decision.reason);
@@ -106,7 +107,7 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response
             Err(e) if decision.fits_edge && !router.ledger.over_budget(Tier::Edge) => {
                 let why = format!("fallback_from_cloud: {}; routed cloud: {}", e.code(), decision.reason);
                 tracing::warn!(reason = %why, "cloud failed; answering at the edge: {e}");
-                match run_edge(&node, &edge, None, &decision, true, started).await {
+                match run_edge(&node, &edge, prepared, None, &decision, true, started).await {
                     Ok(r) => (r, Tier::Edge, why),
                     Err(local) => return Err(both_failed(&local, &e)),
                 }
@@ -157,6 +158,7 @@ struct EdgeRequest {
 async fn run_edge(
     node: &AppState,
     edge: &EdgeRequest,
+    prepared: Option<crate::generate::Prepared>,
     first_token_within: Option<Duration>,
     decision: &Decision,
     fallback: bool,
@@ -164,7 +166,8 @@ async fn run_edge(
 ) -> Result<Response, Error> {
     let router = &node.router;
     let slot = node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate)?.clone();
-    let (_, mut generation) = begin(node, &slot, PromptInput::Chat(edge.messages.clone()), &edge.sampling).await?;
+    let prompt = PromptInput::Chat(edge.messages.clone());
+    let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.sampling, prepared).await?;
     let first = match first_token_within {
         Some(limit) => tokio::time::timeout(limit, generation.next())
             .await
@@ -189,7 +192,7 @@ async fn run_edge(
         });
         return Ok(stream_response_with_headers(node, "/v1/chat/completions", &slot, generation, prelude, format, Some(record)));
     }
-    let (mut text, usage, reason, generation) = match first {
+    let (text, usage, reason, generation) = match first {
         Piece::Done(usage, reason) => (String::new(), usage, reason, generation),
         Piece::Text(t) => {
             let (rest, usage, reason, generation) = collect(generation).await?;
@@ -197,7 +200,6 @@ async fn run_edge(
         }
         Piece::Error(e) => return Err(e),
     };
-    text.shrink_to_fit();
     router.record(Tier::Edge, &model, split, fallback, started.elapsed().as_secs_f64(), usage.prompt_tokens as u64, usage.completion_tokens as u64);
     let body = json!({
         "id": format.id, "object": "chat.completion", "created": format.created, "model": format.model,
@@ -232,47 +234,58 @@ async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant,
             Ok(response)
         }
         Answer::Stream { first, rest } => {
-            let node = node.clone();
-            let mut sniffer = UsageSniffer::default();
-            sniffer.feed(&first);
-            let mut end = Some((node, model));
-            if sniffer.seen {
-                if let Some((node, model)) = end.take() {
-                    node.router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), sniffer.prompt_tokens, sniffer.completion_tokens);
+            let mut ledger = StreamLedger { node: node.clone(), model, split, fallback, started, sniffer: UsageSniffer::default(), open: true };
+            let chunks = stream::once(async move { Ok(first) }).chain(rest);
+            let body = chunks.map(move |chunk| match chunk {
+                Ok(bytes) => {
+                    ledger.observe(&bytes);
+                    Ok(bytes)
                 }
-            }
-            let state = (rest, sniffer, end);
-            // The ledger is written as soon as the usage chunk passes (before the client can
-            // see it), or at the end of a stream that had none.
-            let tail = stream::unfold(state, move |(mut rest, mut sniffer, mut end)| async move {
-                match rest.next().await {
-                    Some(Ok(bytes)) => {
-                        sniffer.feed(&bytes);
-                        if sniffer.seen {
-                            if let Some((node, model)) = end.take() {
-                                let (p, c) = (sniffer.prompt_tokens, sniffer.completion_tokens);
-                                node.router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), p, c);
-                            }
-                        }
-                        Some((Ok::<_, std::io::Error>(bytes), (rest, sniffer, end)))
-                    }
-                    Some(Err(e)) => Some((Err(std::io::Error::other(e)), (rest, sniffer, None))),
-                    None => {
-                        if let Some((node, model)) = end.take() {
-                            let (p, c) = (sniffer.prompt_tokens, sniffer.completion_tokens);
-                            node.router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), p, c);
-                        }
-                        None
-                    }
+                Err(e) => {
+                    ledger.close();
+                    Err(std::io::Error::other(e))
                 }
             });
-            let body = Body::from_stream(stream::once(async move { Ok(first) }).chain(tail));
-            let mut response = Response::new(body);
+            let mut response = Response::new(Body::from_stream(body));
             response.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
             response.headers_mut().insert(axum::http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             upstream_header(&mut response, &base_url);
             Ok(response)
         }
+    }
+}
+
+/// Writes a passed-through cloud stream into the ledger once: as soon as its usage chunk
+/// goes by (before the client can read it), else when the stream ends or breaks.
+struct StreamLedger {
+    node: AppState,
+    model: String,
+    split: bool,
+    fallback: bool,
+    started: Instant,
+    sniffer: UsageSniffer,
+    open: bool,
+}
+
+impl StreamLedger {
+    fn observe(&mut self, bytes: &[u8]) {
+        self.sniffer.feed(bytes);
+        if self.sniffer.seen {
+            self.close();
+        }
+    }
+
+    fn close(&mut self) {
+        if std::mem::take(&mut self.open) {
+            let (p, c) = (self.sniffer.prompt_tokens, self.sniffer.completion_tokens);
+            self.node.router.record(Tier::Cloud, &self.model, self.split, self.fallback, self.started.elapsed().as_secs_f64(), p, c);
+        }
+    }
+}
+
+impl Drop for StreamLedger {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 

@@ -52,14 +52,11 @@ pub async fn stats(State(node): State<AppState>, query: Result<Query<StatsQuery>
         return Err(Error::field("saving_ms", "must be a non-negative number of milliseconds"));
     }
     let workloads = node.stats.summaries(saving_ms);
-    let mut body = json!({
+    Ok(Json(json!({
         "window_s": node.stats.window().as_secs(),
         "saving_ms": saving_ms,
         "uptime_s": node.started.elapsed().as_secs(),
         "workloads": workloads,
-    });
-    if let Some(routing) = node.routing_stats() {
-        body["routing"] = routing;
-    }
-    Ok(Json(body))
+        "routing": node.router.stats(),
+    })))
 }

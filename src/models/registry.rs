@@ -146,6 +146,11 @@ impl ModelSlot {
         self.facts.read().clone()
     }
 
+    /// Reads what `/info` reports without copying it (for per-request use).
+    pub fn with_facts<R>(&self, f: impl FnOnce(&ModelFacts) -> R) -> R {
+        f(&self.facts.read())
+    }
+
     /// Installs the warm service and marks the model ready.
     pub fn install(&self, service: Service) {
         *self.service.write() = Some(service);

@@ -155,10 +155,11 @@ impl Ledger {
 
     /// True when `tier` has a budget and the rolling day's spend reached it.
     pub fn over_budget(&self, tier: Tier) -> bool {
-        match self.budgets[tier.index()] {
-            Some(budget) => self.day()[tier.index()].cost_usd >= budget,
-            None => false,
-        }
+        self.over_budget_in(&self.day(), tier)
+    }
+
+    fn over_budget_in(&self, day: &[Totals; 2], tier: Tier) -> bool {
+        self.budgets[tier.index()].is_some_and(|budget| day[tier.index()].cost_usd >= budget)
     }
 
     /// The ledger as `/stats` shows it.
@@ -185,8 +186,8 @@ impl Ledger {
             "budgets_usd_per_day": {
                 "edge": self.budgets[0],
                 "cloud": self.budgets[1],
-                "edge_over": self.over_budget(Tier::Edge),
-                "cloud_over": self.over_budget(Tier::Cloud),
+                "edge_over": self.over_budget_in(&day, Tier::Edge),
+                "cloud_over": self.over_budget_in(&day, Tier::Cloud),
             },
             "since_start": by_model,
         })

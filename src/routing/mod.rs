@@ -52,6 +52,10 @@ pub struct Decision {
     /// Chosen by the A/B split rather than by confidence.
     pub split: bool,
     pub features: Features,
+    /// The prompt as the local model tokenized it while deciding, so running at the edge
+    /// does not render and tokenize it again.
+    #[serde(skip)]
+    pub prepared: Option<crate::generate::Prepared>,
 }
 
 /// One routed request, for `/stats`.
@@ -126,11 +130,13 @@ impl Router {
         let mut features = Features { prompt_tokens: None, max_tokens, messages: messages.len(), edge_confidence: None };
         // Does it fit the local model at all (context window, a ready model)?
         let local = node.registry.resolve(Some(&self.cfg.local_model), ModelKind::Generate);
+        let mut prepared = None;
         let fits = match local {
             Ok(slot) => match slot.ready_service(node.ready_wait()).await {
                 Ok(Service::Generator(g)) => match g.prepare(PromptInput::Chat(messages.to_vec()), max_tokens).await {
                     Ok(p) => {
                         features.prompt_tokens = Some(p.tokens.len());
+                        prepared = Some(p);
                         Ok(())
                     }
                     Err(Error::ContextExceeded { .. }) => Err("exceeds_edge_context"),
@@ -196,7 +202,7 @@ impl Router {
                 )));
             }
         }
-        Ok(Decision { tier, reason, fits_edge, split, features })
+        Ok(Decision { tier, reason, fits_edge, split, features, prepared })
     }
 
     /// Counts a decision as finally taken (after any fallback).

@@ -53,17 +53,18 @@ pub fn request_span(method: &str, route: &str, headers: &HeaderMap) -> Span {
 /// Records which model (version, digest, device) answers the current request.
 pub fn record_model(slot: &ModelSlot) {
     let span = Span::current();
-    let facts = slot.facts();
     span.record("model", slot.name());
-    if let Some(v) = &facts.version {
-        span.record("model.version", v.as_str());
-    }
-    if let Some(d) = &facts.digest {
-        span.record("model.digest", d.as_str());
-    }
-    if let Some(d) = &facts.device {
-        span.record("device", d.as_str());
-    }
+    slot.with_facts(|facts| {
+        if let Some(v) = &facts.version {
+            span.record("model.version", v.as_str());
+        }
+        if let Some(d) = &facts.digest {
+            span.record("model.digest", d.as_str());
+        }
+        if let Some(d) = &facts.device {
+            span.record("device", d.as_str());
+        }
+    });
 }
 
 /// Records token counts on a request span.
