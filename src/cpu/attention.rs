@@ -120,39 +120,132 @@ mod tests {
             }
         }
     }
-}
 
-/// Dot product with 16 independent partial sums, so the loop vectorizes (a single running
-/// sum would force strict left-to-right order).
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+    /// The blocked key cache against a row-major one and a naive softmax, for head sizes
+    /// that are and are not even, lengths inside, at and past a block boundary.
+    #[test]
+    fn cached_attention_matches_naive() {
+        for (kv_heads, d) in [(3usize, 64usize), (2, 5)] {
+            let kv_w = kv_heads * d;
+            for len in [1usize, 15, 16, 17, 37] {
+                let keys = crate::cpu::random_f32(len * kv_w, 11);
+                let values = crate::cpu::random_f32(len * kv_w, 12);
+                let q = crate::cpu::random_f32(d, 13 + len as u64);
+                let mut kt = Vec::new();
+                for t in 0..len {
+                    push_key(&mut kt, t, &keys[t * kv_w..(t + 1) * kv_w]);
+                }
+                let scale = 1.0 / (d as f32).sqrt();
+                for kv_head in 0..kv_heads {
+                    let mut scores = vec![0f32; len.div_ceil(KEY_BLOCK) * KEY_BLOCK];
+                    let mut out = vec![f32::NAN; d];
+                    attend_cached(&q, &kt, &values, kv_w, kv_head, len, scale, &mut scores, &mut out);
+                    let s: Vec<f64> = (0..len)
+                        .map(|t| (0..d).map(|c| q[c] as f64 * keys[t * kv_w + kv_head * d + c] as f64).sum::<f64>() * scale as f64)
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = (0..len).map(|t| (s[t] - m).exp() / z * values[t * kv_w + kv_head * d + c] as f64).sum();
+                        assert!((out[c] as f64 - want).abs() < 1e-5, "d {d} len {len} head {kv_head} dim {c}: {} vs {want}", out[c]);
+                    }
+                }
+            }
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s = x.mul_add(*y, s);
+}
+
+/// Positions per block of the transposed key cache (one 512-bit register of scores).
+pub const KEY_BLOCK: usize = 16;
+
+/// Appends one position's keys (`kv_w = kv_heads·d` floats) to a key cache laid out in
+/// blocks of 16 positions, `[block][kv_head·d + c][position in block]`: the scores of a
+/// block are then `d` vector multiply-adds with no horizontal sums (a row-major cache needs
+/// a 16-lane reduction per position and head, which dominated decode attention).
+pub fn push_key(kt: &mut Vec<f32>, pos: usize, key: &[f32]) {
+    let kv_w = key.len();
+    let (block, lane) = (pos / KEY_BLOCK, pos % KEY_BLOCK);
+    if kt.len() < (block + 1) * kv_w * KEY_BLOCK {
+        kt.resize((block + 1) * kv_w * KEY_BLOCK, 0.0);
     }
-    s
+    let base = block * kv_w * KEY_BLOCK;
+    for (c, &k) in key.iter().enumerate() {
+        kt[base + c * KEY_BLOCK + lane] = k;
+    }
+}
+
+/// The scores of one block of 16 positions for a head of `D` dimensions: `D` vector
+/// multiply-adds in four independent chains.
+#[inline(always)]
+fn block_scores<const D: usize>(q: &[f32], keys: &[f32], scale: f32, s: &mut [f32]) {
+    let (q, keys) = (&q[..D], &keys[..D * KEY_BLOCK]);
+    let mut acc = [[0f32; KEY_BLOCK]; 4];
+    for c in 0..D {
+        let kk = &keys[c * KEY_BLOCK..(c + 1) * KEY_BLOCK];
+        for l in 0..KEY_BLOCK {
+            acc[c % 4][l] = q[c].mul_add(kk[l], acc[c % 4][l]);
+        }
+    }
+    for l in 0..KEY_BLOCK {
+        s[l] = ((acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l])) * scale;
+    }
+}
+
+/// `out = inv · Σ_t p[t] · v[t]` for a head of `D` dimensions: the sums live in registers
+/// across positions (a runtime width keeps them in memory, a load and store per product),
+/// in two chains over even and odd positions so the multiply-adds overlap.
+#[inline(always)]
+fn weighted_sum<const D: usize>(p: &[f32], v: &[f32], kv_w: usize, offset: usize, inv: f32, out: &mut [f32]) {
+    let (mut a, mut b) = ([0f32; D], [0f32; D]);
+    let row = |t: usize| &v[t * kv_w + offset..t * kv_w + offset + D];
+    let mut t = 0;
+    while t + 1 < p.len() {
+        let (v0, v1) = (row(t), row(t + 1));
+        for i in 0..D {
+            a[i] = p[t].mul_add(v0[i], a[i]);
+            b[i] = p[t + 1].mul_add(v1[i], b[i]);
+        }
+        t += 2;
+    }
+    if t < p.len() {
+        let v0 = row(t);
+        for i in 0..D {
+            a[i] = p[t].mul_add(v0[i], a[i]);
+        }
+    }
+    for (i, o) in out[..D].iter_mut().enumerate() {
+        *o = (a[i] + b[i]) * inv;
+    }
 }
 
 multiversion! {
-    /// One query head against `len` cached positions: `k` and `v` hold `len` rows of
-    /// `stride` floats, this head's key/value at `offset..offset + q.len()`. Writes the
-    /// attention output to `out`; `scores` is scratch of at least `len`.
-    pub fn attend_cached(q: &[f32], k: &[f32], v: &[f32], stride: usize, offset: usize, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    /// One query head against `len` cached positions. `kt` is the layer's key cache as
+    /// `push_key` lays it out, `v` its values (`len` rows of `kv_w` floats); this head reads
+    /// kv head `kv_head`. Writes the attention output to `out`; `scores` is scratch of at
+    /// least `len` rounded up to 16.
+    pub fn attend_cached(q: &[f32], kt: &[f32], v: &[f32], kv_w: usize, kv_head: usize, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
         let d = q.len();
-        let scores = &mut scores[..len];
-        let mut max = f32::NEG_INFINITY;
-        for (t, s) in scores.iter_mut().enumerate() {
-            *s = dot(q, &k[t * stride + offset..t * stride + offset + d]) * scale;
-            max = max.max(*s);
+        let blocks = len.div_ceil(KEY_BLOCK);
+        let scores = &mut scores[..blocks * KEY_BLOCK];
+        for (blk, s) in scores.chunks_exact_mut(KEY_BLOCK).enumerate() {
+            let base = blk * kv_w * KEY_BLOCK + kv_head * d * KEY_BLOCK;
+            let keys = &kt[base..base + d * KEY_BLOCK];
+            match d {
+                64 => block_scores::<64>(q, keys, scale, s),
+                128 => block_scores::<128>(q, keys, scale, s),
+                _ => {
+                    s.fill(0.0);
+                    for (c, kk) in keys.chunks_exact(KEY_BLOCK).enumerate() {
+                        for l in 0..KEY_BLOCK {
+                            s[l] = q[c].mul_add(kk[l], s[l]);
+                        }
+                    }
+                    s.iter_mut().for_each(|x| *x *= scale);
+                }
+            }
         }
+        let scores = &mut scores[..len];
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
         for s in scores.iter_mut() {
             *s = super::math::exp(*s - max);
         }
@@ -165,11 +258,18 @@ multiversion! {
             }
         }
         let inv = 1.0 / (acc.iter().sum::<f32>() + rest);
-        out.fill(0.0);
-        for (t, p) in scores.iter().enumerate() {
-            let p = p * inv;
-            for (o, vv) in out.iter_mut().zip(&v[t * stride + offset..t * stride + offset + d]) {
-                *o = p.mul_add(*vv, *o);
+        let offset = kv_head * d;
+        match d {
+            64 => weighted_sum::<64>(scores, v, kv_w, offset, inv, out),
+            128 => weighted_sum::<128>(scores, v, kv_w, offset, inv, out),
+            _ => {
+                out.fill(0.0);
+                for (t, p) in scores.iter().enumerate() {
+                    for (o, vv) in out.iter_mut().zip(&v[t * kv_w + offset..t * kv_w + offset + d]) {
+                        *o = p.mul_add(*vv, *o);
+                    }
+                }
+                out.iter_mut().for_each(|o| *o *= inv);
             }
         }
     }

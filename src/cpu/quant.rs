@@ -8,11 +8,17 @@
 //! multiplied into a tile of up to 8 activation rows held in registers.
 //!
 //! Every supported format is held as unsigned quants with a scale and an offset per block of
-//! 32 (value = d·q + m): Q4_1 as packed nibbles, Q8_0 as bytes shifted by 128 (m = -128·d).
-//! So one kernel serves both: Σ_b d_b·dx_b·(Σ q·x) + Σ_b m_b·(dx_b·Σx). Quants are laid out
-//! in pairs of blocks so one 512-bit register holds 64 of them: AVX-512 VNNI (`vpdpbusd`)
-//! multiplies two blocks per instruction; AVX2 (`vpmaddubsw`) and plain Rust (the
-//! specification) read the same layout.
+//! 32 (value = d·q + m): Q4_1 as nibbles, Q8_0 as bytes shifted by 128 (m = -128·d). So one
+//! kernel serves both: Σ_b d_b·dx_b·(Σ q·x) + Σ_b m_b·(dx_b·Σx).
+//!
+//! Weights are interleaved in groups of 16 rows (the lanes of a 512-bit register): for each
+//! block of 32 columns, four consecutive quants of each of the 16 rows sit side by side, so
+//! one load feeds 16 output rows and one broadcast of four activation bytes feeds them all.
+//! The integer dot of a whole block then accumulates lane-wise (`vpdpbusd` on AVX-512 VNNI,
+//! `vpmaddubsw` on AVX2) with no horizontal reduction, and the scales and offsets of the
+//! 16 rows are one vector each: two float multiply-adds per block finish 16 outputs, where a
+//! row-major layout needs a reduction per output. (llama.cpp's repacked layouts do the same;
+//! measured here it doubled the 8-row throughput: see docs/performance.md.)
 //!
 //! Activations are quantized exactly as candle (and so mistral.rs) quantizes them —
 //! the block scale rounded to f16, Q8_1's block sum rounded through f16 — so the two
@@ -22,31 +28,43 @@ use super::Parallel;
 
 /// Elements per quantization block.
 pub const QK: usize = 32;
+/// Weight rows per interleaved group (one 512-bit register of f32 or i32 lanes).
+pub const LANES: usize = 16;
 
 /// How a matrix's quants are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packing {
-    /// 4-bit: 32 bytes per pair of blocks, byte i = q[b0][i] | q[b1][i] << 4 (a trailing
-    /// odd block uses the low nibbles of 32 bytes).
+    /// 4-bit: per group and block, four chunks of 64 bytes; chunk c holds, for each of the
+    /// 16 rows, 4 bytes whose low nibbles are the row's quants 4c..4c+4 and whose high
+    /// nibbles are its quants 16+4c..16+4c+4.
     Nibbles,
-    /// 8-bit: one byte per quant.
+    /// 8-bit: per group and block, eight chunks of 64 bytes; chunk c holds, for each of the
+    /// 16 rows, its quants 4c..4c+4.
     Bytes,
 }
 
-/// A quantized `rows × cols` matrix (PyTorch `Linear` layout: one row per output).
+impl Packing {
+    /// Bytes of one group's block (16 rows × 32 quants).
+    pub const fn group_block_bytes(self) -> usize {
+        match self {
+            Packing::Nibbles => LANES * QK / 2,
+            Packing::Bytes => LANES * QK,
+        }
+    }
+}
+
+/// A quantized `rows × cols` matrix (PyTorch `Linear` layout: one row per output), stored
+/// in interleaved groups of 16 rows (the last group padded with zero rows).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub packing: Packing,
-    /// Per block: scale.
+    /// Scales, `[group][block][lane]`.
     pub d: Vec<f32>,
-    /// Per block: offset.
+    /// Offsets, `[group][block][lane]`.
     pub m: Vec<f32>,
-    /// The offsets transposed, `[block][row]`: the offset term of a task's rows is then a
-    /// few vector multiply-adds per activation row instead of a dot product per output.
-    pub m_t: Vec<f32>,
-    /// Quants, `row_bytes()` per row.
+    /// Quants, `[group][block]` of `packing.group_block_bytes()` each.
     pub q: Vec<u8>,
     /// The GGML type it came from (for `/info`).
     pub source: &'static str,
@@ -64,8 +82,6 @@ pub struct QActs {
     pub s_q81: Vec<f32>,
     /// Per block: `d·Σq` in f32: the offset term of Q8_0 weights (exact, as candle's Q8_0 × Q8_0).
     pub s: Vec<f32>,
-    /// Per pair of blocks: 16 floats `[d0 ×8, d1 ×8]` (the lane pattern of the 512-bit kernel).
-    pub dpat: Vec<f32>,
     pub q: Vec<i8>,
 }
 
@@ -82,27 +98,48 @@ fn round_away(x: f32) -> f32 {
     if frac >= 0.5 { t + 1f32.copysign(x) } else { t }
 }
 
-crate::multiversion! {
-    /// Quantizes blocks of 32: per block the f16-rounded scale, Q8_1's and the exact sum
-    /// terms, and the quants.
-    fn quantize_blocks(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
-        for (b, block) in x.chunks_exact(QK).enumerate() {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-            let out = &mut q[b * QK..(b + 1) * QK];
-            let mut sum = 0i32;
-            for (o, v) in out.iter_mut().zip(block) {
-                let r = round_away(v * id) as i32;
-                *o = r as i8;
-                sum += r;
-            }
-            let d16 = f16_round(scale);
-            d[b] = d16;
-            s_q81[b] = f16_round(f16_round(sum as f32) * d16);
-            s[b] = d16 * sum as f32;
-        }
+/// Quantizes blocks of 32: per block the f16-rounded scale, Q8_1's and the exact sum terms,
+/// and the quants. The plain-Rust body is the specification; the SIMD versions produce the
+/// same bits (a test checks), since the quants feed a parity test against mistral.rs.
+fn quantize_blocks(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
+    #[cfg(target_arch = "x86_64")]
+    match crate::cpu::Isa::detect() {
+        // SAFETY: `Isa::detect` verified the CPU has these features.
+        crate::cpu::Isa::Avx512 => return unsafe { x86::quantize_avx512(x, d, s_q81, s, q) },
+        crate::cpu::Isa::Avx2 => return unsafe { x86::quantize_avx2(x, d, s_q81, s, q) },
+        _ => {}
     }
+    quantize_blocks_portable(x, d, s_q81, s, q)
+}
+
+fn quantize_blocks_portable(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
+    for (b, block) in x.chunks_exact(QK).enumerate() {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let id = block_inverse(amax);
+        let mut sum = 0i32;
+        for (o, v) in q[b * QK..(b + 1) * QK].iter_mut().zip(block) {
+            let r = round_away(v * id) as i32;
+            *o = r as i8;
+            sum += r;
+        }
+        finish_block(amax, sum, b, d, s_q81, s);
+    }
+}
+
+/// The multiplier that maps a block with largest magnitude `amax` onto ±127.
+#[inline(always)]
+fn block_inverse(amax: f32) -> f32 {
+    let scale = amax / 127.0;
+    if scale != 0.0 { 1.0 / scale } else { 0.0 }
+}
+
+/// Stores block `b`'s scale and sum terms.
+#[inline(always)]
+fn finish_block(amax: f32, sum: i32, b: usize, d: &mut [f32], s_q81: &mut [f32], s: &mut [f32]) {
+    let d16 = f16_round(amax / 127.0);
+    d[b] = d16;
+    s_q81[b] = f16_round(f16_round(sum as f32) * d16);
+    s[b] = d16 * sum as f32;
 }
 
 impl QActs {
@@ -115,27 +152,19 @@ impl QActs {
     pub fn quantize_par(&mut self, x: &[f32], rows: usize, cols: usize, par: &dyn Parallel) {
         assert!(cols % QK == 0 && x.len() >= rows * cols);
         let blocks = cols / QK;
-        let pairs = blocks.div_ceil(2);
         self.rows = rows;
         self.cols = cols;
         self.d.resize(rows * blocks, 0.0);
         self.s_q81.resize(rows * blocks, 0.0);
         self.s.resize(rows * blocks, 0.0);
-        self.dpat.resize(rows * pairs * 16, 0.0);
         self.q.resize(rows * cols, 0);
-        let ptrs = ActPtrs {
-            d: self.d.as_mut_ptr(),
-            s_q81: self.s_q81.as_mut_ptr(),
-            s: self.s.as_mut_ptr(),
-            dpat: self.dpat.as_mut_ptr(),
-            q: self.q.as_mut_ptr(),
-        };
+        let ptrs = ActPtrs { d: self.d.as_mut_ptr(), s_q81: self.s_q81.as_mut_ptr(), s: self.s.as_mut_ptr(), q: self.q.as_mut_ptr() };
         let tasks = if rows >= 4 { par.threads().min(rows) } else { 1 };
         let per = rows.div_ceil(tasks);
         par.for_each(tasks, &|t| {
             let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
             // SAFETY: task t owns rows r0..r1 of every buffer (all row-major and sized above).
-            unsafe { ptrs.quantize_rows(&x[r0 * cols..r1 * cols], r0, r1, blocks, pairs) };
+            unsafe { ptrs.quantize_rows(&x[r0 * cols..r1 * cols], r0, r1, blocks) };
         });
     }
 }
@@ -146,7 +175,6 @@ struct ActPtrs {
     d: *mut f32,
     s_q81: *mut f32,
     s: *mut f32,
-    dpat: *mut f32,
     q: *mut i8,
 }
 // SAFETY: tasks write disjoint row ranges.
@@ -156,32 +184,64 @@ unsafe impl Sync for ActPtrs {}
 impl ActPtrs {
     /// # Safety
     /// Rows `r0..r1` of every buffer exist and no one else touches them meanwhile.
-    unsafe fn quantize_rows(&self, x: &[f32], r0: usize, r1: usize, blocks: usize, pairs: usize) {
+    unsafe fn quantize_rows(&self, x: &[f32], r0: usize, r1: usize, blocks: usize) {
         let n = r1 - r0;
         let d = std::slice::from_raw_parts_mut(self.d.add(r0 * blocks), n * blocks);
         let s_q81 = std::slice::from_raw_parts_mut(self.s_q81.add(r0 * blocks), n * blocks);
         let s = std::slice::from_raw_parts_mut(self.s.add(r0 * blocks), n * blocks);
         let q = std::slice::from_raw_parts_mut(self.q.add(r0 * blocks * QK), n * blocks * QK);
-        let dpat = std::slice::from_raw_parts_mut(self.dpat.add(r0 * pairs * 16), n * pairs * 16);
         quantize_blocks(x, d, s_q81, s, q);
-        for r in 0..n {
-            for p in 0..pairs {
-                let d0 = d[r * blocks + 2 * p];
-                let d1 = if 2 * p + 1 < blocks { d[r * blocks + 2 * p + 1] } else { 0.0 };
-                let pat = &mut dpat[(r * pairs + p) * 16..(r * pairs + p + 1) * 16];
-                pat[..8].fill(d0);
-                pat[8..].fill(d1);
-            }
-        }
     }
 }
 
 impl QMatrix {
-    /// Bytes of quants per row.
-    pub fn row_bytes(&self) -> usize {
-        match self.packing {
-            Packing::Nibbles => (self.cols / QK).div_ceil(2) * QK,
-            Packing::Bytes => self.cols,
+    /// Groups of 16 rows (the last one padded).
+    pub fn groups(&self) -> usize {
+        self.rows.div_ceil(LANES)
+    }
+
+    /// Lays out a matrix from its blocks: `block(r, b, codes)` writes row `r`'s 32 quants of
+    /// block `b` into `codes` and returns its scale and offset.
+    fn build(rows: usize, cols: usize, packing: Packing, source: &'static str, mut block: impl FnMut(usize, usize, &mut [u8; QK]) -> (f32, f32)) -> QMatrix {
+        assert!(cols % QK == 0, "width {cols} is not a multiple of {QK}");
+        let blocks = cols / QK;
+        let groups = rows.div_ceil(LANES);
+        let gb = packing.group_block_bytes();
+        let mut out = QMatrix {
+            rows,
+            cols,
+            packing,
+            d: vec![0.0; groups * blocks * LANES],
+            m: vec![0.0; groups * blocks * LANES],
+            q: vec![0; groups * blocks * gb],
+            source,
+        };
+        let mut codes = [0u8; QK];
+        for r in 0..rows {
+            let (g, lane) = (r / LANES, r % LANES);
+            for b in 0..blocks {
+                let (d, m) = block(r, b, &mut codes);
+                out.d[(g * blocks + b) * LANES + lane] = d;
+                out.m[(g * blocks + b) * LANES + lane] = m;
+                let dst = &mut out.q[(g * blocks + b) * gb..(g * blocks + b + 1) * gb];
+                for (j, &c) in codes.iter().enumerate() {
+                    let (at, shift) = Self::position(packing, lane, j);
+                    dst[at] |= c << shift;
+                }
+            }
+        }
+        out
+    }
+
+    /// Where quant `j` of a block of row `lane` sits in its group's block: byte and bit shift.
+    #[inline(always)]
+    fn position(packing: Packing, lane: usize, j: usize) -> (usize, u32) {
+        match packing {
+            Packing::Nibbles => {
+                let jj = j % 16;
+                ((jj / 4) * 64 + lane * 4 + jj % 4, if j < 16 { 0 } else { 4 })
+            }
+            Packing::Bytes => ((j / 4) * 64 + lane * 4 + j % 4, 0),
         }
     }
 
@@ -189,62 +249,27 @@ impl QMatrix {
     /// j in the low nibble of byte j and element j+16 in its high nibble).
     pub fn from_q4_1(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
         let blocks = cols / QK;
-        let mut out = QMatrix { rows, cols, packing: Packing::Nibbles, d: vec![], m: vec![], m_t: vec![], q: vec![], source: "Q4_1" };
-        let row_bytes = out.row_bytes();
-        out.q = vec![0u8; rows * row_bytes];
-        let mut codes = [0u8; QK];
-        for r in 0..rows {
-            for b in 0..blocks {
-                let blk = &raw[(r * blocks + b) * 20..(r * blocks + b + 1) * 20];
-                out.d.push(f16_bits(blk[0], blk[1]));
-                out.m.push(f16_bits(blk[2], blk[3]));
-                for j in 0..16 {
-                    codes[j] = blk[4 + j] & 0x0F;
-                    codes[j + 16] = blk[4 + j] >> 4;
-                }
-                let dst = &mut out.q[r * row_bytes + (b / 2) * QK..r * row_bytes + (b / 2 + 1) * QK];
-                let shift = if b % 2 == 0 { 0 } else { 4 };
-                for (o, c) in dst.iter_mut().zip(codes) {
-                    *o |= c << shift;
-                }
+        QMatrix::build(rows, cols, Packing::Nibbles, "Q4_1", |r, b, codes| {
+            let blk = &raw[(r * blocks + b) * 20..(r * blocks + b + 1) * 20];
+            for j in 0..16 {
+                codes[j] = blk[4 + j] & 0x0F;
+                codes[j + 16] = blk[4 + j] >> 4;
             }
-        }
-        out.transpose_offsets();
-        out
-    }
-
-    /// Rebuilds `m_t` from `m`.
-    fn transpose_offsets(&mut self) {
-        let blocks = self.cols / QK;
-        self.m_t = vec![0.0; self.m.len()];
-        for r in 0..self.rows {
-            for b in 0..blocks {
-                self.m_t[b * self.rows + r] = self.m[r * blocks + b];
-            }
-        }
+            (f16_bits(blk[0], blk[1]), f16_bits(blk[2], blk[3]))
+        })
     }
 
     /// From GGUF Q8_0 blocks (34 bytes each: f16 d, 32 signed bytes).
     pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
-        let blocks = rows * cols / QK;
-        let mut out = QMatrix {
-            rows,
-            cols,
-            packing: Packing::Bytes,
-            d: Vec::with_capacity(blocks),
-            m: Vec::with_capacity(blocks),
-            m_t: vec![],
-            q: Vec::with_capacity(rows * cols),
-            source: "Q8_0",
-        };
-        for blk in raw.chunks_exact(34).take(blocks) {
+        let blocks = cols / QK;
+        QMatrix::build(rows, cols, Packing::Bytes, "Q8_0", |r, b, codes| {
+            let blk = &raw[(r * blocks + b) * 34..(r * blocks + b + 1) * 34];
+            for (c, &x) in codes.iter_mut().zip(&blk[2..]) {
+                *c = (x as i8 as i16 + 128) as u8;
+            }
             let d = f16_bits(blk[0], blk[1]);
-            out.d.push(d);
-            out.m.push(-128.0 * d);
-            out.q.extend(blk[2..].iter().map(|&x| (x as i8 as i16 + 128) as u8));
-        }
-        out.transpose_offsets();
-        out
+            (d, -128.0 * d)
+        })
     }
 
     /// Quantizes f32 values to Q8_0 (for GGML types we have no kernel for).
@@ -262,24 +287,30 @@ impl QMatrix {
         m
     }
 
+    /// Index of row `r`'s block `b` in `d` and `m`.
+    #[inline(always)]
+    fn scale_index(&self, r: usize, b: usize) -> usize {
+        ((r / LANES) * (self.cols / QK) + b) * LANES + r % LANES
+    }
+
     /// Quant `j` of block `b` of row `r` (0..15 or 0..255).
     #[inline(always)]
     fn code(&self, r: usize, b: usize, j: usize) -> u8 {
-        let row = &self.q[r * self.row_bytes()..];
+        let gb = self.packing.group_block_bytes();
+        let base = ((r / LANES) * (self.cols / QK) + b) * gb;
+        let (at, shift) = Self::position(self.packing, r % LANES, j);
+        let v = self.q[base + at] >> shift;
         match self.packing {
-            Packing::Nibbles => {
-                let byte = row[(b / 2) * QK + j];
-                if b % 2 == 0 { byte & 0x0F } else { byte >> 4 }
-            }
-            Packing::Bytes => row[b * QK + j],
+            Packing::Nibbles => v & 0x0F,
+            Packing::Bytes => v,
         }
     }
 
     /// Row `r` as f32 (used for embedding lookups).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let blocks = self.cols / QK;
-        for b in 0..blocks {
-            let (d, m) = (self.d[r * blocks + b], self.m[r * blocks + b]);
+        for b in 0..self.cols / QK {
+            let i = self.scale_index(r, b);
+            let (d, m) = (self.d[i], self.m[i]);
             for j in 0..QK {
                 out[b * QK + j] = d * self.code(r, b, j) as f32 + m;
             }
@@ -288,25 +319,28 @@ impl QMatrix {
 
     /// Bytes of weight data (for `/info` and memory accounting).
     pub fn bytes(&self) -> usize {
-        4 * (self.d.len() + self.m.len() + self.m_t.len()) + self.q.len()
+        4 * (self.d.len() + self.m.len()) + self.q.len()
     }
 
     /// Stacks matrices of the same width and packing (fused projections: q, k and v, or
     /// gate and up, become one matmul).
     pub fn concat(parts: Vec<QMatrix>) -> Result<QMatrix, String> {
-        let mut it = parts.into_iter();
-        let mut out = it.next().ok_or("nothing to concatenate")?;
-        for p in it {
-            if p.cols != out.cols || p.packing != out.packing {
-                return Err("cannot fuse matrices of different widths or formats".into());
-            }
-            out.rows += p.rows;
-            out.d.extend(p.d);
-            out.m.extend(p.m);
-            out.q.extend(p.q);
+        let first = parts.first().ok_or("nothing to concatenate")?;
+        let (cols, packing, source) = (first.cols, first.packing, first.source);
+        if parts.iter().any(|p| p.cols != cols || p.packing != packing) {
+            return Err("cannot fuse matrices of different widths or formats".into());
         }
-        out.transpose_offsets();
-        Ok(out)
+        // Row r of the result: (part, row within it).
+        let owner: Vec<(usize, usize)> = parts.iter().enumerate().flat_map(|(i, p)| (0..p.rows).map(move |r| (i, r))).collect();
+        Ok(QMatrix::build(owner.len(), cols, packing, source, |r, b, codes| {
+            let (p, local) = owner[r];
+            let part = &parts[p];
+            for (j, c) in codes.iter_mut().enumerate() {
+                *c = part.code(local, b, j);
+            }
+            let i = part.scale_index(local, b);
+            (part.d[i], part.m[i])
+        }))
     }
 }
 
@@ -316,8 +350,6 @@ fn f16_bits(lo: u8, hi: u8) -> f32 {
 
 /// Fewest output rows (weight rows) per parallel task.
 const MIN_ROWS_PER_TASK: usize = 32;
-/// Activation rows per register tile.
-const TILE: usize = 8;
 
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -342,79 +374,27 @@ pub fn qmatmul(w: &QMatrix, x: &QActs, out: &mut [f32], par: &dyn Parallel) {
 pub fn qmatmul_with(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], par: &dyn Parallel) {
     assert_eq!(w.cols, x.cols, "qmatmul: widths differ");
     assert!(out.len() >= x.rows * w.rows, "qmatmul: output too small");
-    assert!(w.q.len() >= w.rows * w.row_bytes() && w.d.len() >= w.rows * (w.cols / QK), "qmatmul: weights truncated");
+    let blocks = w.cols / QK;
+    let groups = w.groups();
+    assert!(
+        w.q.len() >= groups * blocks * w.packing.group_block_bytes() && w.d.len() >= groups * blocks * LANES && w.m.len() >= groups * blocks * LANES,
+        "qmatmul: weights truncated"
+    );
+    assert!(x.q.len() >= x.rows * x.cols && x.d.len() >= x.rows * blocks && x.s.len() >= x.rows * blocks && x.s_q81.len() >= x.rows * blocks, "qmatmul: activations truncated");
     let ptr = OutPtr(out.as_mut_ptr());
     // Enough tasks for the threads to balance, few enough that each is worth a dispatch.
     let tasks = (w.rows / MIN_ROWS_PER_TASK).clamp(1, par.threads() * 8);
-    // Whole vectors of outputs per task (the offset term runs 16 outputs per vector).
-    let per_task = w.rows.div_ceil(tasks).div_ceil(16) * 16;
-    let tasks = w.rows.div_ceil(per_task);
+    let per_task = groups.div_ceil(tasks);
+    let tasks = groups.div_ceil(per_task);
     let run = |chunk: usize| {
-        let n0 = (chunk * per_task).min(w.rows);
-        let n1 = (n0 + per_task).min(w.rows);
-        // SAFETY: rows n0..n1 of `w` exist and its buffers are complete (asserted); `out`
-        // holds x.rows × w.rows values (asserted), and this task writes only columns n0..n1.
-        unsafe {
-            offsets(w, x, n0, n1, ptr.get());
-            kernel.run(w, x, n0, n1, ptr.get());
-        }
+        let g0 = chunk * per_task;
+        let g1 = (g0 + per_task).min(groups);
+        // SAFETY: groups g0..g1 of `w` exist and its buffers are complete, as are the
+        // activations' (asserted); `out` holds x.rows × w.rows values (asserted), and this
+        // task writes only the columns of its own groups.
+        unsafe { kernel.run(w, x, g0, g1, ptr.get()) };
     };
     par.for_each(tasks, &run);
-}
-
-/// Writes the offset term `Σ_b m_b · s_b` of outputs `n0..n1` for every activation row:
-/// the part of each product the integer kernels then add to.
-///
-/// # Safety
-/// As `Kernel::run`.
-unsafe fn offsets(w: &QMatrix, x: &QActs, n0: usize, n1: usize, out: *mut f32) {
-    let blocks = w.cols / QK;
-    let sums = match w.packing {
-        Packing::Nibbles => &x.s_q81,
-        Packing::Bytes => &x.s,
-    };
-    offsets_rows(&w.m_t, sums, blocks, w.rows, x.rows, n0, n1, out);
-}
-
-crate::multiversion! {
-    /// `out[r][n0..n1] = Σ_b sums[r][b] · m_t[b][n0..n1]`: vector multiply-adds over outputs.
-    fn offsets_rows(m_t: &[f32], sums: &[f32], blocks: usize, rows_w: usize, rows_x: usize, n0: usize, n1: usize, out: *mut f32) {
-        let width = n1 - n0;
-        for r in 0..rows_x {
-            // SAFETY: the caller guarantees `out` holds rows_x × rows_w floats and that this
-            // task alone writes columns n0..n1.
-            let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * rows_w + n0), width) };
-            let s = &sums[r * blocks..(r + 1) * blocks];
-            // 64 outputs at a time (four independent vector chains), accumulated in registers
-            // over every block and stored once; then 16 at a time.
-            let mut c = 0;
-            while c + 64 <= width {
-                let mut acc = [0f32; 64];
-                for (b, sb) in s.iter().enumerate() {
-                    let m = &m_t[b * rows_w + n0 + c..b * rows_w + n0 + c + 64];
-                    for i in 0..64 {
-                        acc[i] = sb.mul_add(m[i], acc[i]);
-                    }
-                }
-                o[c..c + 64].copy_from_slice(&acc);
-                c += 64;
-            }
-            while c + 16 <= width {
-                let mut acc = [0f32; 16];
-                for (b, sb) in s.iter().enumerate() {
-                    let m = &m_t[b * rows_w + n0 + c..b * rows_w + n0 + c + 16];
-                    for i in 0..16 {
-                        acc[i] = sb.mul_add(m[i], acc[i]);
-                    }
-                }
-                o[c..c + 16].copy_from_slice(&acc);
-                c += 16;
-            }
-            for (i, v) in o[c..].iter_mut().enumerate() {
-                *v = s.iter().enumerate().fold(0.0, |a, (b, sb)| sb.mul_add(m_t[b * rows_w + n0 + c + i], a));
-            }
-        }
-    }
 }
 
 /// Which kernel runs.
@@ -444,35 +424,47 @@ impl Kernel {
         Kernel::Portable
     }
 
-    /// Adds the integer-dot part of rows `n0..n1` into `out` (which holds the offset term).
+    /// Writes the outputs of weight groups `g0..g1` (rows `16·g0..min(16·g1, rows)`) for
+    /// every activation row.
     ///
     /// # Safety
-    /// `n0..n1` are rows of `w`, whose buffers are complete; `out` points at
+    /// `g0..g1` are groups of `w`, whose buffers are complete, as are `x`'s; `out` points at
     /// `x.rows × w.rows` floats.
-    unsafe fn run(self, w: &QMatrix, x: &QActs, n0: usize, n1: usize, out: *mut f32) {
+    unsafe fn run(self, w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => x86::run_avx512(w, x, n0, n1, out),
+            Kernel::Avx512Vnni => x86::run_avx512(w, x, g0, g1, out),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => x86::run_avx2(w, x, n0, n1, out),
-            Kernel::Portable => portable(w, x, n0, n1, out),
+            Kernel::Avx2 => x86::run_avx2(w, x, g0, g1, out),
+            Kernel::Portable => portable(w, x, g0, g1, out),
         }
     }
 }
 
+/// The block sums the offset term multiplies: Q8_1's for nibbles (as candle's Q4_1 × Q8_1),
+/// the exact ones for bytes (as candle's Q8_0 × Q8_0).
+fn offset_sums(w: &QMatrix, x: &QActs) -> *const f32 {
+    match w.packing {
+        Packing::Nibbles => x.s_q81.as_ptr(),
+        Packing::Bytes => x.s.as_ptr(),
+    }
+}
+
 /// The specification: per block, an exact integer dot scaled by both scales, plus the
-/// offset term.
-unsafe fn portable(w: &QMatrix, x: &QActs, n0: usize, n1: usize, out: *mut f32) {
+/// offset times the activation block's sum.
+unsafe fn portable(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
     let blocks = w.cols / QK;
+    let sums = offset_sums(w, x);
     for r in 0..x.rows {
-        for n in n0..n1 {
+        for n in g0 * LANES..(g1 * LANES).min(w.rows) {
             let mut acc = 0f32;
             for b in 0..blocks {
                 let xq = &x.q[r * x.cols + b * QK..r * x.cols + (b + 1) * QK];
                 let dot: i32 = (0..QK).map(|j| w.code(n, b, j) as i32 * xq[j] as i32).sum();
-                acc += dot as f32 * (w.d[n * blocks + b] * x.d[r * blocks + b]);
+                let i = w.scale_index(n, b);
+                acc += dot as f32 * (w.d[i] * x.d[r * blocks + b]) + w.m[i] * *sums.add(r * blocks + b);
             }
-            *out.add(r * w.rows + n) += acc;
+            *out.add(r * w.rows + n) = acc;
         }
     }
 }
@@ -481,193 +473,260 @@ unsafe fn portable(w: &QMatrix, x: &QActs, n0: usize, n1: usize, out: *mut f32) 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Packing, QActs, QMatrix, QK, TILE};
+    use super::{offset_sums, Packing, QActs, QMatrix, LANES, QK};
 
-    /// 64 unsigned quants of a block pair in one register: `[block 0 | block 1]`.
+    /// Four activation bytes, broadcast to every 32-bit lane.
     #[inline(always)]
-    unsafe fn load_pair_512(w: &QMatrix, row: *const u8, p: usize) -> __m512i {
-        match w.packing {
-            Packing::Nibbles => {
-                let v = _mm256_loadu_si256(row.add(p * QK) as *const __m256i);
-                let mask = _mm256_set1_epi8(0x0F);
-                let lo = _mm256_and_si256(v, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-            }
-            Packing::Bytes => _mm512_loadu_si512(row.add(p * 2 * QK) as *const __m512i),
-        }
-    }
-
-    /// The lane sums of eight vectors, as one vector of eight (a transposing add tree:
-    /// 23 instructions instead of eight separate reductions).
-    #[inline(always)]
-    unsafe fn reduce8(v: [__m512; 8]) -> __m256 {
-        let half = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0b01_00_01_00), _mm512_shuffle_f32x4(a, b, 0b11_10_11_10))
-        };
-        let (ab, cd, ef, gh) = (half(v[0], v[1]), half(v[2], v[3]), half(v[4], v[5]), half(v[6], v[7]));
-        let quarter = |a: __m512, b: __m512| {
-            _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0b10_00_10_00), _mm512_shuffle_f32x4(a, b, 0b11_01_11_01))
-        };
-        // Each 128-bit lane now holds 4 partial sums of one vector: p = [a b c d], q = [e f g h].
-        let (p, q) = (quarter(ab, cd), quarter(ef, gh));
-        let w = _mm512_add_ps(_mm512_unpacklo_ps(p, q), _mm512_unpackhi_ps(p, q));
-        let t = _mm512_add_ps(w, _mm512_permute_ps(w, 0b01_00_11_10));
-        // Lane k holds [sum(k), sum(k+4), ..]: gather positions 0,4,8,12,1,5,9,13.
-        let idx = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0);
-        _mm512_castps512_ps256(_mm512_permutexvar_ps(idx, t))
+    unsafe fn bcast4_512(p: *const i8) -> __m512i {
+        _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
     }
 
     #[inline(always)]
-    unsafe fn tile_avx512<const R: usize>(w: &QMatrix, x: &QActs, n: usize, r0: usize) -> [f32; R] {
+    unsafe fn bcast4_256(p: *const i8) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
+    }
+
+    /// One group of 16 weight rows against activation rows `r0..r0+R`: 16 outputs per row.
+    #[inline(always)]
+    unsafe fn group_avx512<const R: usize>(w: &QMatrix, x: &QActs, g: usize, r0: usize, out: *mut f32) {
         let blocks = w.cols / QK;
-        let pairs = blocks / 2;
-        let xpairs = blocks.div_ceil(2);
-        let row = w.q.as_ptr().add(n * w.row_bytes());
-        let d = w.d.as_ptr().add(n * blocks);
+        let gb = w.packing.group_block_bytes();
+        let sums = offset_sums(w, x);
         let xq = x.q.as_ptr();
-        let dpat = x.dpat.as_ptr();
-        let mut acc = [_mm512_setzero_ps(); 8];
-        // Lanes 0-7 take the first scale of a pair, lanes 8-15 the second.
-        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        for p in 0..pairs {
-            let wq = load_pair_512(w, row, p);
-            let two = _mm_castpd_ps(_mm_load_sd(d.add(2 * p) as *const f64));
-            let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two));
-            for r in 0..R {
-                let xr = r0 + r;
-                let xv = _mm512_loadu_si512(xq.add(xr * x.cols + p * 2 * QK) as *const __m512i);
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xv);
-                let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(dpat.add((xr * xpairs + p) * 16)));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
-            }
-        }
-        let mut out = [0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), reduce8(acc));
-        if blocks % 2 == 1 {
-            // A trailing odd block: 256-bit, low nibbles / first 32 bytes of its pair slot.
-            let b = blocks - 1;
-            let wv = match w.packing {
-                Packing::Nibbles => _mm256_and_si256(_mm256_loadu_si256(row.add(pairs * QK) as *const __m256i), _mm256_set1_epi8(0x0F)),
-                Packing::Bytes => _mm256_loadu_si256(row.add(b * QK) as *const __m256i),
-            };
-            for r in 0..R {
-                let xr = r0 + r;
-                let xv = _mm256_loadu_si256(xq.add(xr * x.cols + b * QK) as *const __m256i);
-                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv, xv);
-                out[r] += hsum_i32(dot) as f32 * (*d.add(b) * x.d[xr * blocks + b]);
-            }
-        }
-        let mut res = [0f32; R];
-        res.copy_from_slice(&out[..R]);
-        res
-    }
-
-    #[inline(always)]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    }
-
-    #[inline(always)]
-    unsafe fn hsum_ps(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// 32 unsigned quants of block `b` of a row.
-    #[inline(always)]
-    unsafe fn load_block_256(w: &QMatrix, row: *const u8, b: usize) -> __m256i {
-        match w.packing {
-            Packing::Nibbles => {
-                let v = _mm256_loadu_si256(row.add((b / 2) * QK) as *const __m256i);
-                let v = if b % 2 == 0 { v } else { _mm256_srli_epi16(v, 4) };
-                _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
-            }
-            Packing::Bytes => _mm256_loadu_si256(row.add(b * QK) as *const __m256i),
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn tile_avx2<const R: usize>(w: &QMatrix, x: &QActs, n: usize, r0: usize) -> [f32; R] {
-        let blocks = w.cols / QK;
-        let row = w.q.as_ptr().add(n * w.row_bytes());
-        let mut acc = [_mm256_setzero_ps(); R];
-        let ones = _mm256_set1_epi16(1);
-        // vpmaddubsw saturates pairs at i16: fine for 4-bit quants (2·15·127), not for bytes
-        // (2·255·127). Bytes are shifted back to signed and multiplied as |w| · (x with w's
-        // sign); that product is the whole dot, so the offset term written first is undone.
-        let signed = w.packing == Packing::Bytes;
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..blocks {
-            let mut wv = load_block_256(w, row, b);
-            let mut abs = wv;
-            if signed {
-                wv = _mm256_xor_si256(wv, _mm256_set1_epi8(-128));
-                abs = _mm256_sign_epi8(wv, wv);
+            let wq = w.q.as_ptr().add((g * blocks + b) * gb);
+            // Two independent integer chains per row (latency, not throughput, bounds one row).
+            let mut ia = [_mm512_setzero_si512(); R];
+            let mut ib = [_mm512_setzero_si512(); R];
+            match w.packing {
+                Packing::Nibbles => {
+                    for c in 0..4 {
+                        let v = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
+                        let lo = _mm512_and_si512(v, low);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                        for r in 0..R {
+                            let xr = xq.add((r0 + r) * x.cols + b * QK);
+                            ia[r] = _mm512_dpbusd_epi32(ia[r], lo, bcast4_512(xr.add(4 * c)));
+                            ib[r] = _mm512_dpbusd_epi32(ib[r], hi, bcast4_512(xr.add(16 + 4 * c)));
+                        }
+                    }
+                }
+                Packing::Bytes => {
+                    for c in 0..4 {
+                        let va = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
+                        let vb = _mm512_loadu_si512(wq.add((c + 4) * 64) as *const __m512i);
+                        for r in 0..R {
+                            let xr = xq.add((r0 + r) * x.cols + b * QK);
+                            ia[r] = _mm512_dpbusd_epi32(ia[r], va, bcast4_512(xr.add(4 * c)));
+                            ib[r] = _mm512_dpbusd_epi32(ib[r], vb, bcast4_512(xr.add(16 + 4 * c)));
+                        }
+                    }
+                }
             }
-            let dw = *w.d.get_unchecked(n * blocks + b);
+            let dw = _mm512_loadu_ps(w.d.as_ptr().add((g * blocks + b) * LANES));
+            let mw = _mm512_loadu_ps(w.m.as_ptr().add((g * blocks + b) * LANES));
             for r in 0..R {
-                let xr = r0 + r;
-                let mut xv = _mm256_loadu_si256(x.q.as_ptr().add(xr * x.cols + b * QK) as *const __m256i);
-                if signed {
-                    xv = _mm256_sign_epi8(xv, wv);
-                }
-                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(abs, xv), ones);
-                let scale = _mm256_set1_ps(dw * *x.d.get_unchecked(xr * blocks + b));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[r]);
+                let k = (r0 + r) * blocks + b;
+                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(ia[r], ib[r]));
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(k)));
+                acc[r] = _mm512_fmadd_ps(dot, scale, acc[r]);
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*sums.add(k)), acc[r]);
             }
         }
-        let mut out = [0f32; R];
+        let valid = (w.rows - g * LANES).min(LANES);
+        let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
         for r in 0..R {
-            out[r] = hsum_ps(acc[r]);
+            _mm512_mask_storeu_ps(out.add((r0 + r) * w.rows + g * LANES), mask, acc[r]);
         }
-        out
     }
 
-    macro_rules! driver {
-        ($name:ident, $tile:ident, $features:literal, $replaces_offset:expr) => {
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(w: &QMatrix, x: &QActs, n0: usize, n1: usize, out: *mut f32) {
-                let replace = $replaces_offset(w);
-                let mut r0 = 0;
-                while r0 < x.rows {
-                    let left = x.rows - r0;
-                    macro_rules! tile {
-                        ($r:expr) => {{
-                            for n in n0..n1 {
-                                let sums = $tile::<$r>(w, x, n, r0);
-                                for (r, s) in sums.iter().enumerate() {
-                                    let o = out.add((r0 + r) * w.rows + n);
-                                    if replace {
-                                        *o = *s;
-                                    } else {
-                                        *o += *s;
-                                    }
-                                }
-                            }
-                            r0 += $r;
-                        }};
+    /// Half a group (8 weight rows, `half` 0 or 1) against activation rows `r0..r0+R`.
+    ///
+    /// `vpmaddubsw` multiplies unsigned by signed bytes into saturating i16 pairs. For
+    /// nibbles (2·15·127 per pair) a whole block's eight products per lane still fit in i16
+    /// (30,480), so they are summed as i16 and widened once per block. Bytes (up to 255) would
+    /// saturate: they are shifted back to signed and multiplied as |w| · (x with w's sign),
+    /// widened per chunk; that product is the whole dot, so no offset term is added.
+    #[inline(always)]
+    unsafe fn half_avx2<const R: usize>(w: &QMatrix, x: &QActs, g: usize, half: usize, r0: usize, out: *mut f32) {
+        let blocks = w.cols / QK;
+        let gb = w.packing.group_block_bytes();
+        let sums = offset_sums(w, x);
+        let xq = x.q.as_ptr();
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let wq = w.q.as_ptr().add((g * blocks + b) * gb + half * 32);
+            let mut dots = [_mm256_setzero_si256(); R];
+            match w.packing {
+                Packing::Nibbles => {
+                    let mut pairs = [_mm256_setzero_si256(); R];
+                    for c in 0..4 {
+                        let v = _mm256_loadu_si256(wq.add(c * 64) as *const __m256i);
+                        let lo = _mm256_and_si256(v, low);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        for r in 0..R {
+                            let xr = xq.add((r0 + r) * x.cols + b * QK);
+                            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(lo, bcast4_256(xr.add(4 * c))));
+                            pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(hi, bcast4_256(xr.add(16 + 4 * c))));
+                        }
                     }
-                    if left >= TILE {
-                        tile!(8)
-                    } else if left >= 4 {
-                        tile!(4)
-                    } else if left >= 2 {
-                        tile!(2)
-                    } else {
-                        tile!(1)
+                    for r in 0..R {
+                        dots[r] = _mm256_madd_epi16(pairs[r], ones);
+                    }
+                }
+                Packing::Bytes => {
+                    for c in 0..8 {
+                        let signed = _mm256_xor_si256(_mm256_loadu_si256(wq.add(c * 64) as *const __m256i), _mm256_set1_epi8(-128));
+                        let abs = _mm256_sign_epi8(signed, signed);
+                        for r in 0..R {
+                            let xv = _mm256_sign_epi8(bcast4_256(xq.add((r0 + r) * x.cols + b * QK + 4 * c)), signed);
+                            dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(_mm256_maddubs_epi16(abs, xv), ones));
+                        }
                     }
                 }
             }
-        };
+            let at = (g * blocks + b) * LANES + half * 8;
+            let dw = _mm256_loadu_ps(w.d.as_ptr().add(at));
+            let mw = _mm256_loadu_ps(w.m.as_ptr().add(at));
+            for r in 0..R {
+                let k = (r0 + r) * blocks + b;
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(k)));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), scale, acc[r]);
+                if w.packing == Packing::Nibbles {
+                    acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*sums.add(k)), acc[r]);
+                }
+            }
+        }
+        let n0 = g * LANES + half * 8;
+        let valid = w.rows.saturating_sub(n0).min(8);
+        for r in 0..R {
+            let dst = out.add((r0 + r) * w.rows + n0);
+            if valid == 8 {
+                _mm256_storeu_ps(dst, acc[r]);
+            } else {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
+            }
+        }
     }
 
-    driver!(run_avx2, tile_avx2, "avx2,fma", |w: &QMatrix| w.packing == Packing::Bytes);
-    driver!(run_avx512, tile_avx512, "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni", |_: &QMatrix| false);
+    /// `quantize_blocks` on AVX-512: round half away from zero as truncate, then step away
+    /// from zero where the dropped fraction is at least one half (exactly `round_away`).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")]
+    pub(super) unsafe fn quantize_avx512(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
+        let blocks = (x.len() / QK).min(d.len()).min(q.len() / QK);
+        let signbit = _mm512_set1_ps(-0.0);
+        let one = _mm512_set1_ps(1.0);
+        let half = _mm512_set1_ps(0.5);
+        for b in 0..blocks {
+            let p = x.as_ptr().add(b * QK);
+            let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(signbit, v0), _mm512_andnot_ps(signbit, v1)));
+            let id = _mm512_set1_ps(super::block_inverse(amax));
+            let round = |v: __m512| {
+                let t = _mm512_mul_ps(v, id);
+                let tr = _mm512_roundscale_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm512_andnot_ps(signbit, _mm512_sub_ps(t, tr));
+                let away = _mm512_or_ps(one, _mm512_and_ps(signbit, t));
+                let up = _mm512_cmp_ps_mask(frac, half, _CMP_GE_OQ);
+                _mm512_cvtps_epi32(_mm512_mask_add_ps(tr, up, tr, away))
+            };
+            let (i0, i1) = (round(v0), round(v1));
+            let out = q.as_mut_ptr().add(b * QK);
+            _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(i0));
+            _mm_storeu_si128(out.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(i1));
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+            super::finish_block(amax, sum, b, d, s_q81, s);
+        }
+    }
+
+    /// `quantize_blocks` on AVX2, the same arithmetic in four 8-lane vectors.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
+        let blocks = (x.len() / QK).min(d.len()).min(q.len() / QK);
+        let signbit = _mm256_set1_ps(-0.0);
+        let one = _mm256_set1_ps(1.0);
+        let half = _mm256_set1_ps(0.5);
+        for b in 0..blocks {
+            let p = x.as_ptr().add(b * QK);
+            let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_andnot_ps(signbit, v[0]), _mm256_andnot_ps(signbit, v[1])),
+                _mm256_max_ps(_mm256_andnot_ps(signbit, v[2]), _mm256_andnot_ps(signbit, v[3])),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let id = _mm256_set1_ps(super::block_inverse(amax));
+            let round = |v: __m256| {
+                let t = _mm256_mul_ps(v, id);
+                let tr = _mm256_round_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                let frac = _mm256_andnot_ps(signbit, _mm256_sub_ps(t, tr));
+                let away = _mm256_or_ps(one, _mm256_and_ps(signbit, t));
+                let up = _mm256_cmp_ps(frac, half, _CMP_GE_OQ);
+                _mm256_cvtps_epi32(_mm256_add_ps(tr, _mm256_and_ps(up, away)))
+            };
+            let i = [round(v[0]), round(v[1]), round(v[2]), round(v[3])];
+            // i32 → i16 → i8 with saturating packs (values are within ±127, so exact); the packs
+            // interleave 128-bit lanes, which the final permute undoes.
+            let w01 = _mm256_packs_epi32(i[0], i[1]);
+            let w23 = _mm256_packs_epi32(i[2], i[3]);
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+            let t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+            let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+            super::finish_block(amax, _mm_cvtsi128_si32(t), b, d, s_q81, s);
+        }
+    }
+
+    /// Activation rows in tiles of `$big`, then 4, 2 and 1, for each unit of weights.
+    macro_rules! tiles {
+        ($rows:expr, $big:literal, |$r0:ident, $r:ident| $body:expr) => {{
+            let mut $r0 = 0;
+            while $r0 < $rows {
+                let left = $rows - $r0;
+                if left >= $big {
+                    { const $r: usize = $big; $body }
+                    $r0 += $big;
+                } else if left >= 4 {
+                    { const $r: usize = 4; $body }
+                    $r0 += 4;
+                } else if left >= 2 {
+                    { const $r: usize = 2; $body }
+                    $r0 += 2;
+                } else {
+                    { const $r: usize = 1; $body }
+                    $r0 += 1;
+                }
+            }
+        }};
+    }
+
+    /// Groups `g0..g1`, each kept in L1 while every tile of activation rows passes over it.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub(super) unsafe fn run_avx512(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
+        for g in g0..g1 {
+            tiles!(x.rows, 8, |r0, R| group_avx512::<R>(w, x, g, r0, out));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn run_avx2(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
+        for g in g0..g1 {
+            for half in 0..2 {
+                if g * LANES + half * 8 < w.rows {
+                    tiles!(x.rows, 4, |r0, R| half_avx2::<R>(w, x, g, half, r0, out));
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -735,6 +794,31 @@ mod tests {
                     assert_eq!(threaded, single);
                 }
             }
+        }
+    }
+
+    /// The SIMD quantizers produce the specification's bits, ties and zero blocks included.
+    #[test]
+    fn simd_quantization_is_bit_exact() {
+        let mut x = random(64 * QK, 21);
+        x[..QK].fill(0.0);
+        for (i, v) in x[QK..2 * QK].iter_mut().enumerate() {
+            *v = (i as f32 - 16.0) * 0.5; // amax 8: quants hit exact halves
+        }
+        let blocks = x.len() / QK;
+        let spec = {
+            let (mut d, mut a, mut b, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0i8; x.len()]);
+            quantize_blocks_portable(&x, &mut d, &mut a, &mut b, &mut q);
+            (d, a, b, q)
+        };
+        let (mut d, mut a, mut b, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0i8; x.len()]);
+        quantize_blocks(&x, &mut d, &mut a, &mut b, &mut q);
+        assert_eq!(spec, (d, a, b, q));
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let (mut d, mut a, mut b, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0i8; x.len()]);
+            unsafe { x86::quantize_avx2(&x, &mut d, &mut a, &mut b, &mut q) };
+            assert_eq!(spec, (d, a, b, q));
         }
     }
 

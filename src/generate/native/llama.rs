@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 
-use crate::cpu::attention::attend_cached;
+use crate::cpu::attention::{attend_cached, push_key, KEY_BLOCK};
 use crate::cpu::math::swiglu;
 use crate::cpu::norm::{rms_norm, rms_norm_into};
 use crate::cpu::gemm::{Epilogue, PackedLinear};
@@ -106,7 +106,8 @@ pub struct LlamaWeights {
     pub output: Linear,
 }
 
-/// A sequence's keys and values, per layer: `[position][kv_head][head_dim]`.
+/// A sequence's keys and values, per layer. Keys are transposed in blocks of 16 positions
+/// (`cpu::attention::push_key`), values are `[position][kv_head][head_dim]`.
 #[derive(Default)]
 pub struct KvCache {
     pub k: Vec<Vec<f32>>,
@@ -216,8 +217,8 @@ impl LlamaWeights {
                     rope(head, &s.rope[r]);
                 }
                 let cache = &mut caches[row.seq];
-                debug_assert_eq!(cache.k[layer].len(), row.pos * kv_w);
-                cache.k[layer].extend_from_slice(&qkv[q_w..q_w + kv_w]);
+                debug_assert_eq!(cache.v[layer].len(), row.pos * kv_w);
+                push_key(&mut cache.k[layer], row.pos, &qkv[q_w..q_w + kv_w]);
                 cache.v[layer].extend_from_slice(&qkv[q_w + kv_w..]);
             }
             self.attend(rows, caches, layer, s, par);
@@ -277,14 +278,14 @@ impl LlamaWeights {
             let len = row.pos + 1;
             SCORES.with(|scores| {
                 let mut scores = scores.borrow_mut();
-                if scores.len() < len {
-                    scores.resize(len, 0.0);
+                let padded = len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+                if scores.len() < padded {
+                    scores.resize(padded, 0.0);
                 }
                 for head in 0..c.heads {
                     let q = &qkv[r * qkv_w + head * hd..r * qkv_w + (head + 1) * hd];
                     let o = &mut out[head * hd..(head + 1) * hd];
-                    let offset = (head / group) * hd;
-                    attend_cached(q, &cache.k[layer], &cache.v[layer], kv_w, offset, len, scale, &mut scores, o);
+                    attend_cached(q, &cache.k[layer], &cache.v[layer], kv_w, head / group, len, scale, &mut scores, o);
                 }
             });
         };
