@@ -58,7 +58,7 @@ if ll and g:
     print(f"| decode, 1 stream, tokens/s | {g['decode_tok_per_s']:.1f} | llama.cpp {ll['decode_tok_per_s']:.1f} | {g['decode_tok_per_s']/ll['decode_tok_per_s']:.2f}× |")
     print(f"| prompt processing, tokens/s | {g['prompt_tok_per_s']:.0f} | llama.cpp {ll['prompt_tok_per_s']:.0f} | {g['prompt_tok_per_s']/ll['prompt_tok_per_s']:.2f}× |")
     print(f"| time to first token, ms | {g['ttft_ms_p50']:.0f} | llama.cpp {ll['ttft_ms_p50']:.0f} | {ll['ttft_ms_p50']/g['ttft_ms_p50']:.2f}× |")
-    print(f"| 8 concurrent streams, tokens/s | {g['streams8_tok_per_s']:.1f} ({g['streams8_vs_one']:.2f}× one stream) | — | — |")
+    print(f"| 8 concurrent streams, tokens/s | {g['streams8_tok_per_s']:.1f} ({g['streams8_vs_one']:.2f}× one stream at {g['one_stream_tok_per_s']:.1f}, same method) | — | — |")
 mem = kv("edge-memory.txt")
 if mem:
     print(f"| peak RSS of the daemon (both default models, under this benchmark), MiB | {mem['peak_rss_mb']:.0f} | — | — |")

@@ -192,21 +192,31 @@ fn bench_generate(d: &Daemon) {
     });
     let mut ttft: Vec<f64> = (0..5).map(|_| stream_completion(&d.addr, &short).0 * 1000.0).collect();
     ttft.sort_by(f64::total_cmp);
-    // Eight concurrent streams of 128 tokens each.
-    let t = Instant::now();
-    let handles: Vec<_> = (0..8)
-        .map(|_| {
-            let addr = d.addr.clone();
-            let body = story.clone();
-            std::thread::spawn(move || stream_completion(&addr, &body).2)
-        })
-        .collect();
-    let tokens: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
-    let aggregate = tokens as f64 / t.elapsed().as_secs_f64();
+    // Eight concurrent streams against one, measured the same way (tokens over the wall
+    // time of the whole request, prompt included), alternating, best of three each: the
+    // host drifts within seconds, so a lone eight-stream run against a best-of-three decode
+    // figure measured at another moment says more about the host than about batching.
+    let wall = |streams: usize| {
+        let t = Instant::now();
+        let handles: Vec<_> = (0..streams)
+            .map(|_| {
+                let addr = d.addr.clone();
+                let body = story.clone();
+                std::thread::spawn(move || stream_completion(&addr, &body).2)
+            })
+            .collect();
+        let tokens: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        tokens as f64 / t.elapsed().as_secs_f64()
+    };
+    let (mut one, mut eight) = (0f64, 0f64);
+    for _ in 0..3 {
+        one = one.max(wall(1));
+        eight = eight.max(wall(8));
+    }
     println!(
-        "edgenode generate: decode_tok_per_s={decode:.1} prompt_tok_per_s={pp:.1} ttft_ms_p50={:.1} streams8_tok_per_s={aggregate:.1} streams8_vs_one={:.2}",
+        "edgenode generate: decode_tok_per_s={decode:.1} prompt_tok_per_s={pp:.1} ttft_ms_p50={:.1} one_stream_tok_per_s={one:.1} streams8_tok_per_s={eight:.1} streams8_vs_one={:.2}",
         ttft[2],
-        aggregate / decode
+        eight / one
     );
 }
 

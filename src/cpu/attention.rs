@@ -9,7 +9,6 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::math::softmax_prefix;
 use crate::multiversion;
 
 thread_local! {
@@ -18,42 +17,38 @@ thread_local! {
 
 multiversion! {
     /// Attention for one input: `qkv` holds its rows (`[len, 3·heads·d]`: q, k, v side by
-    /// side), `ctx` receives `[len, heads·d]`; `scratch` is at least `d·len + len` long.
+    /// side), `ctx` receives `[len, heads·d]`; `scratch` is at least `scratch_len(len, d)`
+    /// long. Per head the keys are laid out as the decode cache lays them out (blocks of 16
+    /// positions, transposed) and every query runs `attend_blocked`.
     fn attend_one(qkv: &[f32], ctx: &mut [f32], heads: usize, d: usize, scratch: &mut [f32]) {
         let h_all = heads * d;
         let len = ctx.len() / h_all;
+        let padded = len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
         let scale = 1.0 / (d as f32).sqrt();
-        let (kt, rest) = scratch.split_at_mut(d * len);
-        let scores = &mut rest[..len];
+        let (kt, rest) = scratch.split_at_mut(d * padded);
+        let scores = &mut rest[..padded];
         for h in 0..heads {
             let (q_off, k_off, v_off) = (h * d, h_all + h * d, 2 * h_all + h * d);
             for j in 0..len {
-                let k = &qkv[j * 3 * h_all + k_off..j * 3 * h_all + k_off + d];
-                for c in 0..d {
-                    kt[c * len + j] = k[c];
+                let (block, lane) = (j / KEY_BLOCK, j % KEY_BLOCK);
+                for (c, k) in qkv[j * 3 * h_all + k_off..j * 3 * h_all + k_off + d].iter().enumerate() {
+                    kt[(block * d + c) * KEY_BLOCK + lane] = *k;
                 }
             }
+            let layout = HeadLayout { k_width: d, k_head: 0, v_stride: 3 * h_all, v_offset: v_off };
             for i in 0..len {
                 let q = &qkv[i * 3 * h_all + q_off..i * 3 * h_all + q_off + d];
-                scores.fill(0.0);
-                for c in 0..d {
-                    let qc = q[c] * scale;
-                    for (s, kv) in scores.iter_mut().zip(&kt[c * len..(c + 1) * len]) {
-                        *s = qc.mul_add(*kv, *s);
-                    }
-                }
-                softmax_prefix(scores, len);
                 let out = &mut ctx[i * h_all + h * d..i * h_all + (h + 1) * d];
-                out.fill(0.0);
-                for (j, p) in scores.iter().enumerate() {
-                    let v = &qkv[j * 3 * h_all + v_off..j * 3 * h_all + v_off + d];
-                    for (o, vv) in out.iter_mut().zip(v) {
-                        *o = p.mul_add(*vv, *o);
-                    }
-                }
+                attend_blocked(q, kt, qkv, layout, len, scale, scores, out);
             }
         }
     }
+}
+
+/// Scratch floats `attend_one` needs for an input of `len` tokens and heads of `d`.
+fn scratch_len(len: usize, d: usize) -> usize {
+    let padded = len.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+    d * padded + padded
 }
 
 /// Attention for a packed batch: input `i` owns rows `cu_seqlens[i]..cu_seqlens[i+1]` of
@@ -73,8 +68,8 @@ pub fn attention(qkv: &[f32], ctx: &mut [f32], cu_seqlens: &[u32], heads: usize,
         let len = c.len() / h_all;
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            if s.len() < d * len + len {
-                s.resize(d * len + len, 0.0);
+            if s.len() < scratch_len(len, d) {
+                s.resize(scratch_len(len, d), 0.0);
             }
             attend_one(q, c, heads, d, &mut s);
         });
@@ -92,10 +87,17 @@ mod tests {
 
     #[test]
     fn matches_naive_attention_per_input() {
-        let (heads, d) = (3, 8);
+        // A generic head size and MiniLM's (32, the specialized path); inputs shorter than,
+        // equal to and longer than a key block.
+        for (heads, d) in [(3usize, 8usize), (2, 32)] {
+            check_against_naive(heads, d);
+        }
+    }
+
+    fn check_against_naive(heads: usize, d: usize) {
         let h_all = heads * d;
-        let cu = [0u32, 5, 6, 13];
-        let t = 13;
+        let cu = [0u32, 5, 6, 13, 29, 45];
+        let t = 45;
         let qkv: Vec<f32> = (0..t * 3 * h_all).map(|i| ((i * 7919) % 1009) as f32 / 500.0 - 1.0).collect();
         let mut ctx = vec![f32::NAN; t * h_all];
         attention(&qkv, &mut ctx, &cu, heads, d);
@@ -195,9 +197,9 @@ fn block_scores<const D: usize>(q: &[f32], keys: &[f32], scale: f32, s: &mut [f3
 /// across positions (a runtime width keeps them in memory, a load and store per product),
 /// in two chains over even and odd positions so the multiply-adds overlap.
 #[inline(always)]
-fn weighted_sum<const D: usize>(p: &[f32], v: &[f32], kv_w: usize, offset: usize, inv: f32, out: &mut [f32]) {
+fn weighted_sum<const D: usize>(p: &[f32], v: &[f32], stride: usize, offset: usize, inv: f32, out: &mut [f32]) {
     let (mut a, mut b) = ([0f32; D], [0f32; D]);
-    let row = |t: usize| &v[t * kv_w + offset..t * kv_w + offset + D];
+    let row = |t: usize| &v[t * stride + offset..t * stride + offset + D];
     let mut t = 0;
     while t + 1 < p.len() {
         let (v0, v1) = (row(t), row(t + 1));
@@ -218,19 +220,40 @@ fn weighted_sum<const D: usize>(p: &[f32], v: &[f32], kv_w: usize, offset: usize
     }
 }
 
+/// One query head against `len` cached positions. `kt` is the layer's key cache as
+/// `push_key` lays it out, `v` its values (`len` rows of `kv_w` floats); this head reads
+/// kv head `kv_head`. Writes the attention output to `out`; `scores` is scratch of at
+/// least `len` rounded up to 16.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_cached(q: &[f32], kt: &[f32], v: &[f32], kv_w: usize, kv_head: usize, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let layout = HeadLayout { k_width: kv_w, k_head: kv_head, v_stride: kv_w, v_offset: kv_head * q.len() };
+    attend_blocked(q, kt, v, layout, len, scale, scores, out)
+}
+
+/// Where one head's keys and values sit.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLayout {
+    /// Floats per position in the blocked keys (`push_key`'s `kv_w`), and this head's index
+    /// among them in units of the head size.
+    pub k_width: usize,
+    pub k_head: usize,
+    /// Floats from one position's values to the next, and where this head's start.
+    pub v_stride: usize,
+    pub v_offset: usize,
+}
+
 multiversion! {
-    /// One query head against `len` cached positions. `kt` is the layer's key cache as
-    /// `push_key` lays it out, `v` its values (`len` rows of `kv_w` floats); this head reads
-    /// kv head `kv_head`. Writes the attention output to `out`; `scores` is scratch of at
-    /// least `len` rounded up to 16.
-    pub fn attend_cached(q: &[f32], kt: &[f32], v: &[f32], kv_w: usize, kv_head: usize, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    /// Softmax attention of one query against `len` positions of blocked keys `kt` and
+    /// values `v`, as `layout` places them.
+    pub fn attend_blocked(q: &[f32], kt: &[f32], v: &[f32], layout: HeadLayout, len: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
         let d = q.len();
         let blocks = len.div_ceil(KEY_BLOCK);
         let scores = &mut scores[..blocks * KEY_BLOCK];
         for (blk, s) in scores.chunks_exact_mut(KEY_BLOCK).enumerate() {
-            let base = blk * kv_w * KEY_BLOCK + kv_head * d * KEY_BLOCK;
+            let base = blk * layout.k_width * KEY_BLOCK + layout.k_head * d * KEY_BLOCK;
             let keys = &kt[base..base + d * KEY_BLOCK];
             match d {
+                32 => block_scores::<32>(q, keys, scale, s),
                 64 => block_scores::<64>(q, keys, scale, s),
                 128 => block_scores::<128>(q, keys, scale, s),
                 _ => {
@@ -258,14 +281,15 @@ multiversion! {
             }
         }
         let inv = 1.0 / (acc.iter().sum::<f32>() + rest);
-        let offset = kv_head * d;
+        let (stride, offset) = (layout.v_stride, layout.v_offset);
         match d {
-            64 => weighted_sum::<64>(scores, v, kv_w, offset, inv, out),
-            128 => weighted_sum::<128>(scores, v, kv_w, offset, inv, out),
+            32 => weighted_sum::<32>(scores, v, stride, offset, inv, out),
+            64 => weighted_sum::<64>(scores, v, stride, offset, inv, out),
+            128 => weighted_sum::<128>(scores, v, stride, offset, inv, out),
             _ => {
                 out.fill(0.0);
                 for (t, p) in scores.iter().enumerate() {
-                    for (o, vv) in out.iter_mut().zip(&v[t * kv_w + offset..t * kv_w + offset + d]) {
+                    for (o, vv) in out.iter_mut().zip(&v[t * stride + offset..t * stride + offset + d]) {
                         *o = p.mul_add(*vv, *o);
                     }
                 }
