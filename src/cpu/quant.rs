@@ -17,8 +17,8 @@
 //! The integer dot of a whole block then accumulates lane-wise (`vpdpbusd` on AVX-512 VNNI,
 //! `vpmaddubsw` on AVX2) with no horizontal reduction, and the scales and offsets of the
 //! 16 rows are one vector each: two float multiply-adds per block finish 16 outputs, where a
-//! row-major layout needs a reduction per output. (llama.cpp's repacked layouts do the same;
-//! measured here it doubled the 8-row throughput: see docs/performance.md.)
+//! row-major layout needs a reduction per output (llama.cpp's repacked layouts do the same;
+//! measured here, 3× the throughput at 1 and at 8 rows: see docs/performance.md).
 //!
 //! Activations are quantized exactly as candle (and so mistral.rs) quantizes them —
 //! the block scale rounded to f16, Q8_1's block sum rounded through f16 — so the two
