@@ -259,6 +259,33 @@ impl QMatrix {
         })
     }
 
+    /// From GGUF Q4_K super-blocks (144 bytes per 256 values: f16 d, f16 dmin, 12 bytes
+    /// of 6-bit scales and mins for 8 sub-blocks, 128 bytes of nibbles). A sub-block of 32
+    /// is `d·sc·q − dmin·m`: a scale and an offset per block of 32, which is exactly this
+    /// layout's model, so Q4_K runs on the nibble kernels with no loss (the per-block scale
+    /// and offset are computed once here, in f32, as candle and llama.cpp compute them).
+    /// `cols` must be a multiple of 256.
+    pub fn from_q4_k(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
+        let supers = cols / 256;
+        QMatrix::build(rows, cols, Packing::Nibbles, "Q4_K", |r, b, codes| {
+            let (s, j) = (b / 8, b % 8);
+            let blk = &raw[(r * supers + s) * 144..(r * supers + s + 1) * 144];
+            let (d, dmin) = (f16_bits(blk[0], blk[1]), f16_bits(blk[2], blk[3]));
+            let scales = &blk[4..16];
+            let (sc, m) = if j < 4 {
+                (scales[j] & 63, scales[j + 4] & 63)
+            } else {
+                ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+            };
+            // Sub-blocks 2c and 2c+1 share 32 bytes: low nibbles, then high nibbles.
+            let qs = &blk[16 + (j / 2) * 32..16 + (j / 2 + 1) * 32];
+            for (c, q) in codes.iter_mut().zip(qs) {
+                *c = if j % 2 == 0 { q & 0x0F } else { q >> 4 };
+            }
+            (d * sc as f32, -(dmin * m as f32))
+        })
+    }
+
     /// From GGUF Q8_0 blocks (34 bytes each: f16 d, 32 signed bytes).
     pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
         let blocks = cols / QK;
@@ -819,6 +846,30 @@ mod tests {
             let (mut d, mut a, mut b, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0i8; x.len()]);
             unsafe { x86::quantize_avx2(&x, &mut d, &mut a, &mut b, &mut q) };
             assert_eq!(spec, (d, a, b, q));
+        }
+    }
+
+    /// Q4_K loads to exactly the values candle dequantizes from the same bytes.
+    #[test]
+    fn q4_k_matches_candles_dequantization() {
+        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+        let (rows, cols) = (5, 512);
+        let noise = random(rows * cols / 256 * 144, 31);
+        let mut raw: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for blk in raw.chunks_exact_mut(144) {
+            blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_bits().to_le_bytes());
+            blk[2..4].copy_from_slice(&half::f16::from_f32(0.0041).to_bits().to_le_bytes());
+        }
+        let w = QMatrix::from_q4_k(&raw, rows, cols);
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&raw[..]), &candle_core::Device::Cpu, GgmlDType::Q4K).unwrap();
+        let want = QTensor::new(storage, (rows, cols)).unwrap().dequantize(&candle_core::Device::Cpu).unwrap();
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let mut got = vec![0f32; cols];
+        for r in 0..rows {
+            w.dequantize_row(r, &mut got);
+            for (c, (g, e)) in got.iter().zip(&want[r * cols..(r + 1) * cols]).enumerate() {
+                assert!((g - e).abs() <= 1e-6 * (1.0 + e.abs()), "row {r} col {c}: {g} vs {e}");
+            }
         }
     }
 

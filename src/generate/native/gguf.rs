@@ -86,6 +86,7 @@ impl Reader<'_> {
         match info.ggml_dtype {
             GgmlDType::Q4_1 => Ok(QMatrix::from_q4_1(self.bytes(info)?, rows, cols)),
             GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(self.bytes(info)?, rows, cols)),
+            GgmlDType::Q4K if cols % 256 == 0 => Ok(QMatrix::from_q4_k(self.bytes(info)?, rows, cols)),
             _ => {
                 let values = self.f32s(name)?;
                 Ok(QMatrix::q8_0_from_f32(&values, rows, cols))
