@@ -1,9 +1,10 @@
 //! Multi-head self-attention over padding-free batches: each input attends only to its own
 //! tokens, so no padding is ever computed and no mask is needed.
 //!
-//! Per input and head: scores = q·kᵀ/√d (k transposed once so the inner loop runs over
-//! contiguous memory), softmax, then the weighted sum of v. Inputs run in parallel; the
-//! scratch (kᵀ and one score row) is per thread and reused, never allocated per call.
+//! Per input and head: scores = q·kᵀ/√d, softmax, then the weighted sum of v, on keys laid
+//! out in transposed blocks of 16 positions — the layout of the decode KV cache, so the
+//! encoder and the generator share `attend_blocked`. Inputs run in parallel; the scratch
+//! (the blocked keys and one score row) is per thread and reused, never allocated per call.
 
 use std::cell::RefCell;
 
@@ -30,10 +31,7 @@ multiversion! {
         for h in 0..heads {
             let (q_off, k_off, v_off) = (h * d, h_all + h * d, 2 * h_all + h * d);
             for j in 0..len {
-                let (block, lane) = (j / KEY_BLOCK, j % KEY_BLOCK);
-                for (c, k) in qkv[j * 3 * h_all + k_off..j * 3 * h_all + k_off + d].iter().enumerate() {
-                    kt[(block * d + c) * KEY_BLOCK + lane] = *k;
-                }
+                put_key(kt, j, &qkv[j * 3 * h_all + k_off..j * 3 * h_all + k_off + d]);
             }
             let layout = HeadLayout { k_width: d, k_head: 0, v_stride: 3 * h_all, v_offset: v_off };
             for i in 0..len {
@@ -81,82 +79,6 @@ pub fn attention(qkv: &[f32], ctx: &mut [f32], cu_seqlens: &[u32], heads: usize,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn matches_naive_attention_per_input() {
-        // A generic head size and MiniLM's (32, the specialized path); inputs shorter than,
-        // equal to and longer than a key block.
-        for (heads, d) in [(3usize, 8usize), (2, 32)] {
-            check_against_naive(heads, d);
-        }
-    }
-
-    fn check_against_naive(heads: usize, d: usize) {
-        let h_all = heads * d;
-        let cu = [0u32, 5, 6, 13, 29, 45];
-        let t = 45;
-        let qkv: Vec<f32> = (0..t * 3 * h_all).map(|i| ((i * 7919) % 1009) as f32 / 500.0 - 1.0).collect();
-        let mut ctx = vec![f32::NAN; t * h_all];
-        attention(&qkv, &mut ctx, &cu, heads, d);
-        for w in cu.windows(2) {
-            let (a, b) = (w[0] as usize, w[1] as usize);
-            for h in 0..heads {
-                for i in a..b {
-                    let q = |c: usize| qkv[i * 3 * h_all + h * d + c] as f64;
-                    let scores: Vec<f64> = (a..b)
-                        .map(|j| (0..d).map(|c| q(c) * qkv[j * 3 * h_all + h_all + h * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
-                        .collect();
-                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
-                    for c in 0..d {
-                        let want: f64 = (a..b)
-                            .map(|j| (scores[j - a] - m).exp() / z * qkv[j * 3 * h_all + 2 * h_all + h * d + c] as f64)
-                            .sum();
-                        let got = ctx[i * h_all + h * d + c] as f64;
-                        assert!((got - want).abs() < 1e-5, "input at {a}, head {h}, token {i}, dim {c}: {got} vs {want}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// The blocked key cache against a row-major one and a naive softmax, for head sizes
-    /// that are and are not even, lengths inside, at and past a block boundary.
-    #[test]
-    fn cached_attention_matches_naive() {
-        for (kv_heads, d) in [(3usize, 64usize), (2, 5)] {
-            let kv_w = kv_heads * d;
-            for len in [1usize, 15, 16, 17, 37] {
-                let keys = crate::cpu::random_f32(len * kv_w, 11);
-                let values = crate::cpu::random_f32(len * kv_w, 12);
-                let q = crate::cpu::random_f32(d, 13 + len as u64);
-                let mut kt = Vec::new();
-                for t in 0..len {
-                    push_key(&mut kt, t, &keys[t * kv_w..(t + 1) * kv_w]);
-                }
-                let scale = 1.0 / (d as f32).sqrt();
-                for kv_head in 0..kv_heads {
-                    let mut scores = vec![0f32; len.div_ceil(KEY_BLOCK) * KEY_BLOCK];
-                    let mut out = vec![f32::NAN; d];
-                    attend_cached(&q, &kt, &values, kv_w, kv_head, len, scale, &mut scores, &mut out);
-                    let s: Vec<f64> = (0..len)
-                        .map(|t| (0..d).map(|c| q[c] as f64 * keys[t * kv_w + kv_head * d + c] as f64).sum::<f64>() * scale as f64)
-                        .collect();
-                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                    for c in 0..d {
-                        let want: f64 = (0..len).map(|t| (s[t] - m).exp() / z * values[t * kv_w + kv_head * d + c] as f64).sum();
-                        assert!((out[c] as f64 - want).abs() < 1e-5, "d {d} len {len} head {kv_head} dim {c}: {} vs {want}", out[c]);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Positions per block of the transposed key cache (one 512-bit register of scores).
 pub const KEY_BLOCK: usize = 16;
 
@@ -165,12 +87,17 @@ pub const KEY_BLOCK: usize = 16;
 /// block are then `d` vector multiply-adds with no horizontal sums (a row-major cache needs
 /// a 16-lane reduction per position and head, which dominated decode attention).
 pub fn push_key(kt: &mut Vec<f32>, pos: usize, key: &[f32]) {
-    let kv_w = key.len();
-    let (block, lane) = (pos / KEY_BLOCK, pos % KEY_BLOCK);
-    if kt.len() < (block + 1) * kv_w * KEY_BLOCK {
-        kt.resize((block + 1) * kv_w * KEY_BLOCK, 0.0);
+    let end = (pos / KEY_BLOCK + 1) * key.len() * KEY_BLOCK;
+    if kt.len() < end {
+        kt.resize(end, 0.0);
     }
-    let base = block * kv_w * KEY_BLOCK;
+    put_key(kt, pos, key);
+}
+
+/// Writes position `pos`'s keys into a blocked key buffer already long enough for it.
+fn put_key(kt: &mut [f32], pos: usize, key: &[f32]) {
+    let (block, lane) = (pos / KEY_BLOCK, pos % KEY_BLOCK);
+    let base = block * key.len() * KEY_BLOCK;
     for (c, &k) in key.iter().enumerate() {
         kt[base + c * KEY_BLOCK + lane] = k;
     }
@@ -294,6 +221,82 @@ multiversion! {
                     }
                 }
                 out.iter_mut().for_each(|o| *o *= inv);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_naive_attention_per_input() {
+        // A generic head size and MiniLM's (32, the specialized path); inputs shorter than,
+        // equal to and longer than a key block.
+        for (heads, d) in [(3usize, 8usize), (2, 32)] {
+            check_against_naive(heads, d);
+        }
+    }
+
+    fn check_against_naive(heads: usize, d: usize) {
+        let h_all = heads * d;
+        let cu = [0u32, 5, 6, 13, 29, 45];
+        let t = 45;
+        let qkv: Vec<f32> = (0..t * 3 * h_all).map(|i| ((i * 7919) % 1009) as f32 / 500.0 - 1.0).collect();
+        let mut ctx = vec![f32::NAN; t * h_all];
+        attention(&qkv, &mut ctx, &cu, heads, d);
+        for w in cu.windows(2) {
+            let (a, b) = (w[0] as usize, w[1] as usize);
+            for h in 0..heads {
+                for i in a..b {
+                    let q = |c: usize| qkv[i * 3 * h_all + h * d + c] as f64;
+                    let scores: Vec<f64> = (a..b)
+                        .map(|j| (0..d).map(|c| q(c) * qkv[j * 3 * h_all + h_all + h * d + c] as f64).sum::<f64>() / (d as f64).sqrt())
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = (a..b)
+                            .map(|j| (scores[j - a] - m).exp() / z * qkv[j * 3 * h_all + 2 * h_all + h * d + c] as f64)
+                            .sum();
+                        let got = ctx[i * h_all + h * d + c] as f64;
+                        assert!((got - want).abs() < 1e-5, "input at {a}, head {h}, token {i}, dim {c}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The blocked key cache against a row-major one and a naive softmax, for head sizes
+    /// that are and are not even, lengths inside, at and past a block boundary.
+    #[test]
+    fn cached_attention_matches_naive() {
+        for (kv_heads, d) in [(3usize, 64usize), (2, 5)] {
+            let kv_w = kv_heads * d;
+            for len in [1usize, 15, 16, 17, 37] {
+                let keys = crate::cpu::random_f32(len * kv_w, 11);
+                let values = crate::cpu::random_f32(len * kv_w, 12);
+                let q = crate::cpu::random_f32(d, 13 + len as u64);
+                let mut kt = Vec::new();
+                for t in 0..len {
+                    push_key(&mut kt, t, &keys[t * kv_w..(t + 1) * kv_w]);
+                }
+                let scale = 1.0 / (d as f32).sqrt();
+                for kv_head in 0..kv_heads {
+                    let mut scores = vec![0f32; len.div_ceil(KEY_BLOCK) * KEY_BLOCK];
+                    let mut out = vec![f32::NAN; d];
+                    attend_cached(&q, &kt, &values, kv_w, kv_head, len, scale, &mut scores, &mut out);
+                    let s: Vec<f64> = (0..len)
+                        .map(|t| (0..d).map(|c| q[c] as f64 * keys[t * kv_w + kv_head * d + c] as f64).sum::<f64>() * scale as f64)
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                    for c in 0..d {
+                        let want: f64 = (0..len).map(|t| (s[t] - m).exp() / z * values[t * kv_w + kv_head * d + c] as f64).sum();
+                        assert!((out[c] as f64 - want).abs() < 1e-5, "d {d} len {len} head {kv_head} dim {c}: {} vs {want}", out[c]);
+                    }
+                }
             }
         }
     }
