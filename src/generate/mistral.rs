@@ -36,6 +36,7 @@ use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStrea
 use super::sampling::{Sampler, SamplingParams};
 use super::detok::Detokenizer;
 use super::template::{ChatMessage, ChatTemplate};
+use super::tokenizer::GgufTokenizer;
 
 /// A model served by mistral.rs.
 pub struct MistralGenerator {
@@ -44,11 +45,50 @@ pub struct MistralGenerator {
     /// mistral.rs 0.8.1 corrupts the text of sequences that share decode steps on the CPU
     /// (eight concurrent greedy chats came back mixed), so sequences take turns.
     turns: Arc<tokio::sync::Semaphore>,
-    tokenizer: Arc<tokenizers021::Tokenizer>,
+    tokenizer: Arc<Vocabulary>,
     template: ChatTemplate,
     context: usize,
     eos: Arc<Vec<u32>>,
     details: serde_json::Value,
+}
+
+/// The tokenizer prompts are encoded with and picks decoded with. For a GGUF file it is ours
+/// (`generate::tokenizer`), the native engine's: mistral.rs reads a SentencePiece vocabulary
+/// as a Unigram model and so tokenizes TinyLlama's prompts unlike llama.cpp.
+enum Vocabulary {
+    Gguf(GgufTokenizer),
+    Hf(Arc<tokenizers021::Tokenizer>),
+}
+
+impl Vocabulary {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        match self {
+            Vocabulary::Gguf(t) => t.encode(text),
+            // The same call mistral.rs makes for a text completion (special tokens on).
+            Vocabulary::Hf(t) => t.encode_fast(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Vocabulary::Gguf(t) => t.decode(ids),
+            Vocabulary::Hf(t) => t.decode(ids, true).unwrap_or_default(),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        match self {
+            Vocabulary::Gguf(t) => t.vocab_size(),
+            Vocabulary::Hf(t) => t.get_vocab_size(true),
+        }
+    }
+}
+
+/// Our tokenizer for a GGUF file, from its metadata.
+fn gguf_tokenizer(path: &Path) -> Result<GgufTokenizer, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| format!("{} is not a valid GGUF file: {e}", path.display()))?;
+    GgufTokenizer::from_gguf(&content)
 }
 
 /// What to load: a GGUF file, or a Hugging Face safetensors folder (Llama layout).
@@ -140,6 +180,10 @@ macro_rules! token_text {
 impl MistralGenerator {
     /// Loads the model and starts its engine with room for `max_sequences` running together.
     pub async fn load(files: ModelFiles<'_>, device: &candle_core::Device, max_sequences: usize) -> Result<Self, String> {
+        let ours = match files {
+            ModelFiles::Gguf(path) => Some(tokio::task::block_in_place(|| gguf_tokenizer(path))?),
+            ModelFiles::SafetensorsDir(_) => None,
+        };
         let pipeline = tokio::task::block_in_place(|| load_pipeline(&files, device)).map_err(|e| format!("{e:#}"))?;
         let (tokenizer, template, context, eos, details) = {
             let p = pipeline.lock().await;
@@ -156,13 +200,21 @@ impl MistralGenerator {
                 None => return Err("the model has no chat template".into()),
             };
             let template = ChatTemplate::new(&source, &token_text!(chat.bos_token), &token_text!(chat.eos_token))?;
+            let (tokenizer, eos) = match ours {
+                Some(t) => {
+                    let mut eos = t.eos.clone();
+                    eos.extend(md.eos_tok.iter().filter(|e| !t.eos.contains(e)));
+                    (Vocabulary::Gguf(t), eos)
+                }
+                None => (Vocabulary::Hf(tokenizer), md.eos_tok.clone()),
+            };
             let details = serde_json::json!({
                 "layers": md.num_hidden_layers,
                 "activation_dtype": format!("{:?}", md.activation_dtype),
-                "eos_token_ids": md.eos_tok,
-                "vocab_size": tokenizer.get_vocab_size(true),
+                "eos_token_ids": eos,
+                "vocab_size": tokenizer.vocab_size(),
             });
-            (tokenizer, template, md.max_seq_len, md.eos_tok.clone(), details)
+            (Arc::new(tokenizer), template, md.max_seq_len, eos, details)
         };
         let sequences = NonZeroUsize::new(max_sequences.max(1)).ok_or("max sequences must be positive")?;
         let runner = MistralRsBuilder::new(
@@ -234,8 +286,7 @@ impl Generator for MistralGenerator {
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, String> {
-        // The same call mistral.rs makes for a text completion (encode_fast, special tokens on).
-        self.tokenizer.encode_fast(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+        self.tokenizer.encode(text)
     }
 
     fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, String> {
@@ -319,7 +370,7 @@ impl MistralGenerator {
         tokio::spawn(async move {
             let pick = task_pick;
             let mut detok = Detokenizer::default();
-            let decode = |ids: &[u32]| tokenizer.decode(ids, true).unwrap_or_default();
+            let decode = |ids: &[u32]| tokenizer.decode(ids);
             // New text from the picks so far (an end-of-sequence pick is never text).
             let text_now = |detok: &mut Detokenizer, flush: bool| {
                 let picks = pick.picks.lock().clone();

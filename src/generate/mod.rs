@@ -14,6 +14,7 @@ pub mod native;
 pub mod sampling;
 pub mod stop;
 pub mod template;
+pub mod tokenizer;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -9,7 +9,6 @@
 
 pub mod gguf;
 pub mod llama;
-pub mod tokenizer;
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use super::template::{ChatMessage, ChatTemplate};
 use crate::cpu::team::Team;
 use llama::{KvCache, LlamaWeights, Row, Scratch};
 use super::detok::Detokenizer;
-use tokenizer::GgufTokenizer;
+use super::tokenizer::GgufTokenizer;
 
 /// Most prompt tokens prefilled in one step, shared by the prefilling sequences; decoding
 /// sequences always get their row.
@@ -76,6 +75,7 @@ impl NativeGenerator {
             "layers": c.layers, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
             "vocab_size": c.vocab, "weight_bytes": weight_bytes, "formats": model.formats,
             "cpu_isa": crate::cpu::Isa::detect().name(), "threads": threads,
+            "tokenizer": tokenizer.kind, "adds_bos": tokenizer.adds_bos(), "eos_token_ids": tokenizer.eos,
         });
         let (tx, rx) = std_mpsc::channel();
         let eos = tokenizer.eos.clone();
