@@ -271,16 +271,35 @@ impl QMatrix {
             let (s, j) = (b / 8, b % 8);
             let blk = &raw[(r * supers + s) * 144..(r * supers + s + 1) * 144];
             let (d, dmin) = (f16_bits(blk[0], blk[1]), f16_bits(blk[2], blk[3]));
-            let scales = &blk[4..16];
-            let (sc, m) = if j < 4 {
-                (scales[j] & 63, scales[j + 4] & 63)
-            } else {
-                ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
-            };
+            let (sc, m) = k_scale_min(&blk[4..16], j);
             // Sub-blocks 2c and 2c+1 share 32 bytes: low nibbles, then high nibbles.
             let qs = &blk[16 + (j / 2) * 32..16 + (j / 2 + 1) * 32];
             for (c, q) in codes.iter_mut().zip(qs) {
                 *c = if j % 2 == 0 { q & 0x0F } else { q >> 4 };
+            }
+            (d * sc as f32, -(dmin * m as f32))
+        })
+    }
+
+    /// From GGUF Q5_K super-blocks (176 bytes per 256 values: f16 d, f16 dmin, the same 12
+    /// bytes of 6-bit scales and mins as Q4_K, 32 bytes of fifth bits, 128 bytes of
+    /// nibbles). A sub-block of 32 is `d·sc·q − dmin·m` with q in 0..32, so Q5_K runs on the
+    /// byte kernels with no loss (at 8 bits per quant in memory). `cols` must be a multiple
+    /// of 256.
+    pub fn from_q5_k(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
+        let supers = cols / 256;
+        QMatrix::build(rows, cols, Packing::Bytes, "Q5_K", |r, b, codes| {
+            let (s, j) = (b / 8, b % 8);
+            let blk = &raw[(r * supers + s) * 176..(r * supers + s + 1) * 176];
+            let (d, dmin) = (f16_bits(blk[0], blk[1]), f16_bits(blk[2], blk[3]));
+            let (sc, m) = k_scale_min(&blk[4..16], j);
+            let qh = &blk[16..48];
+            // Sub-blocks 2c and 2c+1 share 32 bytes of nibbles; bit j of qh[l] is quant l's
+            // fifth bit in sub-block j.
+            let qs = &blk[48 + (j / 2) * 32..48 + (j / 2 + 1) * 32];
+            for (l, c) in codes.iter_mut().enumerate() {
+                let low = if j % 2 == 0 { qs[l] & 0x0F } else { qs[l] >> 4 };
+                *c = low | (((qh[l] >> j) & 1) << 4);
             }
             (d * sc as f32, -(dmin * m as f32))
         })
@@ -371,6 +390,15 @@ impl QMatrix {
     }
 }
 
+/// Sub-block `j`'s 6-bit scale and min from the 12 packed bytes Q4_K and Q5_K share.
+fn k_scale_min(scales: &[u8], j: usize) -> (u8, u8) {
+    if j < 4 {
+        (scales[j] & 63, scales[j + 4] & 63)
+    } else {
+        ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+    }
+}
+
 fn f16_bits(lo: u8, hi: u8) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32()
 }
@@ -399,8 +427,16 @@ pub fn qmatmul(w: &QMatrix, x: &QActs, out: &mut [f32], par: &dyn Parallel) {
 
 /// `qmatmul` with a chosen kernel (tests compare every kernel with the specification).
 pub fn qmatmul_with(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], par: &dyn Parallel) {
+    qmatmul_columns(kernel, w, x, out, w.rows, 0, par)
+}
+
+/// `qmatmul` into columns `col..col + w.rows` of an output whose rows are `ld` wide: the
+/// parts of a projection stored in different formats (llama.cpp's Q4_K_M keeps some `v`
+/// projections in Q6_K beside Q4_K `q` and `k`) fill one output side by side.
+pub fn qmatmul_columns(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], ld: usize, col: usize, par: &dyn Parallel) {
     assert_eq!(w.cols, x.cols, "qmatmul: widths differ");
-    assert!(out.len() >= x.rows * w.rows, "qmatmul: output too small");
+    assert!(col + w.rows <= ld, "qmatmul: columns past the row");
+    assert!(x.rows == 0 || out.len() >= (x.rows - 1) * ld + col + w.rows, "qmatmul: output too small");
     let blocks = w.cols / QK;
     let groups = w.groups();
     assert!(
@@ -408,7 +444,8 @@ pub fn qmatmul_with(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], par
         "qmatmul: weights truncated"
     );
     assert!(x.q.len() >= x.rows * x.cols && x.d.len() >= x.rows * blocks && x.s.len() >= x.rows * blocks && x.s_q81.len() >= x.rows * blocks, "qmatmul: activations truncated");
-    let ptr = OutPtr(out.as_mut_ptr());
+    // SAFETY: `col` is within `out` (asserted above).
+    let ptr = OutPtr(unsafe { out.as_mut_ptr().add(col) });
     // Enough tasks for the threads to balance, few enough that each is worth a dispatch.
     let tasks = (w.rows / MIN_ROWS_PER_TASK).clamp(1, par.threads() * 8);
     let per_task = groups.div_ceil(tasks);
@@ -417,9 +454,9 @@ pub fn qmatmul_with(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], par
         let g0 = chunk * per_task;
         let g1 = (g0 + per_task).min(groups);
         // SAFETY: groups g0..g1 of `w` exist and its buffers are complete, as are the
-        // activations' (asserted); `out` holds x.rows × w.rows values (asserted), and this
-        // task writes only the columns of its own groups.
-        unsafe { kernel.run(w, x, g0, g1, ptr.get()) };
+        // activations' (asserted); `out` holds x.rows rows of ld values from `col` on
+        // (asserted), and this task writes only the columns of its own groups.
+        unsafe { kernel.run(w, x, g0, g1, ptr.get(), ld) };
     };
     par.for_each(tasks, &run);
 }
@@ -456,14 +493,14 @@ impl Kernel {
     ///
     /// # Safety
     /// `g0..g1` are groups of `w`, whose buffers are complete, as are `x`'s; `out` points at
-    /// `x.rows × w.rows` floats.
-    unsafe fn run(self, w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
+    /// `x.rows` rows of `ld ≥ w.rows` floats (only the first `w.rows` of each are written).
+    unsafe fn run(self, w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, ld: usize) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => x86::run_avx512(w, x, g0, g1, out),
+            Kernel::Avx512Vnni => x86::run_avx512(w, x, g0, g1, out, ld),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => x86::run_avx2(w, x, g0, g1, out),
-            Kernel::Portable => portable(w, x, g0, g1, out),
+            Kernel::Avx2 => x86::run_avx2(w, x, g0, g1, out, ld),
+            Kernel::Portable => portable(w, x, g0, g1, out, ld),
         }
     }
 }
@@ -479,7 +516,7 @@ fn offset_sums(w: &QMatrix, x: &QActs) -> *const f32 {
 
 /// The specification: per block, an exact integer dot scaled by both scales, plus the
 /// offset times the activation block's sum.
-unsafe fn portable(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
+unsafe fn portable(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, ld: usize) {
     let blocks = w.cols / QK;
     let sums = offset_sums(w, x);
     for r in 0..x.rows {
@@ -491,7 +528,7 @@ unsafe fn portable(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) 
                 let i = w.scale_index(n, b);
                 acc += dot as f32 * (w.d[i] * x.d[r * blocks + b]) + w.m[i] * *sums.add(r * blocks + b);
             }
-            *out.add(r * w.rows + n) = acc;
+            *out.add(r * ld + n) = acc;
         }
     }
 }
@@ -515,7 +552,7 @@ mod x86 {
 
     /// One group of 16 weight rows against activation rows `r0..r0+R`: 16 outputs per row.
     #[inline(always)]
-    unsafe fn group_avx512<const R: usize>(w: &QMatrix, x: &QActs, g: usize, r0: usize, out: *mut f32) {
+    unsafe fn group_avx512<const R: usize>(w: &QMatrix, x: &QActs, g: usize, r0: usize, out: *mut f32, ld: usize) {
         let blocks = w.cols / QK;
         let gb = w.packing.group_block_bytes();
         let sums = offset_sums(w, x);
@@ -565,7 +602,7 @@ mod x86 {
         let valid = (w.rows - g * LANES).min(LANES);
         let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
         for r in 0..R {
-            _mm512_mask_storeu_ps(out.add((r0 + r) * w.rows + g * LANES), mask, acc[r]);
+            _mm512_mask_storeu_ps(out.add((r0 + r) * ld + g * LANES), mask, acc[r]);
         }
     }
 
@@ -577,7 +614,7 @@ mod x86 {
     /// saturate: they are shifted back to signed and multiplied as |w| · (x with w's sign),
     /// widened per chunk; that product is the whole dot, so no offset term is added.
     #[inline(always)]
-    unsafe fn half_avx2<const R: usize>(w: &QMatrix, x: &QActs, g: usize, half: usize, r0: usize, out: *mut f32) {
+    unsafe fn half_avx2<const R: usize>(w: &QMatrix, x: &QActs, g: usize, half: usize, r0: usize, out: *mut f32, ld: usize) {
         let blocks = w.cols / QK;
         let gb = w.packing.group_block_bytes();
         let sums = offset_sums(w, x);
@@ -631,7 +668,7 @@ mod x86 {
         let n0 = g * LANES + half * 8;
         let valid = w.rows.saturating_sub(n0).min(8);
         for r in 0..R {
-            let dst = out.add((r0 + r) * w.rows + n0);
+            let dst = out.add((r0 + r) * ld + n0);
             if valid == 8 {
                 _mm256_storeu_ps(dst, acc[r]);
             } else {
@@ -738,18 +775,18 @@ mod x86 {
 
     /// Groups `g0..g1`, each kept in L1 while every tile of activation rows passes over it.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub(super) unsafe fn run_avx512(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
+    pub(super) unsafe fn run_avx512(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, ld: usize) {
         for g in g0..g1 {
-            tiles!(x.rows, 8, |r0, R| group_avx512::<R>(w, x, g, r0, out));
+            tiles!(x.rows, 8, |r0, R| group_avx512::<R>(w, x, g, r0, out, ld));
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn run_avx2(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32) {
+    pub(super) unsafe fn run_avx2(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, ld: usize) {
         for g in g0..g1 {
             for half in 0..2 {
                 if g * LANES + half * 8 < w.rows {
-                    tiles!(x.rows, 4, |r0, R| half_avx2::<R>(w, x, g, half, r0, out));
+                    tiles!(x.rows, 4, |r0, R| half_avx2::<R>(w, x, g, half, r0, out, ld));
                 }
             }
         }
@@ -849,26 +886,59 @@ mod tests {
         }
     }
 
-    /// Q4_K loads to exactly the values candle dequantizes from the same bytes.
-    #[test]
-    fn q4_k_matches_candles_dequantization() {
-        use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+    /// K-quant super-blocks of random bytes with sane f16 scales, loaded by `load`, give
+    /// exactly the values candle dequantizes from the same bytes.
+    fn matches_candle(dtype: candle_core::quantized::GgmlDType, block_bytes: usize, load: fn(&[u8], usize, usize) -> QMatrix) {
+        use candle_core::quantized::{QStorage, QTensor};
         let (rows, cols) = (5, 512);
-        let noise = random(rows * cols / 256 * 144, 31);
+        let noise = random(rows * cols / 256 * block_bytes, 31);
         let mut raw: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
-        for blk in raw.chunks_exact_mut(144) {
+        for blk in raw.chunks_exact_mut(block_bytes) {
             blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_bits().to_le_bytes());
             blk[2..4].copy_from_slice(&half::f16::from_f32(0.0041).to_bits().to_le_bytes());
         }
-        let w = QMatrix::from_q4_k(&raw, rows, cols);
-        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&raw[..]), &candle_core::Device::Cpu, GgmlDType::Q4K).unwrap();
+        let w = load(&raw, rows, cols);
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&raw[..]), &candle_core::Device::Cpu, dtype).unwrap();
         let want = QTensor::new(storage, (rows, cols)).unwrap().dequantize(&candle_core::Device::Cpu).unwrap();
         let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
         let mut got = vec![0f32; cols];
         for r in 0..rows {
             w.dequantize_row(r, &mut got);
             for (c, (g, e)) in got.iter().zip(&want[r * cols..(r + 1) * cols]).enumerate() {
-                assert!((g - e).abs() <= 1e-6 * (1.0 + e.abs()), "row {r} col {c}: {g} vs {e}");
+                assert!((g - e).abs() <= 1e-6 * (1.0 + e.abs()), "{dtype:?} row {r} col {c}: {g} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn q4_k_matches_candles_dequantization() {
+        matches_candle(candle_core::quantized::GgmlDType::Q4K, 144, QMatrix::from_q4_k);
+    }
+
+    #[test]
+    fn q5_k_matches_candles_dequantization() {
+        matches_candle(candle_core::quantized::GgmlDType::Q5K, 176, QMatrix::from_q5_k);
+    }
+
+    /// Parts in different formats written side by side into one output equal each part's
+    /// own product (the mixed-format projections of Q4_K_M files).
+    #[test]
+    fn parts_fill_their_own_columns() {
+        let cols = 64;
+        let a = QMatrix::from_q4_1(&q4_1_raw(&random(20 * cols, 5)), 20, cols);
+        let b = QMatrix::q8_0_from_f32(&random(7 * cols, 6), 7, cols);
+        let mut x = QActs::default();
+        x.quantize(&random(3 * cols, 7), 3, cols);
+        for kernel in [Kernel::Portable, Kernel::detect()] {
+            let (mut pa, mut pb) = (vec![0f32; 3 * 20], vec![0f32; 3 * 7]);
+            qmatmul_with(kernel, &a, &x, &mut pa, &crate::cpu::Rayon(1));
+            qmatmul_with(kernel, &b, &x, &mut pb, &crate::cpu::Rayon(1));
+            let mut out = vec![f32::NAN; 3 * 27];
+            qmatmul_columns(kernel, &a, &x, &mut out, 27, 0, &crate::cpu::Rayon(2));
+            qmatmul_columns(kernel, &b, &x, &mut out, 27, 20, &crate::cpu::Rayon(2));
+            for r in 0..3 {
+                assert_eq!(&out[r * 27..r * 27 + 20], &pa[r * 20..(r + 1) * 20], "{kernel:?} row {r}");
+                assert_eq!(&out[r * 27 + 20..(r + 1) * 27], &pb[r * 7..(r + 1) * 7], "{kernel:?} row {r}");
             }
         }
     }

@@ -15,7 +15,7 @@ use candle_core::Device;
 
 use super::llama::{Block, Linear, LlamaConfig, LlamaWeights};
 use crate::cpu::gemm::PackedLinear;
-use super::tokenizer::GgufTokenizer;
+use crate::generate::tokenizer::GgufTokenizer;
 use crate::cpu::quant::{QMatrix, QK};
 
 /// Everything a GGUF file gives the engine.
@@ -71,8 +71,21 @@ impl Reader<'_> {
             }
             return Ok(Linear::Exact(PackedLinear::new(&values, &vec![0.0; rows], rows, cols)));
         }
-        let parts = names.iter().map(|n| self.matrix(n)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Linear::Quant(QMatrix::concat(parts)?))
+        // Consecutive parts in one format are fused into one matrix; a change of format
+        // (Q4_K_M's Q6_K `v` after Q4_K `q` and `k`) starts another.
+        let mut fused: Vec<Vec<QMatrix>> = Vec::new();
+        for name in names {
+            let m = self.matrix(name)?;
+            match fused.last_mut() {
+                Some(run) if run[0].packing == m.packing => run.push(m),
+                _ => fused.push(vec![m]),
+            }
+        }
+        let parts = fused.into_iter().map(QMatrix::concat).collect::<Result<Vec<_>, _>>()?;
+        if parts.windows(2).any(|w| w[0].cols != w[1].cols) {
+            return Err(format!("{}: parts of different widths cannot share an input", names.join(", ")));
+        }
+        Ok(Linear::Quant(parts))
     }
 
     /// A 2-D weight (`[rows, cols]`, one row per output) in a format our kernels run.
@@ -87,11 +100,21 @@ impl Reader<'_> {
             GgmlDType::Q4_1 => Ok(QMatrix::from_q4_1(self.bytes(info)?, rows, cols)),
             GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(self.bytes(info)?, rows, cols)),
             GgmlDType::Q4K if cols % 256 == 0 => Ok(QMatrix::from_q4_k(self.bytes(info)?, rows, cols)),
+            GgmlDType::Q5K if cols % 256 == 0 => Ok(QMatrix::from_q5_k(self.bytes(info)?, rows, cols)),
             _ => {
                 let values = self.f32s(name)?;
                 Ok(QMatrix::q8_0_from_f32(&values, rows, cols))
             }
         }
+    }
+}
+
+/// A GGML type as llama.cpp names it (`Q4_K`, `Q6_K`; candle's debug names are `Q4K`).
+fn ggml_name(t: GgmlDType) -> String {
+    let name = format!("{t:?}");
+    match name.strip_suffix('K') {
+        Some(stem) if stem.starts_with('Q') => format!("{stem}_K"),
+        _ => name,
     }
 }
 
@@ -143,7 +166,7 @@ pub fn load(path: &Path, exact: bool) -> Result<GgufModel, String> {
         .ok_or("the GGUF has no tokenizer.chat_template")?;
     let mut formats = BTreeMap::new();
     for info in content.tensor_infos.values() {
-        *formats.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += 1;
+        *formats.entry(ggml_name(info.ggml_dtype)).or_insert(0) += 1;
     }
 
     let mut r = Reader { content: &content, file, map };

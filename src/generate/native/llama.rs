@@ -11,7 +11,7 @@ use crate::cpu::attention::{attend_cached, push_key, KEY_BLOCK};
 use crate::cpu::math::swiglu;
 use crate::cpu::norm::{rms_norm, rms_norm_into};
 use crate::cpu::gemm::{Epilogue, PackedLinear};
-use crate::cpu::quant::{qmatmul, QActs, QMatrix};
+use crate::cpu::quant::{qmatmul, qmatmul_columns, Kernel, QActs, QMatrix};
 use crate::cpu::Parallel;
 
 /// Rows of the attention output, written by one task each.
@@ -51,7 +51,11 @@ pub struct LlamaConfig {
 /// serving path) or exact (f32 weights and activations: the reference the engine is checked
 /// against, on the same weights dequantized).
 pub enum Linear {
-    Quant(QMatrix),
+    /// Output rows in consecutive parts, one per weight format: fused projections (q, k and
+    /// v; gate and up) are one matrix when their parts share a format, and side-by-side
+    /// matrices over the same quantized activations when a mixed file (Q4_K_M) stores them
+    /// differently.
+    Quant(Vec<QMatrix>),
     Exact(PackedLinear),
 }
 
@@ -59,7 +63,7 @@ impl Linear {
     /// Output features.
     pub fn rows(&self) -> usize {
         match self {
-            Linear::Quant(m) => m.rows,
+            Linear::Quant(parts) => parts.iter().map(|m| m.rows).sum(),
             Linear::Exact(p) => p.n,
         }
     }
@@ -67,7 +71,7 @@ impl Linear {
     /// Bytes of weights held.
     pub fn bytes(&self) -> usize {
         match self {
-            Linear::Quant(m) => m.bytes(),
+            Linear::Quant(parts) => parts.iter().map(QMatrix::bytes).sum(),
             Linear::Exact(p) => 4 * p.n * p.k,
         }
     }
@@ -75,9 +79,17 @@ impl Linear {
     /// `out[n × rows] = x[n × cols] · wᵀ`.
     fn apply(&self, x: &[f32], n: usize, out: &mut [f32], acts: &mut QActs, par: &dyn Parallel) {
         match self {
-            Linear::Quant(m) => {
-                acts.quantize_par(x, n, m.cols, par);
-                qmatmul(m, acts, out, par);
+            Linear::Quant(parts) => {
+                acts.quantize_par(x, n, parts[0].cols, par);
+                if let [m] = &parts[..] {
+                    return qmatmul(m, acts, out, par);
+                }
+                let (ld, kernel) = (self.rows(), Kernel::detect());
+                let mut col = 0;
+                for m in parts {
+                    qmatmul_columns(kernel, m, acts, out, ld, col, par);
+                    col += m.rows;
+                }
             }
             Linear::Exact(p) => p.forward(x, n, out, Epilogue::None, par.threads()),
         }
