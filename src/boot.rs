@@ -179,6 +179,11 @@ async fn load_encoder(
                 always_normalize: files.normalizes,
             },
         };
+        if let EncoderTask::Embed { pooling: Pooling::Mean, .. } = task {
+            if !files.include_prompt && !files.prompts.named.is_empty() {
+                return Err("1_Pooling/config.json sets include_prompt = false with mean pooling, which is not supported".to_string());
+            }
+        }
         let tokenizer = InputTokenizer::load(&dir.join("tokenizer.json"), files.max_tokens)?;
         let model = EncoderModel::load(&dir, &files, &task, &device, native, threads)?;
         Ok((model, files, task, tokenizer))
@@ -222,6 +227,10 @@ async fn load_encoder(
         d.insert("max_batch_tokens".into(), serde_json::json!(policy.max_batch_tokens));
         d.insert("max_batch_requests".into(), serde_json::json!(policy.max_batch_requests));
         d.insert("max_concurrent_inputs".into(), serde_json::json!(max_in_flight));
+        if !files.prompts.named.is_empty() {
+            d.insert("prompts".into(), serde_json::json!(files.prompts.named));
+            d.insert("default_prompt_name".into(), serde_json::json!(files.prompts.default));
+        }
         match &task {
             EncoderTask::Embed { pooling, always_normalize } => {
                 d.insert("normalizes".into(), serde_json::json!(always_normalize));
@@ -239,7 +248,8 @@ async fn load_encoder(
         job_tx,
         max_in_flight,
         node.config.limits.max_request_tokens,
-    );
+    )
+    .with_prompts(files.prompts.clone());
     Ok((Arc::new(service), policy))
 }
 

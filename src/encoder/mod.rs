@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::telemetry::metrics::METRICS;
 use bert::{Bert, PackedBatch};
 use cpu_bert::CpuBert;
-use files::EncoderFiles;
+use files::{EncoderFiles, Prompts};
 use tokenize::{InputTokenizer, TokenizerPool};
 
 /// What an encoder model produces.
@@ -188,6 +188,8 @@ pub struct EncoderService {
     max_in_flight: usize,
     /// `limits.max_request_tokens`: all inputs of one request together.
     max_request_tokens: usize,
+    /// The model's named prompts (sentence-transformers' `prompts`).
+    pub prompts: Prompts,
 }
 
 impl EncoderService {
@@ -212,7 +214,37 @@ impl EncoderService {
             admission: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             max_request_tokens,
+            prompts: Prompts::default(),
         }
+    }
+
+    /// The service with the model's named prompts.
+    pub fn with_prompts(mut self, prompts: Prompts) -> Self {
+        self.prompts = prompts;
+        self
+    }
+
+    /// `texts` with a prompt in front, as sentence-transformers' `encode(prompt_name=...)`
+    /// does: the one the request names, else the model's default prompt, else none.
+    pub fn with_prompt(&self, mut texts: Vec<String>, name: Option<&str>) -> Result<Vec<String>, Error> {
+        let Some(name) = name.or(self.prompts.default.as_deref()) else { return Ok(texts) };
+        let prompt = self.prompts.named.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.prompts.named.keys().map(String::as_str).collect();
+            Error::field(
+                "prompt_name",
+                format!(
+                    "{name:?} is not a prompt of model {}; its prompts: {}",
+                    self.name,
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                ),
+            )
+        })?;
+        if !prompt.is_empty() {
+            for t in &mut texts {
+                t.insert_str(0, prompt);
+            }
+        }
+        Ok(texts)
     }
 
     /// Most inputs admitted at once.

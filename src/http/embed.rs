@@ -96,6 +96,10 @@ pub struct EmbedRequest {
     pub truncate: bool,
     #[serde(default)]
     pub model: Option<String>,
+    /// One of the model's named prompts (sentence-transformers' `prompts`, e.g. bge's
+    /// `query`), put in front of every input; default: the model's `default_prompt_name`.
+    #[serde(default)]
+    pub prompt_name: Option<String>,
 }
 
 fn yes() -> bool {
@@ -138,7 +142,8 @@ pub async fn embed(State(node): State<AppState>, JsonBody(req): JsonBody<EmbedRe
     record_model(slot);
     validated(&req.inputs, "inputs", &node)?;
     let encoder = ready_encoder(&node, slot).await?;
-    let encoded = encoder.encode(req.inputs.texts, req.truncate, req.normalize).await?;
+    let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
+    let encoded = encoder.encode(texts, req.truncate, req.normalize).await?;
     Ok(answer(json!(encoded.rows), slot, &encoded, "embed"))
 }
 
@@ -155,6 +160,9 @@ pub struct OpenAiEmbeddingRequest {
     /// Our extension: cut inputs over the model's token limit instead of answering 422.
     #[serde(default)]
     pub truncate: bool,
+    /// Our extension, as on `/embed`: one of the model's named prompts.
+    #[serde(default)]
+    pub prompt_name: Option<String>,
 }
 
 /// How `/v1/embeddings` encodes vectors.
@@ -176,7 +184,8 @@ pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): Json
             return Err(Error::field("dimensions", format!("must be between 1 and {} for model {}", encoder.dims, slot.name())));
         }
     }
-    let encoded = encoder.encode(req.input.texts, req.truncate, true).await?;
+    let texts = encoder.with_prompt(req.input.texts, req.prompt_name.as_deref())?;
+    let encoded = encoder.encode(texts, req.truncate, true).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
     let data: Vec<Value> = encoded
         .rows
