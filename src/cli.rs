@@ -1,4 +1,4 @@
-//! The command line: `serve` and `models {fetch, verify, list}`.
+//! The command line: `serve` and `models {fetch, verify, list, pin}`.
 //!
 //! Each flag's doc comment is its `--help` text; `--config` is also `EDGENODE_CONFIG`.
 
@@ -58,4 +58,25 @@ pub enum ModelsCommand {
     },
     /// List the manifest's models, their versions, digests and whether their files are present.
     List,
+    /// Print a manifest entry (TOML) for model files you already have: every file under
+    /// `--dir` (or only the FILES named), each with its sha256. Append it to your manifest
+    /// (`store.manifest`) and add a `[[models]]` table to serve it.
+    Pin {
+        /// The entry's name (what `[[models]]` tables refer to as `manifest`).
+        name: String,
+        /// `embed`, `classify` or `generate`.
+        #[arg(long)]
+        kind: String,
+        /// The version you give these files (shown in `/info` and the `x-edgenode-model` header).
+        #[arg(long)]
+        version: String,
+        /// The folder that holds the files; written as the entry's `source.dir`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// One line on what the model is.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Files to pin, relative to DIR (default: every file under it).
+        files: Vec<String>,
+    },
 }

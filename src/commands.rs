@@ -7,10 +7,10 @@ use anyhow::{bail, Context};
 use crate::cli::{Command, ModelsCommand};
 use crate::config::{Config, ModelKind};
 use crate::models::fetch::{fetch, Fetched};
-use crate::models::manifest::{Manifest, ManifestEntry};
+use crate::models::manifest::{FileEntry, Manifest, ManifestEntry, Source};
 use crate::models::registry::Registry;
 use crate::models::sync::{self, Drift, Pin};
-use crate::models::verify::{all_present, verify_model};
+use crate::models::verify::{all_present, sha256_file, verify_model};
 
 /// Runs one command to completion.
 pub async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
@@ -92,6 +92,10 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
+        ModelsCommand::Pin { name, kind, version, dir, description, files } => {
+            print!("{}", pin(name, &kind, version, dir, description, files)?);
+            Ok(ExitCode::SUCCESS)
+        }
         ModelsCommand::List => {
             let manifest = Manifest::load(config.store.manifest.as_deref())?;
             println!("{:<12} {:<9} {:<10} {:<8} {:<8} DIGEST", "NAME", "KIND", "VERSION", "FILES", "SERVED");
@@ -160,4 +164,49 @@ pub fn build_registry(config: &Config, manifest: &Manifest) -> anyhow::Result<Re
         models.push((m.clone(), entry));
     }
     Ok(Registry::new(models))
+}
+
+/// A manifest entry (TOML) for files already on disk: `models pin`.
+fn pin(name: String, kind: &str, version: String, dir: std::path::PathBuf, description: String, files: Vec<String>) -> anyhow::Result<String> {
+    let kind = match kind {
+        "embed" => ModelKind::Embed,
+        "classify" => ModelKind::Classify,
+        "generate" => ModelKind::Generate,
+        other => bail!("--kind {other:?}: one of embed, classify, generate"),
+    };
+    if !dir.is_dir() {
+        bail!("--dir {}: not a folder", dir.display());
+    }
+    // Absolute, because a manifest reads relative folders from its own location.
+    let dir = dir.canonicalize().with_context(|| format!("--dir {}", dir.display()))?;
+    let mut paths = files;
+    if paths.is_empty() {
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            for item in std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))? {
+                let path = item?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if !path.extension().is_some_and(|e| e == "partial") {
+                    let rel = path.strip_prefix(&dir)?.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
+                    paths.push(rel);
+                }
+            }
+        }
+        paths.sort();
+    }
+    if paths.is_empty() {
+        bail!("{} holds no files", dir.display());
+    }
+    let mut entries = Vec::with_capacity(paths.len());
+    for path in paths {
+        let sha256 = sha256_file(&dir.join(&path)).with_context(|| format!("cannot read {}", dir.join(&path).display()))?;
+        entries.push(FileEntry { path, sha256 });
+    }
+    let source = Source { package: None, version: None, sha256: None, prefix: String::new(), dir: Some(dir) };
+    let entry = ManifestEntry { name, kind, version, description, source, files: entries };
+    let text = toml::to_string(&Manifest { models: vec![entry] }).context("cannot write the entry as TOML")?;
+    // What we print must load as a manifest.
+    Manifest::parse(&text, "(the pinned entry)")?;
+    Ok(text)
 }
