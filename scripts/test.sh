@@ -3,9 +3,10 @@
 #
 # On a fresh machine with Rust and Python's pip it installs what the tests need into a
 # virtual environment of its own (the `openai` package that drives the daemon in the
-# client test, and NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA
-# kernels without a GPU), fetches and verifies the default models, then runs every test in
-# release mode (candle in debug is too slow to test with).
+# client test; numpy and gguf, with which scripts/standins.py writes the TinyLlama- and
+# bge-shaped stand-ins; NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, which compiles our
+# CUDA kernels without a GPU), fetches and verifies the default models, then runs every
+# test in release mode (candle in debug is too slow to test with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +17,7 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "openai>=1.40,<3" "nvidia-cuda-nvrtc-cu12>=12.4,<13"
+    "openai>=1.40,<3" "nvidia-cuda-nvrtc-cu12>=12.4,<13" "numpy>=1.26,<3" "gguf==0.19.0"
 nvrtc_lib="$("$venv/bin/python" - <<'PY'
 import glob, os, nvidia
 for base in nvidia.__path__:
@@ -28,6 +29,7 @@ PY
 )"
 export LD_LIBRARY_PATH="${nvrtc_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPENAI_CLIENT_PYTHON="$venv/bin/python"
+export TEST_PYTHON="$venv/bin/python"
 
 # The deployment files: hadolint and shellcheck (the fly.toml checks are tests/deploy.rs).
 ./scripts/lint-deploy.sh

@@ -213,3 +213,68 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The Python the test set-up prepared (`scripts/test.sh`: numpy, gguf, openai), or
+/// `python3` when the tests run without it.
+pub fn test_python() -> PathBuf {
+    std::env::var_os("TEST_PYTHON").or_else(|| std::env::var_os("OPENAI_CLIENT_PYTHON")).map(PathBuf::from).unwrap_or_else(|| "python3".into())
+}
+
+static STANDINS: Mutex<()> = Mutex::new(());
+
+/// Runs `scripts/standins.py ARGS OUT` once per distinct set of arguments and generator
+/// version, keeping the output under cargo's temporary folder for later runs. Returns OUT.
+pub fn standin(kind: &str, args: &[&str]) -> PathBuf {
+    let _one_at_a_time = STANDINS.lock().unwrap_or_else(|e| e.into_inner());
+    let script = root().join("scripts/standins.py");
+    let source = std::fs::read(&script).expect("read scripts/standins.py");
+    let key = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(&source);
+        h.update(kind.as_bytes());
+        for a in args {
+            h.update(b"\0");
+            h.update(a.as_bytes());
+        }
+        hex::encode(h.finalize())[..16].to_string()
+    };
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("standins").join(format!("{kind}-{key}"));
+    let done = out.with_extension("complete");
+    if !done.exists() {
+        let _ = std::fs::remove_dir_all(&out);
+        let status = Command::new(test_python())
+            .arg(&script)
+            .arg(kind)
+            .arg(&out)
+            .args(args)
+            .current_dir(root())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run scripts/standins.py (the test Python needs numpy and gguf: scripts/test.sh installs them)");
+        assert!(status.success(), "scripts/standins.py {kind} {args:?} failed");
+        std::fs::write(&done, b"").unwrap();
+    }
+    out
+}
+
+/// A 2-layer TinyLlama-1.1B-Chat-shaped GGUF (real widths, vocabulary and template) in
+/// `mix` (`q4_k_m`, `q8_0`, `q5_k_m`, `f16`).
+pub fn tinyllama_standin(mix: &str) -> PathBuf {
+    let vocab = fixture("vocab/ggml-vocab-llama-spm.gguf").display().to_string();
+    let dir = standin("tinyllama", &["--vocab", &vocab, "--layers", "2", "--types", mix]);
+    dir.join(format!("tinyllama-1.1b-chat-standin-2l.{}.gguf", mix.to_uppercase()))
+}
+
+/// `edgenode models pin NAME --kind KIND --version VERSION --dir DIR`: a manifest entry.
+pub fn pin(name: &str, kind: &str, dir: &Path) -> String {
+    let out = Command::new(binary())
+        .args(["models", "pin", name, "--kind", kind, "--version", "0.0.1-standin", "--dir"])
+        .arg(dir)
+        .current_dir(root())
+        .env_remove("EDGENODE_CONFIG")
+        .output()
+        .expect("run edgenode models pin");
+    assert!(out.status.success(), "models pin failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
