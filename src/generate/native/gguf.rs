@@ -1,16 +1,17 @@
 //! Loading a Llama-family GGUF file into our weight structures.
 //!
-//! The header and metadata are read with candle's GGUF reader; tensor bytes come straight
-//! from a memory map. Q4_1 and Q8_0 blocks are repacked (scales apart from quants) for our
-//! kernels; any other GGML type is dequantized by candle and requantized to Q8_0, so every
-//! GGUF loads, at 8 bits for types we have no kernel for yet.
+//! The header and metadata are read with candle's GGUF reader; tensor bytes are read one
+//! tensor at a time. Q4_1, Q8_0, Q4_K and Q5_K blocks are repacked losslessly (interleaved
+//! groups, scales apart from quants) for our kernels; any other GGML type (Q6_K, F16, ...)
+//! is dequantized by candle and requantized to Q8_0, so every GGUF loads, at 8 bits for
+//! types we have no kernel for.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::Device;
 
 use super::llama::{Block, Linear, LlamaConfig, LlamaWeights};
@@ -29,31 +30,51 @@ pub struct GgufModel {
     pub formats: BTreeMap<String, usize>,
 }
 
+/// Reads tensors one at a time with positioned reads: the process holds our repacked weights
+/// and one tensor's bytes, never the whole file (a memory map touched end to end would stay
+/// in the process's resident memory until the load ends, doubling its peak).
 struct Reader<'a> {
     content: &'a Content,
     file: File,
-    map: memmap2::Mmap,
 }
+
+/// Rows converted through f32 at a time, so converting a 32,000-row output matrix holds
+/// megabytes of f32, not the whole matrix.
+const CONVERT_ROWS: usize = 512;
 
 impl Reader<'_> {
     fn info(&self, name: &str) -> Result<&TensorInfo, String> {
         self.content.tensor_infos.get(name).ok_or_else(|| format!("the GGUF has no tensor {name}"))
     }
 
-    fn bytes(&self, info: &TensorInfo) -> Result<&[u8], String> {
+    /// The tensor's raw blocks.
+    fn bytes(&self, info: &TensorInfo) -> Result<Vec<u8>, String> {
+        use std::os::unix::fs::FileExt;
         let elems = info.shape.elem_count();
         let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
-        self.map.get(start..start + size).ok_or_else(|| "a tensor extends past the end of the file".to_string())
+        let start = self.content.tensor_data_offset + info.offset;
+        let mut buf = vec![0u8; size];
+        self.file.read_exact_at(&mut buf, start).map_err(|e| format!("a tensor cannot be read (file truncated?): {e}"))?;
+        Ok(buf)
+    }
+
+    /// `rows × cols` blocks of `dtype` as f32 values, through candle's dequantization.
+    fn dequantize(raw: &[u8], dtype: GgmlDType, rows: usize, cols: usize) -> Result<Vec<f32>, String> {
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(raw), &Device::Cpu, dtype).map_err(|e| e.to_string())?;
+        QTensor::new(storage, (rows, cols))
+            .and_then(|t| t.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| e.to_string())
     }
 
     /// A tensor as f32 values, through candle's dequantization.
     fn f32s(&mut self, name: &str) -> Result<Vec<f32>, String> {
-        let t = self.content.tensor(&mut self.file, name, &Device::Cpu).map_err(|e| format!("{name}: {e}"))?;
-        t.dequantize(&Device::Cpu)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("{name}: {e}"))
+        let info = self.info(name)?;
+        let raw = self.bytes(info)?;
+        let cols = info.shape.dims().last().copied().unwrap_or(1);
+        let rows = info.shape.elem_count() / cols.max(1);
+        Self::dequantize(&raw, info.ggml_dtype, rows, cols).map_err(|e| format!("{name}: {e}"))
     }
 
     /// Several 2-D weights of one width stacked row-wise (fused projections), quantized or,
@@ -96,14 +117,26 @@ impl Reader<'_> {
         if cols % QK != 0 {
             return Err(format!("{name}: width {cols} is not a multiple of {QK}"));
         }
-        match info.ggml_dtype {
-            GgmlDType::Q4_1 => Ok(QMatrix::from_q4_1(self.bytes(info)?, rows, cols)),
-            GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(self.bytes(info)?, rows, cols)),
-            GgmlDType::Q4K if cols % 256 == 0 => Ok(QMatrix::from_q4_k(self.bytes(info)?, rows, cols)),
-            GgmlDType::Q5K if cols % 256 == 0 => Ok(QMatrix::from_q5_k(self.bytes(info)?, rows, cols)),
+        let dtype = info.ggml_dtype;
+        let raw = self.bytes(info)?;
+        match dtype {
+            GgmlDType::Q4_1 => Ok(QMatrix::from_q4_1(&raw, rows, cols)),
+            GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(&raw, rows, cols)),
+            GgmlDType::Q4K if cols % 256 == 0 => Ok(QMatrix::from_q4_k(&raw, rows, cols)),
+            GgmlDType::Q5K if cols % 256 == 0 => Ok(QMatrix::from_q5_k(&raw, rows, cols)),
             _ => {
-                let values = self.f32s(name)?;
-                Ok(QMatrix::q8_0_from_f32(&values, rows, cols))
+                // No kernel for this type (Q6_K, F16, ...): to Q8_0 through f32, a few
+                // hundred rows at a time.
+                let row_bytes = raw.len() / rows;
+                let mut parts = Vec::new();
+                for (i, chunk) in raw.chunks(row_bytes * CONVERT_ROWS).enumerate() {
+                    let n = chunk.len() / row_bytes;
+                    let values = Self::dequantize(chunk, dtype, n, cols).map_err(|e| format!("{name} rows {}..: {e}", i * CONVERT_ROWS))?;
+                    parts.push(QMatrix::q8_0_from_f32(&values, n, cols));
+                }
+                let mut m = QMatrix::concat(parts)?;
+                m.source = "Q8_0 (converted)";
+                Ok(m)
             }
         }
     }
@@ -140,8 +173,6 @@ pub fn load(path: &Path, exact: bool) -> Result<GgufModel, String> {
     if arch != "llama" {
         return Err(format!("architecture {arch:?} is not supported by the native engine (llama only)"));
     }
-    // SAFETY: the file was verified against its digest just before; it is only read.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("cannot map {}: {e}", path.display()))?;
     let hidden = u32_key(&content, "llama.embedding_length")?;
     let heads = u32_key(&content, "llama.attention.head_count")?;
     let kv_heads = u32_key(&content, "llama.attention.head_count_kv")?;
@@ -169,7 +200,7 @@ pub fn load(path: &Path, exact: bool) -> Result<GgufModel, String> {
         *formats.entry(ggml_name(info.ggml_dtype)).or_insert(0) += 1;
     }
 
-    let mut r = Reader { content: &content, file, map };
+    let mut r = Reader { content: &content, file };
     let embed = r.matrix("token_embd.weight")?;
     let vocab = embed.rows;
     // Without output.weight the output projection is the embedding matrix (tied).
