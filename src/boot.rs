@@ -167,7 +167,9 @@ async fn load_encoder(
     };
     let threads = crate::runtime::compute_threads(&node.config);
     let (dir, device) = (dir.to_path_buf(), device.clone());
+    let pinned: Vec<String> = slot.entry.iter().flat_map(|e| e.files.iter().map(|f| f.path.clone())).collect();
     let (model, files, task, tokenizer) = blocking(move || {
+        crate::encoder::files::check_pinned(&dir, &pinned.iter().map(String::as_str).collect::<Vec<_>>())?;
         let files = EncoderFiles::read(&dir)?;
         let task = match cfg.kind {
             ModelKind::Classify => EncoderTask::Classify {

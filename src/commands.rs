@@ -206,7 +206,7 @@ fn pin(name: String, kind: &str, version: String, dir: std::path::PathBuf, descr
     let source = Source { package: None, version: None, sha256: None, prefix: String::new(), dir: Some(dir) };
     let entry = ManifestEntry { name, kind, version, description, source, files: entries };
     let text = toml::to_string(&Manifest { models: vec![entry] }).context("cannot write the entry as TOML")?;
-    // What we print must load as a manifest.
+    // What we print must load as a manifest; a blank line keeps appended entries apart.
     Manifest::parse(&text, "(the pinned entry)")?;
-    Ok(text)
+    Ok(format!("{text}\n"))
 }

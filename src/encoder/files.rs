@@ -164,6 +164,32 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
     serde_json::from_str(&text).map_err(|e| format!("{} is not valid: {e}", path.display()))
 }
 
+/// Every file an encoder's loading reads when it exists. Each one there must be pinned by
+/// the model's manifest entry: an unpinned `1_Pooling/config.json` would change what is
+/// served (the pooling) without changing the digest the node reports.
+pub const READS: &[&str] = &[
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+    "modules.json",
+    "config_sentence_transformers.json",
+];
+
+/// Refuses a folder that holds a file the loader would read but `pinned` does not list.
+pub fn check_pinned(dir: &Path, pinned: &[&str]) -> Result<(), String> {
+    for f in READS {
+        if dir.join(f).is_file() && !pinned.contains(f) {
+            return Err(format!(
+                "{} is read when it exists, but the manifest entry does not pin it: add it (edgenode models pin) or remove it",
+                dir.join(f).display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl EncoderFiles {
     /// Reads the folder's JSON files; weights and tokenizer are loaded elsewhere.
     pub fn read(dir: &Path) -> Result<Self, String> {
@@ -234,6 +260,19 @@ mod tests {
 
     fn mode(json: &str) -> Result<Pooling, String> {
         serde_json::from_str::<PoolingConfig>(json).unwrap().mode()
+    }
+
+    /// A file the loader reads must be pinned: an unpinned pooling config is refused by name.
+    #[test]
+    fn unpinned_files_the_loader_reads_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
+        for f in ["config.json", "1_Pooling/config.json", "README.md"] {
+            std::fs::write(dir.path().join(f), "{}").unwrap();
+        }
+        assert!(check_pinned(dir.path(), &["config.json", "1_Pooling/config.json"]).is_ok(), "README.md is never read");
+        let err = check_pinned(dir.path(), &["config.json"]).unwrap_err();
+        assert!(err.contains("1_Pooling/config.json") && err.contains("does not pin"), "{err}");
     }
 
     /// Both of sentence-transformers' formats: `pooling_mode` (current) and one boolean per

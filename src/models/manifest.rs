@@ -25,7 +25,7 @@ pub struct ManifestEntry {
     pub name: String,
     pub kind: ModelKind,
     pub version: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
     pub source: Source,
     pub files: Vec<FileEntry>,
@@ -45,7 +45,7 @@ pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// The folder inside the package that holds the files (`pkg/model/`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prefix: String,
     /// Instead of a package: a local folder that already holds the files (relative paths
     /// are relative to the manifest's folder). Nothing is fetched; digests still apply.
