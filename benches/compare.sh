@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # Runs edgenode's benchmark beside the baselines, on this machine, in one go, and prints
-# the figures with ratios and the date. The machine is shared and noisy: quote ratios.
+# the figures with ratios, the date and the CPU. The machine is shared and noisy: quote
+# ratios from one run, not figures across runs.
 #
-#   benches/compare.sh [embed] [generate]
+#   benches/compare.sh [embed] [generate] [card]
 #
-# Baselines (in benches/baselines/, copied unchanged from the project's reference scripts):
-# sentence-transformers for embeddings, llama.cpp (llama-cpp-python) for generation. They
-# need a Python environment with those packages; BENCH_PYTHON names its interpreter:
-#   python3 -m venv .venv-bench && .venv-bench/bin/pip install sentence-transformers llama-cpp-python
+#   embed     the default MiniLM against sentence-transformers on the same folder
+#   generate  the default SmolLM2 (Q4_1) against llama.cpp on the same file
+#   card      the card's models at their real size, on shape-faithful stand-ins written by
+#             scripts/standins.py (cached in ~/.cache/edgenode/standins): TinyLlama-1.1B-
+#             shaped Q4_K_M and Q8_0 (22 layers) against llama.cpp on the same files, with a
+#             1,000-token prompt and decode as a share of the measured memory bandwidth; the
+#             daemon's peak memory with TinyLlama Q4_K_M and MiniLM resident; the 12-layer
+#             bge-small-shaped folder against sentence-transformers on the same folder.
+#
+# Baselines (benches/baselines/, ours): sentence-transformers, and llama.cpp through
+# llama-cpp-python. They need one Python environment with those packages and numpy and gguf
+# (for the stand-ins); BENCH_PYTHON names its interpreter:
+#   python3 -m venv .venv-bench && .venv-bench/bin/pip install sentence-transformers llama-cpp-python numpy gguf==0.19.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edgenode-target}"
@@ -15,51 +25,98 @@ py="${BENCH_PYTHON:-.venv-bench/bin/python}"
 what=("$@"); [ ${#what[@]} -eq 0 ] && what=(embed generate)
 threads="${BENCH_THREADS:-$(nproc)}"
 out="$(mktemp -d)"
+bin="$CARGO_TARGET_DIR/release/edgenode"
 
 cargo build --release --bins --benches -q
-"$CARGO_TARGET_DIR/release/edgenode" models fetch >/dev/null
+"$bin" models fetch >/dev/null
+bench() { cargo bench -q --bench edge -- "$@"; }
 
-run_edge=()
 for w in "${what[@]}"; do
   case "$w" in
     embed)
-      "$py" benches/baselines/bench_st.py models/minilm tests/fixtures/public_sentences.txt "$threads" | tee "$out/st.txt"
-      run_edge+=(embed) ;;
+      "$py" benches/baselines/sentence_transformers_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" | tee "$out/st.txt"
+      bench embed | tee "$out/edge-embed.txt" ;;
     generate)
-      "$py" benches/baselines/bench_llamacpp.py models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$threads" 128 | tee "$out/llama.txt"
-      run_edge+=(generate) ;;
+      "$py" benches/baselines/llama_cpp_bench.py models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --template chatml --threads "$threads" | tee "$out/llama.txt"
+      bench generate | tee "$out/edge-generate.txt" ;;
+    card)
+      standins="${EDGENODE_STANDINS:-$HOME/.cache/edgenode/standins}"
+      for mix in q4_k_m q8_0; do
+        [ -d "$standins/$mix" ] || "$py" scripts/standins.py tinyllama "$standins/$mix" \
+          --vocab tests/fixtures/vocab/ggml-vocab-llama-spm.gguf --layers 22 --types "$mix"
+      done
+      [ -d "$standins/bge-small" ] || "$py" scripts/standins.py bge "$standins/bge-small" \
+        --tokenizer models/minilm/tokenizer.json --shape small --layers 12
+      manifest="$out/card-manifest.toml"
+      {
+        "$bin" models pin minilm --kind embed --version 0.1.0 --dir models/minilm
+        "$bin" models pin tinyllama --kind generate --version standin-22l --dir "$standins/q4_k_m"
+        "$bin" models pin tinyllama-q8 --kind generate --version standin-22l --dir "$standins/q8_0"
+        "$bin" models pin bge-small --kind embed --version standin-12l --dir "$standins/bge-small"
+      } > "$manifest"
+      serve() {  # a config serving the named models from the card manifest
+        printf '[store]\ndir = "%s"\nmanifest = "%s"\n' "$PWD/models" "$manifest"
+        for m in "$@"; do
+          case "$m" in tinyllama*) kind=generate ;; *) kind=embed ;; esac
+          printf '\n[[models]]\nname = "%s"\nkind = "%s"\n' "$m" "$kind"
+        done
+      }
+      serve minilm tinyllama > "$out/q4.toml"
+      serve tinyllama-q8 > "$out/q8.toml"
+      serve bge-small > "$out/bge.toml"
+      # 111 repetitions of the long sentence are 1,000 tokens in TinyLlama's vocabulary.
+      for mix in q4_k_m q8_0; do
+        "$py" benches/baselines/llama_cpp_bench.py "$standins/$mix"/*.gguf --template zephyr --long-repeats 111 \
+          --threads "$threads" | tee "$out/llama-$mix.txt"
+      done
+      "$py" benches/baselines/sentence_transformers_bench.py "$standins/bge-small" tests/fixtures/public_sentences.txt \
+        --threads "$threads" | tee "$out/st-bge.txt"
+      bench bandwidth | tee "$out/bandwidth.txt"
+      bench generate --config "$out/q4.toml" --model tinyllama --template zephyr --long-repeats 111 | tee "$out/edge-q4_k_m.txt"
+      bench generate --config "$out/q8.toml" --model tinyllama-q8 --template zephyr --long-repeats 111 | tee "$out/edge-q8_0.txt"
+      bench embed --config "$out/bge.toml" --embed-model bge-small | tee "$out/edge-bge.txt" ;;
+    *) echo "unknown benchmark $w (embed, generate, card)"; exit 2 ;;
   esac
 done
-# One daemon serving both default models for all of edgenode's measurements (so its
-# peak memory is the footprint of the whole default deployment under load).
-cargo bench -q --bench edge -- "${run_edge[@]}" | tee "$out/edge.txt"
-grep "edgenode embed" "$out/edge.txt" > "$out/edge-embed.txt" || true
-grep "edgenode generate" "$out/edge.txt" > "$out/edge-generate.txt" || true
-grep "edgenode memory" "$out/edge.txt" > "$out/edge-memory.txt" || true
 
 python3 - "$out" "$threads" <<'PY'
 import re, sys, os, datetime, platform
 out, threads = sys.argv[1], sys.argv[2]
-def kv(name):
+def kv(name, line=None):
     p = os.path.join(out, name)
     if not os.path.exists(p): return {}
-    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", open(p).read())}
+    text = open(p).read()
+    if line:
+        text = "\n".join(l for l in text.splitlines() if l.startswith(line))
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", text)}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-print(f"\n{datetime.date.today()} · {cpu} · {os.cpu_count()} cores · {threads} threads")
-print("| workload | edgenode | baseline | ratio (higher is better for edgenode) |\n|---|---|---|---|")
-st, e = kv("st.txt"), kv("edge-embed.txt")
-if st and e:
-    print(f"| embed batch 32, sentences/s | {e['batch32_throughput_sent_per_s']:.0f} | sentence-transformers {st['batch32_throughput_sent_per_s']:.0f} | {e['batch32_throughput_sent_per_s']/st['batch32_throughput_sent_per_s']:.2f}× |")
-    print(f"| embed single sentence p50, ms | {e['single_p50_ms']:.1f} | sentence-transformers {st['single_p50_ms']:.1f} | {st['single_p50_ms']/e['single_p50_ms']:.2f}× |")
-    print(f"| embed single sentence p99, ms | {e['single_p99_ms']:.1f} | sentence-transformers {st['single_p99_ms']:.1f} | {st['single_p99_ms']/e['single_p99_ms']:.2f}× |")
-    print(f"| embed 16 concurrent clients, sentences/s | {e['concurrent16_sent_per_s']:.0f} ({e['concurrent16_vs_one_client']:.1f}× one client) | — | — |")
-ll, g = kv("llama.txt"), kv("edge-generate.txt")
-if ll and g:
-    print(f"| decode, 1 stream, tokens/s | {g['decode_tok_per_s']:.1f} | llama.cpp {ll['decode_tok_per_s']:.1f} | {g['decode_tok_per_s']/ll['decode_tok_per_s']:.2f}× |")
-    print(f"| prompt processing, tokens/s | {g['prompt_tok_per_s']:.0f} | llama.cpp {ll['prompt_tok_per_s']:.0f} | {g['prompt_tok_per_s']/ll['prompt_tok_per_s']:.2f}× |")
-    print(f"| time to first token, ms | {g['ttft_ms_p50']:.0f} | llama.cpp {ll['ttft_ms_p50']:.0f} | {ll['ttft_ms_p50']/g['ttft_ms_p50']:.2f}× |")
-    print(f"| 8 concurrent streams, tokens/s | {g['streams8_tok_per_s']:.1f} ({g['streams8_vs_one']:.2f}× one stream at {g['one_stream_tok_per_s']:.1f}, same method) | — | — |")
-mem = kv("edge-memory.txt")
-if mem:
-    print(f"| peak RSS of the daemon (both default models, under this benchmark), MiB | {mem['peak_rss_mb']:.0f} | — | — |")
+print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu} · {os.cpu_count()} cores · {threads} threads")
+print("| workload | edgenode | baseline | ratio (above 1: edgenode ahead) |\n|---|---|---|---|")
+def embed_rows(st, e, label):
+    if not (st and e): return
+    print(f"| {label} batch 32, sentences/s | {e['batch32_throughput_sent_per_s']:.0f} | sentence-transformers {st['batch32_throughput_sent_per_s']:.0f} | {e['batch32_throughput_sent_per_s']/st['batch32_throughput_sent_per_s']:.2f}× |")
+    print(f"| {label} single sentence p50, ms | {e['single_p50_ms']:.1f} | sentence-transformers {st['single_p50_ms']:.1f} | {st['single_p50_ms']/e['single_p50_ms']:.2f}× |")
+    print(f"| {label} single sentence p99, ms | {e['single_p99_ms']:.1f} | sentence-transformers {st['single_p99_ms']:.1f} | {st['single_p99_ms']/e['single_p99_ms']:.2f}× |")
+    print(f"| {label} 16 concurrent clients, sentences/s | {e['concurrent16_sent_per_s']:.0f} ({e['concurrent16_vs_one_client']:.1f}× one client) | — | — |")
+def generate_rows(ll, g, label, bw=None):
+    if not (ll and g): return
+    print(f"| {label} decode, 1 stream, tokens/s | {g['decode_tok_per_s']:.1f} | llama.cpp {ll['decode_tok_per_s']:.1f} | {g['decode_tok_per_s']/ll['decode_tok_per_s']:.2f}× |")
+    print(f"| {label} prompt processing ({g['prompt_tokens']:.0f} tokens), tokens/s | {g['prompt_tok_per_s']:.0f} | llama.cpp {ll['prompt_tok_per_s']:.0f} | {g['prompt_tok_per_s']/ll['prompt_tok_per_s']:.2f}× |")
+    print(f"| {label} time to first token, ms | {g['ttft_ms_p50']:.0f} | llama.cpp {ll['ttft_ms_p50']:.0f} | {ll['ttft_ms_p50']/g['ttft_ms_p50']:.2f}× |")
+    print(f"| {label} 8 concurrent streams, tokens/s | {g['streams8_tok_per_s']:.1f} ({g['streams8_vs_one']:.2f}× one stream at {g['one_stream_tok_per_s']:.1f}) | — | — |")
+    if bw and g.get("weight_bytes_per_token") and ll.get("weight_bytes_per_token"):
+        ours = g["weight_bytes_per_token"] * g["decode_tok_per_s"] / 1e9
+        theirs = ll["weight_bytes_per_token"] * ll["decode_tok_per_s"] / 1e9
+        print(f"| {label} decode weight reads, GB/s (share of {bw:.1f} GB/s measured) | {ours:.1f} ({ours/bw:.0%}; {g['weight_bytes_per_token']/1e6:.0f} MB/token) | llama.cpp {theirs:.1f} ({theirs/bw:.0%}; {ll['weight_bytes_per_token']/1e6:.0f} MB/token) | — |")
+embed_rows(kv("st.txt"), kv("edge-embed.txt", "edgenode embed"), "MiniLM")
+generate_rows(kv("llama.txt"), kv("edge-generate.txt", "edgenode generate"), "SmolLM2-135M Q4_1")
+bw = kv("bandwidth.txt").get("read_gb_per_s")
+generate_rows(kv("llama-q4_k_m.txt"), kv("edge-q4_k_m.txt", "edgenode generate"), "TinyLlama-shaped Q4_K_M", bw)
+generate_rows(kv("llama-q8_0.txt"), kv("edge-q8_0.txt", "edgenode generate"), "TinyLlama-shaped Q8_0", bw)
+embed_rows(kv("st-bge.txt"), kv("edge-bge.txt", "edgenode embed"), "bge-small-shaped")
+for name, label in [("edge-embed.txt", "both default models"), ("edge-generate.txt", "both default models"),
+                    ("edge-q4_k_m.txt", "TinyLlama-shaped Q4_K_M and MiniLM")]:
+    mem = kv(name, "edgenode memory")
+    if mem:
+        print(f"| peak RSS of the daemon ({label}, under this benchmark), MiB | {mem['peak_rss_mb']:.0f} | — | — |")
 PY

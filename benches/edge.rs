@@ -2,9 +2,14 @@
 //! way a client sees it. `benches/compare.sh` runs it beside the baselines (sentence-
 //! transformers, llama.cpp) on the same machine and prints the ratios.
 //!
-//!     cargo bench --bench edge -- [embed] [generate] [--config FILE]
+//!     cargo bench --bench edge -- [embed] [generate] [bandwidth] [--config FILE]
+//!         [--model NAME] [--embed-model NAME] [--template chatml|zephyr] [--long-repeats N]
 //!
-//! Prints one `key=value` line per measurement (machine-readable) and a summary table.
+//! `--model` is the generate model (default `smollm2`), `--template` the chat template its
+//! prompts are written in (benches/prompts.json, shared with the llama.cpp baseline), and
+//! `--long-repeats` the length of the prompt-processing prompt. `bandwidth` measures this
+//! machine's memory read bandwidth with a streaming read (what decode at this size is bound
+//! by). Prints one `key=value` line per measurement (machine-readable).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -71,25 +76,34 @@ fn short_sentences() -> Vec<String> {
     text.lines().filter(|l| !l.trim().is_empty() && l.len() < 200).map(str::to_string).collect()
 }
 
-fn embed(addr: &str, client: &reqwest::blocking::Client, texts: &[String]) {
-    let r = client.post(format!("http://{addr}/embed")).json(&json!({"inputs": texts})).send().unwrap();
+/// What to measure, from the command line.
+struct Args {
+    model: String,
+    embed_model: Option<String>,
+    template: String,
+    long_repeats: usize,
+}
+
+fn embed(addr: &str, client: &reqwest::blocking::Client, texts: &[String], model: Option<&str>) {
+    let r = client.post(format!("http://{addr}/embed")).json(&json!({"inputs": texts, "model": model})).send().unwrap();
     assert_eq!(r.status(), 200);
     let _ = r.bytes().unwrap();
 }
 
-fn bench_embed(d: &Daemon) {
+fn bench_embed(d: &Daemon, args: &Args) {
+    let model = args.embed_model.as_deref();
     let client = reqwest::blocking::Client::new();
     let short = short_sentences();
     let corpus: Vec<String> = short.iter().cycle().take(512).cloned().collect();
     for chunk in corpus[..64].chunks(32) {
-        embed(&d.addr, &client, chunk);
+        embed(&d.addr, &client, chunk, model);
     }
     // Batch throughput: 512 sentences, 32 per request, one client; best of 3 (as bench_st.py).
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t = Instant::now();
         for chunk in corpus.chunks(32) {
-            embed(&d.addr, &client, chunk);
+            embed(&d.addr, &client, chunk, model);
         }
         best = best.min(t.elapsed().as_secs_f64());
     }
@@ -98,7 +112,7 @@ fn bench_embed(d: &Daemon) {
     let mut lat: Vec<f64> = (0..200)
         .map(|i| {
             let t = Instant::now();
-            embed(&d.addr, &client, &short[i % short.len()..i % short.len() + 1]);
+            embed(&d.addr, &client, &short[i % short.len()..i % short.len() + 1], model);
             t.elapsed().as_secs_f64() * 1000.0
         })
         .collect();
@@ -110,10 +124,11 @@ fn bench_embed(d: &Daemon) {
         .map(|c| {
             let corpus = corpus.clone();
             let addr = d.addr.clone();
+            let model = args.embed_model.clone();
             std::thread::spawn(move || {
                 let client = reqwest::blocking::Client::new();
                 for i in (c..corpus.len()).step_by(16) {
-                    embed(&addr, &client, &corpus[i..i + 1]);
+                    embed(&addr, &client, &corpus[i..i + 1], model.as_deref());
                 }
             })
         })
@@ -160,36 +175,35 @@ fn stream_completion(addr: &str, body: &Value) -> (f64, f64, usize) {
     (first.duration_since(t0).as_secs_f64(), decode, usage)
 }
 
-fn bench_generate(d: &Daemon) {
+fn bench_generate(d: &Daemon, args: &Args) {
+    let prompts: Value = serde_json::from_str(&std::fs::read_to_string(root().join("benches/prompts.json")).unwrap()).unwrap();
+    let template = &prompts["templates"][args.template.as_str()];
+    assert!(template.is_object(), "no template {:?} in benches/prompts.json", args.template);
+    let model = args.model.as_str();
     let story = json!({
-        "model": "smollm2", "stream": true, "stream_options": {"include_usage": true},
-        "prompt": "<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a message in a bottle.<|im_end|>\n<|im_start|>assistant\n",
-        "temperature": 0, "max_tokens": 128, "ignore_eos": true,
+        "model": model, "stream": true, "stream_options": {"include_usage": true},
+        "prompt": template["story"], "temperature": 0, "max_tokens": 128, "ignore_eos": true,
     });
     stream_completion(&d.addr, &story);
     let decode = (0..3).map(|_| stream_completion(&d.addr, &story).1).fold(0.0, f64::max);
-    // Prompt processing: a ~420-token prompt, one token generated.
-    let long_prompt = vec!["Edge inference trades cost for latency."; 60].join(" ");
+    // Prompt processing: the long prompt, one token generated.
+    let long_prompt = vec![prompts["long_sentence"].as_str().unwrap(); args.long_repeats].join(" ");
     let client = reqwest::blocking::Client::new();
-    let mut pp = 0.0f64;
+    let (mut pp, mut pp_tokens) = (0.0f64, 0.0);
     for _ in 0..3 {
         let t = Instant::now();
         let r: Value = client
             .post(format!("http://{}/v1/completions", d.addr))
-            .json(&json!({"model": "smollm2", "prompt": long_prompt, "max_tokens": 1, "temperature": 0}))
+            .json(&json!({"model": model, "prompt": long_prompt, "max_tokens": 1, "temperature": 0}))
             .send()
             .unwrap()
             .json()
             .unwrap();
-        let n = r["usage"]["prompt_tokens"].as_f64().unwrap();
-        pp = pp.max(n / t.elapsed().as_secs_f64());
+        pp_tokens = r["usage"]["prompt_tokens"].as_f64().unwrap();
+        pp = pp.max(pp_tokens / t.elapsed().as_secs_f64());
     }
-    // Time to first token for a short chat prompt (16 tokens): median of 5.
-    let short = json!({
-        "model": "smollm2", "stream": true,
-        "prompt": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-        "temperature": 0, "max_tokens": 1,
-    });
+    // Time to first token for a short chat prompt: median of 5.
+    let short = json!({"model": model, "stream": true, "prompt": template["short"], "temperature": 0, "max_tokens": 1});
     let mut ttft: Vec<f64> = (0..5).map(|_| stream_completion(&d.addr, &short).0 * 1000.0).collect();
     ttft.sort_by(f64::total_cmp);
     // Eight concurrent streams against one, measured the same way (tokens over the wall
@@ -213,24 +227,79 @@ fn bench_generate(d: &Daemon) {
         one = one.max(wall(1));
         eight = eight.max(wall(8));
     }
+    // Bytes of weights one decode step reads, as the engine reports them.
+    let info: Value = client.get(format!("http://{}/info", d.addr)).send().unwrap().json().unwrap();
+    let per_token = info["models"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == model))
+        .and_then(|m| m["details"]["model"]["weight_bytes_per_token"].as_u64())
+        .unwrap_or(0);
     println!(
-        "edgenode generate: decode_tok_per_s={decode:.1} prompt_tok_per_s={pp:.1} ttft_ms_p50={:.1} one_stream_tok_per_s={one:.1} streams8_tok_per_s={eight:.1} streams8_vs_one={:.2}",
+        "edgenode generate: decode_tok_per_s={decode:.2} prompt_tok_per_s={pp:.1} prompt_tokens={pp_tokens} ttft_ms_p50={:.1} one_stream_tok_per_s={one:.1} streams8_tok_per_s={eight:.1} streams8_vs_one={:.2} weight_bytes_per_token={per_token}",
         ttft[2],
         eight / one
     );
 }
 
+/// This machine's memory read bandwidth: every core summing its share of a 2 GiB buffer
+/// (far larger than any cache), best of 5. Decode at TinyLlama's size reads every weight
+/// once per token, so tokens/s × bytes per token against this says how close to the
+/// memory it runs.
+fn bench_bandwidth() {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let words = (2usize << 30) / 8;
+    let buffer: Arc<Vec<u64>> = Arc::new((0..words as u64).collect());
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let b = buffer.clone();
+                std::thread::spawn(move || {
+                    let part = &b[i * words / threads..(i + 1) * words / threads];
+                    // Eight independent sums so the adds never wait on each other.
+                    let mut acc = [0u64; 8];
+                    for chunk in part.chunks_exact(8) {
+                        for (a, v) in acc.iter_mut().zip(chunk) {
+                            *a = a.wrapping_add(*v);
+                        }
+                    }
+                    std::hint::black_box(acc)
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| {
+            h.join().unwrap();
+        });
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    println!("edgenode bandwidth: read_gb_per_s={best:.2} threads={threads}");
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let config = args.iter().position(|a| a == "--config").and_then(|i| args.get(i + 1)).cloned();
-    let wanted: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a == "embed" || *a == "generate").collect();
+    let argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let flag = |name: &str| argv.iter().position(|a| a == name).and_then(|i| argv.get(i + 1)).cloned();
+    let config = flag("--config");
+    let args = Args {
+        model: flag("--model").unwrap_or_else(|| "smollm2".into()),
+        embed_model: flag("--embed-model"),
+        template: flag("--template").unwrap_or_else(|| "chatml".into()),
+        long_repeats: flag("--long-repeats").map(|n| n.parse().expect("--long-repeats N")).unwrap_or(60),
+    };
+    let wanted: Vec<&str> = argv.iter().map(String::as_str).filter(|a| ["embed", "generate", "bandwidth"].contains(a)).collect();
     let all = wanted.is_empty();
+    if wanted.contains(&"bandwidth") {
+        bench_bandwidth();
+        if wanted.len() == 1 {
+            return;
+        }
+    }
     let d = start(config.as_deref());
     if all || wanted.contains(&"embed") {
-        bench_embed(&d);
+        bench_embed(&d, &args);
     }
     if all || wanted.contains(&"generate") {
-        bench_generate(&d);
+        bench_generate(&d, &args);
     }
     // The daemon's peak resident memory over the whole run (Linux).
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())) {

@@ -74,6 +74,8 @@ impl NativeGenerator {
         let details = serde_json::json!({
             "layers": c.layers, "hidden": c.hidden, "heads": c.heads, "kv_heads": c.kv_heads,
             "vocab_size": c.vocab, "weight_bytes": weight_bytes, "formats": model.formats,
+            // What one decode step reads: every weight but the embedding table (one row).
+            "weight_bytes_per_token": weight_bytes - weights.embed.bytes(),
             "cpu_isa": crate::cpu::Isa::detect().name(), "threads": threads,
             "tokenizer": tokenizer.kind, "adds_bos": tokenizer.adds_bos(), "eos_token_ids": tokenizer.eos,
         });
