@@ -41,6 +41,12 @@ pub enum Packing {
     /// 8-bit: per group and block, eight chunks of 64 bytes; chunk c holds, for each of the
     /// 16 rows, its quants 4c..4c+4.
     Bytes,
+    /// 6-bit (Q6_K): the low four bits laid out as `Nibbles` (256 bytes), then two chunks of
+    /// 64 bytes with the top two bits: for each row 4 bytes, byte i holding at bits 2k..2k+2
+    /// those of quant 4k+i (first chunk: quants 0..16; second: 16..32). Each half of a block
+    /// (16 quants) has its own scale, `d·sc` with an i8 `sc` per half and an f32 `d` per
+    /// super-block of 256, and the offset `-32·d·sc`: Q6_K's own numbers, so no loss.
+    Sixbits,
 }
 
 impl Packing {
@@ -49,6 +55,7 @@ impl Packing {
         match self {
             Packing::Nibbles => LANES * QK / 2,
             Packing::Bytes => LANES * QK,
+            Packing::Sixbits => LANES * QK * 3 / 4,
         }
     }
 }
@@ -60,10 +67,12 @@ pub struct QMatrix {
     pub rows: usize,
     pub cols: usize,
     pub packing: Packing,
-    /// Scales, `[group][block][lane]`.
+    /// Scales, `[group][block][lane]` (`Sixbits`: `[group][super-block][lane]`).
     pub d: Vec<f32>,
-    /// Offsets, `[group][block][lane]`.
+    /// Offsets, `[group][block][lane]` (empty for `Sixbits`, whose offsets follow the scales).
     pub m: Vec<f32>,
+    /// `Sixbits` only: the i8 scale of each half block, `[group][block][half][lane]`.
+    pub sc: Vec<i8>,
     /// Quants, `[group][block]` of `packing.group_block_bytes()` each.
     pub q: Vec<u8>,
     /// The GGML type it came from (for `/info`).
@@ -82,6 +91,8 @@ pub struct QActs {
     pub s_q81: Vec<f32>,
     /// Per block: `d·Σq` in f32: the offset term of Q8_0 weights (exact, as candle's Q8_0 × Q8_0).
     pub s: Vec<f32>,
+    /// Per half block (16 values): `d·Σq` in f32, the offset term of Q6_K's half-block scales.
+    pub s16: Vec<f32>,
     pub q: Vec<i8>,
 }
 
@@ -101,28 +112,38 @@ fn round_away(x: f32) -> f32 {
 /// Quantizes blocks of 32: per block the f16-rounded scale, Q8_1's and the exact sum terms,
 /// and the quants. The plain-Rust body is the specification; the SIMD versions produce the
 /// same bits (a test checks), since the quants feed a parity test against mistral.rs.
-fn quantize_blocks(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
+/// Where a row range's quantized blocks go: per block its scale and sum terms (`s16`:
+/// two per block), and the quants.
+struct BlockOut<'a> {
+    d: &'a mut [f32],
+    s_q81: &'a mut [f32],
+    s: &'a mut [f32],
+    s16: &'a mut [f32],
+    q: &'a mut [i8],
+}
+
+fn quantize_blocks(x: &[f32], out: &mut BlockOut) {
     #[cfg(target_arch = "x86_64")]
     match crate::cpu::Isa::detect() {
         // SAFETY: `Isa::detect` verified the CPU has these features.
-        crate::cpu::Isa::Avx512 => return unsafe { x86::quantize_avx512(x, d, s_q81, s, q) },
-        crate::cpu::Isa::Avx2 => return unsafe { x86::quantize_avx2(x, d, s_q81, s, q) },
+        crate::cpu::Isa::Avx512 => return unsafe { x86::quantize_avx512(x, out) },
+        crate::cpu::Isa::Avx2 => return unsafe { x86::quantize_avx2(x, out) },
         _ => {}
     }
-    quantize_blocks_portable(x, d, s_q81, s, q)
+    quantize_blocks_portable(x, out)
 }
 
-fn quantize_blocks_portable(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
+fn quantize_blocks_portable(x: &[f32], out: &mut BlockOut) {
     for (b, block) in x.chunks_exact(QK).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let id = block_inverse(amax);
-        let mut sum = 0i32;
-        for (o, v) in q[b * QK..(b + 1) * QK].iter_mut().zip(block) {
+        let mut sums = [0i32; 2];
+        for (j, (o, v)) in out.q[b * QK..(b + 1) * QK].iter_mut().zip(block).enumerate() {
             let r = round_away(v * id) as i32;
             *o = r as i8;
-            sum += r;
+            sums[j / 16] += r;
         }
-        finish_block(amax, sum, b, d, s_q81, s);
+        finish_block(amax, sums, b, out);
     }
 }
 
@@ -133,13 +154,16 @@ fn block_inverse(amax: f32) -> f32 {
     if scale != 0.0 { 1.0 / scale } else { 0.0 }
 }
 
-/// Stores block `b`'s scale and sum terms.
+/// Stores block `b`'s scale and sum terms, from the integer sums of its two halves.
 #[inline(always)]
-fn finish_block(amax: f32, sum: i32, b: usize, d: &mut [f32], s_q81: &mut [f32], s: &mut [f32]) {
+fn finish_block(amax: f32, halves: [i32; 2], b: usize, out: &mut BlockOut) {
     let d16 = f16_round(amax / 127.0);
-    d[b] = d16;
-    s_q81[b] = f16_round(f16_round(sum as f32) * d16);
-    s[b] = d16 * sum as f32;
+    let sum = halves[0] + halves[1];
+    out.d[b] = d16;
+    out.s_q81[b] = f16_round(f16_round(sum as f32) * d16);
+    out.s[b] = d16 * sum as f32;
+    out.s16[2 * b] = d16 * halves[0] as f32;
+    out.s16[2 * b + 1] = d16 * halves[1] as f32;
 }
 
 impl QActs {
@@ -157,8 +181,15 @@ impl QActs {
         self.d.resize(rows * blocks, 0.0);
         self.s_q81.resize(rows * blocks, 0.0);
         self.s.resize(rows * blocks, 0.0);
+        self.s16.resize(rows * blocks * 2, 0.0);
         self.q.resize(rows * cols, 0);
-        let ptrs = ActPtrs { d: self.d.as_mut_ptr(), s_q81: self.s_q81.as_mut_ptr(), s: self.s.as_mut_ptr(), q: self.q.as_mut_ptr() };
+        let ptrs = ActPtrs {
+            d: self.d.as_mut_ptr(),
+            s_q81: self.s_q81.as_mut_ptr(),
+            s: self.s.as_mut_ptr(),
+            s16: self.s16.as_mut_ptr(),
+            q: self.q.as_mut_ptr(),
+        };
         let tasks = if rows >= 4 { par.threads().min(rows) } else { 1 };
         let per = rows.div_ceil(tasks);
         par.for_each(tasks, &|t| {
@@ -175,6 +206,7 @@ struct ActPtrs {
     d: *mut f32,
     s_q81: *mut f32,
     s: *mut f32,
+    s16: *mut f32,
     q: *mut i8,
 }
 // SAFETY: tasks write disjoint row ranges.
@@ -189,8 +221,9 @@ impl ActPtrs {
         let d = std::slice::from_raw_parts_mut(self.d.add(r0 * blocks), n * blocks);
         let s_q81 = std::slice::from_raw_parts_mut(self.s_q81.add(r0 * blocks), n * blocks);
         let s = std::slice::from_raw_parts_mut(self.s.add(r0 * blocks), n * blocks);
+        let s16 = std::slice::from_raw_parts_mut(self.s16.add(r0 * blocks * 2), n * blocks * 2);
         let q = std::slice::from_raw_parts_mut(self.q.add(r0 * blocks * QK), n * blocks * QK);
-        quantize_blocks(x, d, s_q81, s, q);
+        quantize_blocks(x, &mut BlockOut { d, s_q81, s, s16, q });
     }
 }
 
@@ -213,6 +246,7 @@ impl QMatrix {
             packing,
             d: vec![0.0; groups * blocks * LANES],
             m: vec![0.0; groups * blocks * LANES],
+            sc: Vec::new(),
             q: vec![0; groups * blocks * gb],
             source,
         };
@@ -233,16 +267,24 @@ impl QMatrix {
         out
     }
 
-    /// Where quant `j` of a block of row `lane` sits in its group's block: byte and bit shift.
+    /// Where quant `j` of a block of row `lane` sits in its group's block: byte and bit shift
+    /// (for `Sixbits`, of its low four bits; `high_position` has the other two).
     #[inline(always)]
     fn position(packing: Packing, lane: usize, j: usize) -> (usize, u32) {
         match packing {
-            Packing::Nibbles => {
+            Packing::Nibbles | Packing::Sixbits => {
                 let jj = j % 16;
                 ((jj / 4) * 64 + lane * 4 + jj % 4, if j < 16 { 0 } else { 4 })
             }
             Packing::Bytes => ((j / 4) * 64 + lane * 4 + j % 4, 0),
         }
+    }
+
+    /// `Sixbits`: where the top two bits of quant `j` of row `lane` sit: byte and bit shift.
+    #[inline(always)]
+    fn high_position(lane: usize, j: usize) -> (usize, u32) {
+        let jj = j % 16;
+        (LANES * QK / 2 + (j / 16) * 64 + lane * 4 + jj % 4, 2 * (jj / 4) as u32)
     }
 
     /// From GGUF Q4_1 blocks (20 bytes each: f16 d, f16 m, 16 bytes of nibbles with element
@@ -305,6 +347,68 @@ impl QMatrix {
         })
     }
 
+    /// Lays out a `Sixbits` matrix (cols a multiple of 256) from its super-blocks:
+    /// `block(r, s, codes, sc)` writes row `r`'s 256 quants (0..63) of super-block `s` and
+    /// its 16 half-block scales, and returns the super-block's `d`.
+    fn build_sixbits(rows: usize, cols: usize, source: &'static str, mut block: impl FnMut(usize, usize, &mut [u8; 256], &mut [i8; 16]) -> f32) -> QMatrix {
+        assert!(cols % 256 == 0, "width {cols} is not a multiple of 256");
+        let (blocks, supers, groups) = (cols / QK, cols / 256, rows.div_ceil(LANES));
+        let gb = Packing::Sixbits.group_block_bytes();
+        let mut out = QMatrix {
+            rows,
+            cols,
+            packing: Packing::Sixbits,
+            d: vec![0.0; groups * supers * LANES],
+            m: Vec::new(),
+            sc: vec![0; groups * blocks * 2 * LANES],
+            q: vec![0; groups * blocks * gb],
+            source,
+        };
+        let (mut codes, mut sc) = ([0u8; 256], [0i8; 16]);
+        for r in 0..rows {
+            let (g, lane) = (r / LANES, r % LANES);
+            for s in 0..supers {
+                out.d[(g * supers + s) * LANES + lane] = block(r, s, &mut codes, &mut sc);
+                for i in 0..8 {
+                    let b = s * 8 + i;
+                    for h in 0..2 {
+                        out.sc[((g * blocks + b) * 2 + h) * LANES + lane] = sc[2 * i + h];
+                    }
+                    let dst = &mut out.q[(g * blocks + b) * gb..(g * blocks + b + 1) * gb];
+                    for (j, &c) in codes[i * QK..(i + 1) * QK].iter().enumerate() {
+                        let (at, shift) = Self::position(Packing::Sixbits, lane, j);
+                        dst[at] |= (c & 0x0F) << shift;
+                        let (hat, hshift) = Self::high_position(lane, j);
+                        dst[hat] |= (c >> 4) << hshift;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// From GGUF Q6_K super-blocks (210 bytes per 256 values: 128 bytes of low nibbles, 64
+    /// of top bits, 16 i8 scales (one per 16 values), f16 d): value `d·sc·(q − 32)`, kept as
+    /// it is on the `Sixbits` kernels. `cols` must be a multiple of 256.
+    pub fn from_q6_k(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
+        let supers = cols / 256;
+        QMatrix::build_sixbits(rows, cols, "Q6_K", |r, s, codes, sc| {
+            let blk = &raw[(r * supers + s) * 210..(r * supers + s + 1) * 210];
+            let (ql, qh) = (&blk[..128], &blk[128..192]);
+            for (i, c) in codes.iter_mut().enumerate() {
+                // ggml's layout: halves of 128; in each, four runs of 32 share ql and qh bytes.
+                let (n, k, l) = (i / 128, (i % 128) / 32, i % 32);
+                let low = ql[n * 64 + (k % 2) * 32 + l];
+                let low = if k < 2 { low & 0x0F } else { low >> 4 };
+                *c = low | (((qh[n * 32 + l] >> (2 * k)) & 3) << 4);
+            }
+            for (v, &b) in sc.iter_mut().zip(&blk[192..208]) {
+                *v = b as i8;
+            }
+            f16_bits(blk[208], blk[209])
+        })
+    }
+
     /// From GGUF Q8_0 blocks (34 bytes each: f16 d, 32 signed bytes).
     pub fn from_q8_0(raw: &[u8], rows: usize, cols: usize) -> QMatrix {
         let blocks = cols / QK;
@@ -339,7 +443,7 @@ impl QMatrix {
         ((r / LANES) * (self.cols / QK) + b) * LANES + r % LANES
     }
 
-    /// Quant `j` of block `b` of row `r` (0..15 or 0..255).
+    /// Quant `j` of block `b` of row `r` (0..15, 0..63 or 0..255).
     #[inline(always)]
     fn code(&self, r: usize, b: usize, j: usize) -> u8 {
         let gb = self.packing.group_block_bytes();
@@ -349,12 +453,31 @@ impl QMatrix {
         match self.packing {
             Packing::Nibbles => v & 0x0F,
             Packing::Bytes => v,
+            Packing::Sixbits => {
+                let (hat, hshift) = Self::high_position(r % LANES, j);
+                (v & 0x0F) | (((self.q[base + hat] >> hshift) & 3) << 4)
+            }
         }
+    }
+
+    /// `Sixbits`: the scale of half `h` of block `b` of row `r`, `d·sc` (as candle and
+    /// llama.cpp compute it, in f32).
+    #[inline(always)]
+    fn half_scale(&self, r: usize, b: usize, h: usize) -> f32 {
+        let (g, lane, blocks) = (r / LANES, r % LANES, self.cols / QK);
+        let d = self.d[(g * (blocks / 8) + b / 8) * LANES + lane];
+        d * self.sc[((g * blocks + b) * 2 + h) * LANES + lane] as f32
     }
 
     /// Row `r` as f32 (used for embedding lookups).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         for b in 0..self.cols / QK {
+            if self.packing == Packing::Sixbits {
+                for j in 0..QK {
+                    out[b * QK + j] = self.half_scale(r, b, j / 16) * (self.code(r, b, j) as i32 - 32) as f32;
+                }
+                continue;
+            }
             let i = self.scale_index(r, b);
             let (d, m) = (self.d[i], self.m[i]);
             for j in 0..QK {
@@ -365,7 +488,7 @@ impl QMatrix {
 
     /// Bytes of weight data (for `/info` and memory accounting).
     pub fn bytes(&self) -> usize {
-        4 * (self.d.len() + self.m.len()) + self.q.len()
+        4 * (self.d.len() + self.m.len()) + self.sc.len() + self.q.len()
     }
 
     /// Stacks matrices of the same width and packing (fused projections: q, k and v, or
@@ -378,6 +501,20 @@ impl QMatrix {
         }
         // Row r of the result: (part, row within it).
         let owner: Vec<(usize, usize)> = parts.iter().enumerate().flat_map(|(i, p)| (0..p.rows).map(move |r| (i, r))).collect();
+        if packing == Packing::Sixbits {
+            return Ok(QMatrix::build_sixbits(owner.len(), cols, source, |r, s, codes, sc| {
+                let (p, local) = owner[r];
+                let part = &parts[p];
+                for (i, c) in codes.iter_mut().enumerate() {
+                    *c = part.code(local, s * 8 + i / QK, i % QK);
+                }
+                let (g, lane, blocks) = (local / LANES, local % LANES, cols / QK);
+                for (i, v) in sc.iter_mut().enumerate() {
+                    *v = part.sc[((g * blocks + s * 8 + i / 2) * 2 + i % 2) * LANES + lane];
+                }
+                part.d[(g * (blocks / 8) + s) * LANES + lane]
+            }));
+        }
         Ok(QMatrix::build(owner.len(), cols, packing, source, |r, b, codes| {
             let (p, local) = owner[r];
             let part = &parts[p];
@@ -439,11 +576,16 @@ pub fn qmatmul_columns(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], 
     assert!(x.rows == 0 || out.len() >= (x.rows - 1) * ld + col + w.rows, "qmatmul: output too small");
     let blocks = w.cols / QK;
     let groups = w.groups();
+    let scales_complete = match w.packing {
+        Packing::Sixbits => blocks % 8 == 0 && w.d.len() >= groups * (blocks / 8) * LANES && w.sc.len() >= groups * blocks * 2 * LANES,
+        _ => w.d.len() >= groups * blocks * LANES && w.m.len() >= groups * blocks * LANES,
+    };
+    assert!(w.q.len() >= groups * blocks * w.packing.group_block_bytes() && scales_complete, "qmatmul: weights truncated");
+    let n = x.rows * blocks;
     assert!(
-        w.q.len() >= groups * blocks * w.packing.group_block_bytes() && w.d.len() >= groups * blocks * LANES && w.m.len() >= groups * blocks * LANES,
-        "qmatmul: weights truncated"
+        x.q.len() >= x.rows * x.cols && x.d.len() >= n && x.s.len() >= n && x.s_q81.len() >= n && x.s16.len() >= 2 * n,
+        "qmatmul: activations truncated"
     );
-    assert!(x.q.len() >= x.rows * x.cols && x.d.len() >= x.rows * blocks && x.s.len() >= x.rows * blocks && x.s_q81.len() >= x.rows * blocks, "qmatmul: activations truncated");
     // SAFETY: `col` is within `out` (asserted above).
     let ptr = OutPtr(unsafe { out.as_mut_ptr().add(col) });
     // Enough tasks for the threads to balance, few enough that each is worth a dispatch.
@@ -511,6 +653,7 @@ fn offset_sums(w: &QMatrix, x: &QActs) -> *const f32 {
     match w.packing {
         Packing::Nibbles => x.s_q81.as_ptr(),
         Packing::Bytes => x.s.as_ptr(),
+        Packing::Sixbits => x.s16.as_ptr(),
     }
 }
 
@@ -518,6 +661,26 @@ fn offset_sums(w: &QMatrix, x: &QActs) -> *const f32 {
 /// offset times the activation block's sum.
 unsafe fn portable(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, ld: usize) {
     let blocks = w.cols / QK;
+    if w.packing == Packing::Sixbits {
+        // Per half block: the integer dot scaled by both scales, plus the offset
+        // (-32·d·sc) times the activation half's sum.
+        for r in 0..x.rows {
+            for n in g0 * LANES..(g1 * LANES).min(w.rows) {
+                let mut acc = 0f32;
+                for b in 0..blocks {
+                    let k = r * blocks + b;
+                    let xq = &x.q[r * x.cols + b * QK..r * x.cols + (b + 1) * QK];
+                    for h in 0..2 {
+                        let dot: i32 = (16 * h..16 * h + 16).map(|j| w.code(n, b, j) as i32 * xq[j] as i32).sum();
+                        let dw = w.half_scale(n, b, h);
+                        acc += dot as f32 * (dw * x.d[k]) + (-32.0 * dw) * x.s16[2 * k + h];
+                    }
+                }
+                *out.add(r * ld + n) = acc;
+            }
+        }
+        return;
+    }
     let sums = offset_sums(w, x);
     for r in 0..x.rows {
         for n in g0 * LANES..(g1 * LANES).min(w.rows) {
@@ -537,7 +700,7 @@ unsafe fn portable(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, 
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{offset_sums, Packing, QActs, QMatrix, LANES, QK};
+    use super::{offset_sums, BlockOut, Packing, QActs, QMatrix, LANES, QK};
 
     /// Four activation bytes, broadcast to every 32-bit lane.
     #[inline(always)]
@@ -577,6 +740,7 @@ mod x86 {
                         }
                     }
                 }
+                Packing::Sixbits => unreachable!("Sixbits has its own kernel"),
                 Packing::Bytes => {
                     for c in 0..4 {
                         let va = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
@@ -642,6 +806,7 @@ mod x86 {
                         dots[r] = _mm256_madd_epi16(pairs[r], ones);
                     }
                 }
+                Packing::Sixbits => unreachable!("Sixbits has its own kernel"),
                 Packing::Bytes => {
                     for c in 0..8 {
                         let signed = _mm256_xor_si256(_mm256_loadu_si256(wq.add(c * 64) as *const __m256i), _mm256_set1_epi8(-128));
@@ -679,11 +844,137 @@ mod x86 {
         }
     }
 
+    /// Chunk `c`'s top two bits of each quant, from a chunk of top bits, moved to bits 4..6 of
+    /// its byte: shifted 16-bit lanes, then masked, so nothing crosses from the other byte.
+    #[inline(always)]
+    unsafe fn tops_512(h: __m512i, c: usize) -> __m512i {
+        let t = match c {
+            0 => _mm512_slli_epi16(h, 4),
+            1 => _mm512_slli_epi16(h, 2),
+            2 => h,
+            _ => _mm512_srli_epi16(h, 2),
+        };
+        _mm512_and_si512(t, _mm512_set1_epi8(0x30))
+    }
+
+    #[inline(always)]
+    unsafe fn tops_256(h: __m256i, c: usize) -> __m256i {
+        let t = match c {
+            0 => _mm256_slli_epi16(h, 4),
+            1 => _mm256_slli_epi16(h, 2),
+            2 => h,
+            _ => _mm256_srli_epi16(h, 2),
+        };
+        _mm256_and_si256(t, _mm256_set1_epi8(0x30))
+    }
+
+    /// `group_avx512` for `Sixbits` (Q6_K): the quants rebuilt from their nibbles and top
+    /// bits, each half block with its own scale `d·sc` and offset `-32·d·sc`.
+    #[inline(always)]
+    unsafe fn group_avx512_sixbits<const R: usize>(w: &QMatrix, x: &QActs, g: usize, r0: usize, out: *mut f32, ld: usize) {
+        let blocks = w.cols / QK;
+        let gb = w.packing.group_block_bytes();
+        let xq = x.q.as_ptr();
+        let low = _mm512_set1_epi8(0x0F);
+        let minus32 = _mm512_set1_ps(-32.0);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b in 0..blocks {
+            let wq = w.q.as_ptr().add((g * blocks + b) * gb);
+            let h0 = _mm512_loadu_si512(wq.add(256) as *const __m512i);
+            let h1 = _mm512_loadu_si512(wq.add(320) as *const __m512i);
+            let mut ia = [_mm512_setzero_si512(); R];
+            let mut ib = [_mm512_setzero_si512(); R];
+            for c in 0..4 {
+                let v = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
+                let lo = _mm512_or_si512(_mm512_and_si512(v, low), tops_512(h0, c));
+                let hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), tops_512(h1, c));
+                for r in 0..R {
+                    let xr = xq.add((r0 + r) * x.cols + b * QK);
+                    ia[r] = _mm512_dpbusd_epi32(ia[r], lo, bcast4_512(xr.add(4 * c)));
+                    ib[r] = _mm512_dpbusd_epi32(ib[r], hi, bcast4_512(xr.add(16 + 4 * c)));
+                }
+            }
+            let d = _mm512_loadu_ps(w.d.as_ptr().add((g * (blocks / 8) + b / 8) * LANES));
+            let sc = w.sc.as_ptr().add((g * blocks + b) * 2 * LANES);
+            let sa = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc as *const __m128i))));
+            let sb = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(sc.add(LANES) as *const __m128i))));
+            let (ma, mb) = (_mm512_mul_ps(sa, minus32), _mm512_mul_ps(sb, minus32));
+            for r in 0..R {
+                let k = (r0 + r) * blocks + b;
+                let dx = _mm512_set1_ps(*x.d.get_unchecked(k));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[r]), _mm512_mul_ps(sa, dx), acc[r]);
+                acc[r] = _mm512_fmadd_ps(ma, _mm512_set1_ps(*x.s16.get_unchecked(2 * k)), acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ib[r]), _mm512_mul_ps(sb, dx), acc[r]);
+                acc[r] = _mm512_fmadd_ps(mb, _mm512_set1_ps(*x.s16.get_unchecked(2 * k + 1)), acc[r]);
+            }
+        }
+        let valid = (w.rows - g * LANES).min(LANES);
+        let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
+        for r in 0..R {
+            _mm512_mask_storeu_ps(out.add((r0 + r) * ld + g * LANES), mask, acc[r]);
+        }
+    }
+
+    /// `half_avx2` for `Sixbits`: products of quants up to 63 with activations fit a
+    /// `vpmaddubsw` pair (16,002), widened per chunk.
+    #[inline(always)]
+    unsafe fn half_avx2_sixbits<const R: usize>(w: &QMatrix, x: &QActs, g: usize, half: usize, r0: usize, out: *mut f32, ld: usize) {
+        let blocks = w.cols / QK;
+        let gb = w.packing.group_block_bytes();
+        let xq = x.q.as_ptr();
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let minus32 = _mm256_set1_ps(-32.0);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let wq = w.q.as_ptr().add((g * blocks + b) * gb + half * 32);
+            let h0 = _mm256_loadu_si256(wq.add(256) as *const __m256i);
+            let h1 = _mm256_loadu_si256(wq.add(320) as *const __m256i);
+            let mut da = [_mm256_setzero_si256(); R];
+            let mut db = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(wq.add(c * 64) as *const __m256i);
+                let lo = _mm256_or_si256(_mm256_and_si256(v, low), tops_256(h0, c));
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), tops_256(h1, c));
+                for r in 0..R {
+                    let xr = xq.add((r0 + r) * x.cols + b * QK);
+                    da[r] = _mm256_add_epi32(da[r], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, bcast4_256(xr.add(4 * c))), ones));
+                    db[r] = _mm256_add_epi32(db[r], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, bcast4_256(xr.add(16 + 4 * c))), ones));
+                }
+            }
+            let d = _mm256_loadu_ps(w.d.as_ptr().add((g * (blocks / 8) + b / 8) * LANES + half * 8));
+            let sc = w.sc.as_ptr().add((g * blocks + b) * 2 * LANES + half * 8);
+            let sa = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(sc as *const __m128i))));
+            let sb = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.add(LANES) as *const __m128i))));
+            let (ma, mb) = (_mm256_mul_ps(sa, minus32), _mm256_mul_ps(sb, minus32));
+            for r in 0..R {
+                let k = (r0 + r) * blocks + b;
+                let dx = _mm256_set1_ps(*x.d.get_unchecked(k));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da[r]), _mm256_mul_ps(sa, dx), acc[r]);
+                acc[r] = _mm256_fmadd_ps(ma, _mm256_set1_ps(*x.s16.get_unchecked(2 * k)), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db[r]), _mm256_mul_ps(sb, dx), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mb, _mm256_set1_ps(*x.s16.get_unchecked(2 * k + 1)), acc[r]);
+            }
+        }
+        let n0 = g * LANES + half * 8;
+        let valid = w.rows.saturating_sub(n0).min(8);
+        for r in 0..R {
+            let dst = out.add((r0 + r) * ld + n0);
+            if valid == 8 {
+                _mm256_storeu_ps(dst, acc[r]);
+            } else {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
+            }
+        }
+    }
+
     /// `quantize_blocks` on AVX-512: round half away from zero as truncate, then step away
     /// from zero where the dropped fraction is at least one half (exactly `round_away`).
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")]
-    pub(super) unsafe fn quantize_avx512(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
-        let blocks = (x.len() / QK).min(d.len()).min(q.len() / QK);
+    pub(super) unsafe fn quantize_avx512(x: &[f32], o: &mut BlockOut) {
+        let blocks = (x.len() / QK).min(o.d.len()).min(o.q.len() / QK).min(o.s16.len() / 2);
         let signbit = _mm512_set1_ps(-0.0);
         let one = _mm512_set1_ps(1.0);
         let half = _mm512_set1_ps(0.5);
@@ -701,18 +992,17 @@ mod x86 {
                 _mm512_cvtps_epi32(_mm512_mask_add_ps(tr, up, tr, away))
             };
             let (i0, i1) = (round(v0), round(v1));
-            let out = q.as_mut_ptr().add(b * QK);
+            let out = o.q.as_mut_ptr().add(b * QK);
             _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(i0));
             _mm_storeu_si128(out.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(i1));
-            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
-            super::finish_block(amax, sum, b, d, s_q81, s);
+            super::finish_block(amax, [_mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1)], b, o);
         }
     }
 
     /// `quantize_blocks` on AVX2, the same arithmetic in four 8-lane vectors.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn quantize_avx2(x: &[f32], d: &mut [f32], s_q81: &mut [f32], s: &mut [f32], q: &mut [i8]) {
-        let blocks = (x.len() / QK).min(d.len()).min(q.len() / QK);
+    pub(super) unsafe fn quantize_avx2(x: &[f32], o: &mut BlockOut) {
+        let blocks = (x.len() / QK).min(o.d.len()).min(o.q.len() / QK).min(o.s16.len() / 2);
         let signbit = _mm256_set1_ps(-0.0);
         let one = _mm256_set1_ps(1.0);
         let half = _mm256_set1_ps(0.5);
@@ -741,12 +1031,15 @@ mod x86 {
             let w01 = _mm256_packs_epi32(i[0], i[1]);
             let w23 = _mm256_packs_epi32(i[2], i[3]);
             let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256(q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
-            let t = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
-            let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
-            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
-            super::finish_block(amax, _mm_cvtsi128_si32(t), b, d, s_q81, s);
+            _mm256_storeu_si256(o.q.as_mut_ptr().add(b * QK) as *mut __m256i, bytes);
+            let hsum = |t: __m256i| {
+                let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+                let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+                let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+                _mm_cvtsi128_si32(t)
+            };
+            let halves = [hsum(_mm256_add_epi32(i[0], i[1])), hsum(_mm256_add_epi32(i[2], i[3]))];
+            super::finish_block(amax, halves, b, o);
         }
     }
 
@@ -777,7 +1070,11 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
     pub(super) unsafe fn run_avx512(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, ld: usize) {
         for g in g0..g1 {
-            tiles!(x.rows, 8, |r0, R| group_avx512::<R>(w, x, g, r0, out, ld));
+            if w.packing == Packing::Sixbits {
+                tiles!(x.rows, 8, |r0, R| group_avx512_sixbits::<R>(w, x, g, r0, out, ld));
+            } else {
+                tiles!(x.rows, 8, |r0, R| group_avx512::<R>(w, x, g, r0, out, ld));
+            }
         }
     }
 
@@ -785,7 +1082,12 @@ mod x86 {
     pub(super) unsafe fn run_avx2(w: &QMatrix, x: &QActs, g0: usize, g1: usize, out: *mut f32, ld: usize) {
         for g in g0..g1 {
             for half in 0..2 {
-                if g * LANES + half * 8 < w.rows {
+                if g * LANES + half * 8 >= w.rows {
+                    continue;
+                }
+                if w.packing == Packing::Sixbits {
+                    tiles!(x.rows, 4, |r0, R| half_avx2_sixbits::<R>(w, x, g, half, r0, out, ld));
+                } else {
                     tiles!(x.rows, 4, |r0, R| half_avx2::<R>(w, x, g, half, r0, out, ld));
                 }
             }
@@ -815,13 +1117,33 @@ mod tests {
         raw
     }
 
+    /// GGUF K-quant super-blocks of random bytes with sane f16 scales (bytes 0..4 for Q4_K and
+    /// Q5_K; the last two for Q6_K, whose i8 scales are random).
+    fn k_raw(rows: usize, cols: usize, block_bytes: usize, seed: u64) -> Vec<u8> {
+        let noise = random(rows * cols / 256 * block_bytes, seed);
+        let mut raw: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        for blk in raw.chunks_exact_mut(block_bytes) {
+            if block_bytes == 210 {
+                blk[208..210].copy_from_slice(&half::f16::from_f32(0.0021).to_bits().to_le_bytes());
+            } else {
+                blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_bits().to_le_bytes());
+                blk[2..4].copy_from_slice(&half::f16::from_f32(0.0041).to_bits().to_le_bytes());
+            }
+        }
+        raw
+    }
+
     /// Every kernel against the dequantized weights times the dequantized activations in
     /// f64, for even and odd block counts and batch sizes that exercise every tile width.
     #[test]
     fn kernels_match_the_dequantized_product() {
-        for (rows, cols) in [(70, 128), (45, 96)] {
+        for (rows, cols) in [(70, 128), (45, 96), (37, 512)] {
             let wf = random(rows * cols, 1);
-            for w in [QMatrix::from_q4_1(&q4_1_raw(&wf), rows, cols), QMatrix::q8_0_from_f32(&wf, rows, cols)] {
+            let mut matrices = vec![QMatrix::from_q4_1(&q4_1_raw(&wf), rows, cols), QMatrix::q8_0_from_f32(&wf, rows, cols)];
+            if cols % 256 == 0 {
+                matrices.push(QMatrix::from_q6_k(&k_raw(rows, cols, 210, 5), rows, cols));
+            }
+            for w in matrices {
                 let mut wd = vec![0f32; rows * cols];
                 for r in 0..rows {
                     w.dequantize_row(r, &mut wd[r * cols..(r + 1) * cols]);
@@ -870,19 +1192,21 @@ mod tests {
             *v = (i as f32 - 16.0) * 0.5; // amax 8: quants hit exact halves
         }
         let blocks = x.len() / QK;
-        let spec = {
-            let (mut d, mut a, mut b, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0i8; x.len()]);
-            quantize_blocks_portable(&x, &mut d, &mut a, &mut b, &mut q);
-            (d, a, b, q)
+        let run = |f: &dyn Fn(&mut BlockOut)| {
+            let (mut d, mut a, mut b, mut h, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0f32; 2 * blocks], vec![0i8; x.len()]);
+            f(&mut BlockOut { d: &mut d, s_q81: &mut a, s: &mut b, s16: &mut h, q: &mut q });
+            (d, a, b, h, q)
         };
-        let (mut d, mut a, mut b, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0i8; x.len()]);
-        quantize_blocks(&x, &mut d, &mut a, &mut b, &mut q);
-        assert_eq!(spec, (d, a, b, q));
+        let spec = run(&|o| quantize_blocks_portable(&x, o));
+        assert_eq!(spec, run(&|o| quantize_blocks(&x, o)));
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            let (mut d, mut a, mut b, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0i8; x.len()]);
-            unsafe { x86::quantize_avx2(&x, &mut d, &mut a, &mut b, &mut q) };
-            assert_eq!(spec, (d, a, b, q));
+            assert_eq!(spec, run(&|o| unsafe { x86::quantize_avx2(&x, o) }));
+        }
+        // The half sums add up to the block's.
+        for b in 0..blocks {
+            let (halves, whole) = (spec.3[2 * b] + spec.3[2 * b + 1], spec.2[b]);
+            assert!((halves - whole).abs() <= 1e-6 * (1.0 + whole.abs()), "block {b}: {halves} vs {whole}");
         }
     }
 
@@ -891,12 +1215,7 @@ mod tests {
     fn matches_candle(dtype: candle_core::quantized::GgmlDType, block_bytes: usize, load: fn(&[u8], usize, usize) -> QMatrix) {
         use candle_core::quantized::{QStorage, QTensor};
         let (rows, cols) = (5, 512);
-        let noise = random(rows * cols / 256 * block_bytes, 31);
-        let mut raw: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
-        for blk in raw.chunks_exact_mut(block_bytes) {
-            blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_bits().to_le_bytes());
-            blk[2..4].copy_from_slice(&half::f16::from_f32(0.0041).to_bits().to_le_bytes());
-        }
+        let raw = k_raw(rows, cols, block_bytes, 31);
         let w = load(&raw, rows, cols);
         let storage = QStorage::from_data(std::borrow::Cow::Borrowed(&raw[..]), &candle_core::Device::Cpu, dtype).unwrap();
         let want = QTensor::new(storage, (rows, cols)).unwrap().dequantize(&candle_core::Device::Cpu).unwrap();
@@ -918,6 +1237,24 @@ mod tests {
     #[test]
     fn q5_k_matches_candles_dequantization() {
         matches_candle(candle_core::quantized::GgmlDType::Q5K, 176, QMatrix::from_q5_k);
+    }
+
+    #[test]
+    fn q6_k_matches_candles_dequantization() {
+        matches_candle(candle_core::quantized::GgmlDType::Q6K, 210, QMatrix::from_q6_k);
+    }
+
+    /// Q6_K matrices fused row-wise keep every row exactly.
+    #[test]
+    fn six_bit_matrices_fuse() {
+        let (a, b) = (QMatrix::from_q6_k(&k_raw(20, 512, 210, 8), 20, 512), QMatrix::from_q6_k(&k_raw(7, 512, 210, 9), 7, 512));
+        let both = QMatrix::concat(vec![a.clone(), b.clone()]).unwrap();
+        let (mut want, mut got) = (vec![0f32; 512], vec![0f32; 512]);
+        for r in 0..27 {
+            if r < 20 { a.dequantize_row(r, &mut want) } else { b.dequantize_row(r - 20, &mut want) }
+            both.dequantize_row(r, &mut got);
+            assert_eq!(want, got, "row {r}");
+        }
     }
 
     /// Parts in different formats written side by side into one output equal each part's
@@ -952,17 +1289,27 @@ mod tests {
 
     #[test]
     fn simd_kernels_agree_with_the_specification() {
-        let (rows, cols) = (33, 192);
-        let wf = random(rows * cols, 3);
-        let w = QMatrix::from_q4_1(&q4_1_raw(&wf), rows, cols);
-        let mut x = QActs::default();
-        x.quantize(&random(5 * cols, 9), 5, cols);
-        let mut spec = vec![0f32; 5 * rows];
-        qmatmul_with(Kernel::Portable, &w, &x, &mut spec, &crate::cpu::Rayon(1));
-        let mut fast = vec![0f32; 5 * rows];
-        qmatmul_with(Kernel::detect(), &w, &x, &mut fast, &crate::cpu::Rayon(1));
-        for (a, b) in spec.iter().zip(&fast) {
-            assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+        let rows = 33;
+        let q4 = QMatrix::from_q4_1(&q4_1_raw(&random(rows * 192, 3)), rows, 192);
+        let q6 = QMatrix::from_q6_k(&k_raw(rows, 512, 210, 4), rows, 512);
+        for w in [q4, q6] {
+            let cols = w.cols;
+            let mut x = QActs::default();
+            x.quantize(&random(5 * cols, 9), 5, cols);
+            let mut spec = vec![0f32; 5 * rows];
+            qmatmul_with(Kernel::Portable, &w, &x, &mut spec, &crate::cpu::Rayon(1));
+            let mut kernels = vec![Kernel::detect()];
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                kernels.push(Kernel::Avx2);
+            }
+            for kernel in kernels {
+                let mut fast = vec![0f32; 5 * rows];
+                qmatmul_with(kernel, &w, &x, &mut fast, &crate::cpu::Rayon(1));
+                for (a, b) in spec.iter().zip(&fast) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{kernel:?} {}: {a} vs {b}", w.source);
+                }
+            }
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Loading a Llama-family GGUF file into our weight structures.
 //!
 //! The header and metadata are read with candle's GGUF reader; tensor bytes are read one
-//! tensor at a time. Q4_1, Q8_0, Q4_K and Q5_K blocks are repacked losslessly (interleaved
-//! groups, scales apart from quants) for our kernels; any other GGML type (Q6_K, F16, ...)
-//! is dequantized by candle and requantized to Q8_0, so every GGUF loads, at 8 bits for
-//! types we have no kernel for.
+//! tensor at a time. Q4_1, Q8_0, Q4_K, Q5_K and Q6_K blocks are repacked losslessly
+//! (interleaved groups, scales apart from quants) for our kernels; any other GGML type (F16,
+//! Q4_0, ...) is dequantized by candle and requantized to Q8_0, so every GGUF loads, at 8
+//! bits for types we have no kernel for.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -124,8 +124,9 @@ impl Reader<'_> {
             GgmlDType::Q8_0 => Ok(QMatrix::from_q8_0(&raw, rows, cols)),
             GgmlDType::Q4K if cols % 256 == 0 => Ok(QMatrix::from_q4_k(&raw, rows, cols)),
             GgmlDType::Q5K if cols % 256 == 0 => Ok(QMatrix::from_q5_k(&raw, rows, cols)),
+            GgmlDType::Q6K if cols % 256 == 0 => Ok(QMatrix::from_q6_k(&raw, rows, cols)),
             _ => {
-                // No kernel for this type (Q6_K, F16, ...): to Q8_0 through f32, a few
+                // No kernel for this type (F16, Q4_0, ...): to Q8_0 through f32, a few
                 // hundred rows at a time.
                 let row_bytes = raw.len() / rows;
                 let mut parts = Vec::new();
