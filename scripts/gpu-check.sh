@@ -18,6 +18,9 @@
 #   test: this is the existing one, on the GPU.
 # - generate: the greedy-determinism and concurrent-streams tests of tests/generate.rs on the
 #   mistral.rs engine (the GPU engine; our native engine is CPU-only), on the GPU.
+# - card-models: tests/card_models.rs on the GPU: the TinyLlama-shaped stand-ins (Q4_K_M,
+#   Q8_0) served by mistral.rs with llama.cpp's prompt tokens, and bge-shaped folders against
+#   sentence-transformers' vectors (needs numpy and gguf for scripts/standins.py).
 # - device: the daemon started here with EDGENODE_RUNTIME__DEVICE=cuda reports cuda:N in
 #   /info for the node and every model (the tests above do not look).
 # - benchmark: benches/edge.rs (embed batch 32, 1 and 8 decode streams) on the GPU, plus
@@ -183,6 +186,12 @@ EDGENODE_RUNTIME__DEVICE=cuda step embed-parity 180 \
 EDGENODE_RUNTIME__DEVICE=cuda step generate-greedy 180 \
     cargo test --release --locked --features cuda --test generate -- \
     mistralrs::greedy_is_deterministic_streaming_or_not mistralrs::concurrent_streams_are_independent_and_correct
+# The card's models on the GPU: the TinyLlama-shaped Q4_K_M and Q8_0 stand-ins (mistral.rs,
+# with our SentencePiece tokenizer) and the bge-shaped folders against sentence-transformers'
+# vectors. The stand-ins are written by scripts/standins.py, which needs numpy and gguf in
+# TEST_PYTHON (or python3).
+EDGENODE_RUNTIME__DEVICE=cuda step card-models 240 \
+    cargo test --release --locked --features cuda --test card_models
 
 # ---------------------------------------------------------------------------------------
 # Benchmark.
