@@ -114,7 +114,7 @@ bw = kv("bandwidth.txt").get("read_gb_per_s")
 generate_rows(kv("llama-q4_k_m.txt"), kv("edge-q4_k_m.txt", "edgenode generate"), "TinyLlama-shaped Q4_K_M", bw)
 generate_rows(kv("llama-q8_0.txt"), kv("edge-q8_0.txt", "edgenode generate"), "TinyLlama-shaped Q8_0", bw)
 embed_rows(kv("st-bge.txt"), kv("edge-bge.txt", "edgenode embed"), "bge-small-shaped")
-for name, label in [("edge-embed.txt", "both default models"), ("edge-generate.txt", "both default models"),
+for name, label in [("edge-embed.txt", "both default models, embed run"), ("edge-generate.txt", "both default models, generate run"),
                     ("edge-q4_k_m.txt", "TinyLlama-shaped Q4_K_M and MiniLM")]:
     mem = kv(name, "edgenode memory")
     if mem:

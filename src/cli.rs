@@ -59,8 +59,9 @@ pub enum ModelsCommand {
     /// List the manifest's models, their versions, digests and whether their files are present.
     List,
     /// Print a manifest entry (TOML) for model files you already have: every file under
-    /// `--dir` (or only the FILES named), each with its sha256. Append it to your manifest
-    /// (`store.manifest`) and add a `[[models]]` table to serve it.
+    /// `--dir` (or only the FILES named), each with its sha256 — or add it to a manifest
+    /// file with `--manifest`. Point `store.manifest` at that file and add a `[[models]]`
+    /// table to serve it.
     Pin {
         /// The entry's name (what `[[models]]` tables refer to as `manifest`).
         name: String,
@@ -76,6 +77,10 @@ pub enum ModelsCommand {
         /// One line on what the model is.
         #[arg(long, default_value = "")]
         description: String,
+        /// Add the entry to this manifest file instead of printing it; a file that does not
+        /// exist yet starts as a copy of the built-in manifest (the default models).
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
         /// Files to pin, relative to DIR (default: every file under it).
         files: Vec<String>,
     },

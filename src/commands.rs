@@ -92,8 +92,15 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        ModelsCommand::Pin { name, kind, version, dir, description, files } => {
-            print!("{}", pin(name, &kind, version, dir, description, files)?);
+        ModelsCommand::Pin { name, kind, version, dir, description, manifest, files } => {
+            let entry = pin(name.clone(), &kind, version, dir, description, files)?;
+            match manifest {
+                None => print!("{entry}"),
+                Some(path) => {
+                    add_to_manifest(&path, &entry)?;
+                    println!("added {name} to {}", path.display());
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         ModelsCommand::List => {
@@ -209,4 +216,21 @@ fn pin(name: String, kind: &str, version: String, dir: std::path::PathBuf, descr
     // What we print must load as a manifest; a blank line keeps appended entries apart.
     Manifest::parse(&text, "(the pinned entry)")?;
     Ok(format!("{text}\n"))
+}
+
+/// Appends a pinned entry to a manifest file (a new file starts as the built-in manifest),
+/// checking that the result still reads as a manifest (a name listed twice does not), and
+/// replacing the file only once it does.
+fn add_to_manifest(path: &std::path::Path, entry: &str) -> anyhow::Result<()> {
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::models::manifest::BUILT_IN.to_string(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let text = format!("{}\n{entry}", existing.trim_end());
+    Manifest::parse(&text, &path.display().to_string())?;
+    let tmp = path.with_extension("toml.partial");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
 }
