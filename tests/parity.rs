@@ -51,6 +51,8 @@ fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|p| p.0).unwrap()
 }
 
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// mistral.rs with candle told to dequantize every weight (read once per thread, so the load
 /// runs on a fresh thread with the variable set).
 fn load_mistral_f32(path: std::path::PathBuf) -> MistralGenerator {
@@ -75,6 +77,9 @@ fn load_mistral_f32(path: std::path::PathBuf) -> MistralGenerator {
 /// would test luck: on these prompts mistral.rs itself picks another token than f32 does.) Both engines get the same prompt tokens: ours, which tests/tokenizer.rs holds to
 /// llama.cpp's.
 async fn parity(path: &std::path::Path, greedy_tokens: usize, slack: f64) {
+    // One file at a time: the f32 load sets CANDLE_DEQUANTIZE_ALL for the whole process,
+    // which a serving-mode load running beside it would read too.
+    let _alone = ONE_AT_A_TIME.lock().await;
     let team = edgenode::cpu::team::Team::new(2, "parity").unwrap();
     let label = path.file_name().unwrap().to_string_lossy().to_string();
     let native = NativeGenerator::load(path, 2, false).unwrap();

@@ -713,6 +713,33 @@ mod x86 {
         _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32))
     }
 
+    /// Writes a group's 16 outputs per activation row, leaving out the padding rows of the
+    /// last group (`out` rows are `ld` wide).
+    #[inline(always)]
+    unsafe fn store_group<const R: usize>(acc: &[__m512; R], rows: usize, g: usize, r0: usize, out: *mut f32, ld: usize) {
+        let valid = (rows - g * LANES).min(LANES);
+        let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
+        for (r, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add((r0 + r) * ld + g * LANES), mask, *a);
+        }
+    }
+
+    /// Writes half a group's 8 outputs (weight rows from `n0`) per activation row.
+    #[inline(always)]
+    unsafe fn store_half<const R: usize>(acc: &[__m256; R], rows: usize, n0: usize, r0: usize, out: *mut f32, ld: usize) {
+        let valid = rows.saturating_sub(n0).min(8);
+        for (r, a) in acc.iter().enumerate() {
+            let dst = out.add((r0 + r) * ld + n0);
+            if valid == 8 {
+                _mm256_storeu_ps(dst, *a);
+            } else {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), *a);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
+            }
+        }
+    }
+
     /// One group of 16 weight rows against activation rows `r0..r0+R`: 16 outputs per row.
     #[inline(always)]
     unsafe fn group_avx512<const R: usize>(w: &QMatrix, x: &QActs, g: usize, r0: usize, out: *mut f32, ld: usize) {
@@ -763,11 +790,7 @@ mod x86 {
                 acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*sums.add(k)), acc[r]);
             }
         }
-        let valid = (w.rows - g * LANES).min(LANES);
-        let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
-        for r in 0..R {
-            _mm512_mask_storeu_ps(out.add((r0 + r) * ld + g * LANES), mask, acc[r]);
-        }
+        store_group(&acc, w.rows, g, r0, out, ld);
     }
 
     /// Half a group (8 weight rows, `half` 0 or 1) against activation rows `r0..r0+R`.
@@ -830,18 +853,7 @@ mod x86 {
                 }
             }
         }
-        let n0 = g * LANES + half * 8;
-        let valid = w.rows.saturating_sub(n0).min(8);
-        for r in 0..R {
-            let dst = out.add((r0 + r) * ld + n0);
-            if valid == 8 {
-                _mm256_storeu_ps(dst, acc[r]);
-            } else {
-                let mut tmp = [0f32; 8];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
-            }
-        }
+        store_half(&acc, w.rows, g * LANES + half * 8, r0, out, ld);
     }
 
     /// Chunk `c`'s top two bits of each quant, from a chunk of top bits, moved to bits 4..6 of
@@ -908,11 +920,7 @@ mod x86 {
                 acc[r] = _mm512_fmadd_ps(mb, _mm512_set1_ps(*x.s16.get_unchecked(2 * k + 1)), acc[r]);
             }
         }
-        let valid = (w.rows - g * LANES).min(LANES);
-        let mask: __mmask16 = if valid == LANES { !0 } else { (1u16 << valid) - 1 };
-        for r in 0..R {
-            _mm512_mask_storeu_ps(out.add((r0 + r) * ld + g * LANES), mask, acc[r]);
-        }
+        store_group(&acc, w.rows, g, r0, out, ld);
     }
 
     /// `half_avx2` for `Sixbits`: products of quants up to 63 with activations fit a
@@ -956,18 +964,7 @@ mod x86 {
                 acc[r] = _mm256_fmadd_ps(mb, _mm256_set1_ps(*x.s16.get_unchecked(2 * k + 1)), acc[r]);
             }
         }
-        let n0 = g * LANES + half * 8;
-        let valid = w.rows.saturating_sub(n0).min(8);
-        for r in 0..R {
-            let dst = out.add((r0 + r) * ld + n0);
-            if valid == 8 {
-                _mm256_storeu_ps(dst, acc[r]);
-            } else {
-                let mut tmp = [0f32; 8];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[r]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, valid);
-            }
-        }
+        store_half(&acc, w.rows, g * LANES + half * 8, r0, out, ld);
     }
 
     /// `quantize_blocks` on AVX-512: round half away from zero as truncate, then step away
