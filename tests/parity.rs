@@ -1,5 +1,5 @@
 //! Accuracy guard for our CPU generation engine against mistral.rs on the same GGUF weights:
-//! the default SmolLM2 file, and the TinyLlama-shaped stand-ins in Q8_0 and Q4_K_M.
+//! the default SmolLM2 file, and the TinyLlama-shaped stand-ins in Q8_0, Q4_K_M and Q5_K_M.
 //!
 //! In F32 — both engines on the weights dequantized to f32, so neither quantizes
 //! activations — next-token logits agree within 1e-3 relative and greedy text is identical
@@ -147,10 +147,11 @@ async fn native_engine_matches_mistralrs_on_the_same_weights() {
 }
 
 /// The TinyLlama-1.1B-Chat-shaped stand-in (real widths, SentencePiece vocabulary and
-/// template; 2 layers) in Q8_0 and in Q4_K_M, llama.cpp's mix of Q4_K and Q6_K tensors.
+/// template; 2 layers) in Q8_0, and in llama.cpp's mixes Q4_K_M (Q4_K and Q6_K tensors) and
+/// Q5_K_M (Q5_K and Q6_K).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_engine_matches_mistralrs_on_the_tinyllama_standin() {
-    for mix in ["q8_0", "q4_k_m"] {
+    for mix in ["q8_0", "q4_k_m", "q5_k_m"] {
         parity(&tinyllama_standin(mix), 16, 1.25).await;
     }
 }
