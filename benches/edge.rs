@@ -303,7 +303,9 @@ fn main() {
     }
     // The daemon's peak resident memory over the whole run (Linux).
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())) {
-        if let Some(kb) = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok()) {
+        if let Some(kb) =
+            status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        {
             println!("edgenode memory: peak_rss_mb={:.0}", kb as f64 / 1024.0);
         }
     }

@@ -11,7 +11,6 @@ use edgenode::cpu::matmul::linear;
 use edgenode::cpu::quant::{qmatmul, QActs, QMatrix};
 use edgenode::cpu::random_f32 as random;
 
-
 fn time(mut f: impl FnMut(), reps: usize) -> f64 {
     f();
     let t = Instant::now();
@@ -55,7 +54,9 @@ fn main() {
             }
         }
     }
-    for (name, m, k, n) in [("qkv", 400, 384, 1152), ("up", 400, 384, 1536), ("down", 400, 1536, 384), ("qkv single", 12, 384, 1152), ("down single", 12, 1536, 384)] {
+    for (name, m, k, n) in
+        [("qkv", 400, 384, 1152), ("up", 400, 384, 1536), ("down", 400, 1536, 384), ("qkv single", 12, 384, 1152), ("down single", 12, 1536, 384)]
+    {
         let x = random(m * k, 4);
         let w = random(n * k, 5);
         let b = random(n, 6);

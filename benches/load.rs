@@ -84,7 +84,19 @@ const SENTENCES: &[&str] = &[
 async fn one(client: &reqwest::Client, a: &Args, n: u64, tally: &Mutex<Tally>) {
     let total: u32 = a.mix.iter().map(|(_, w)| w).sum();
     let mut pick = (n.wrapping_mul(2654435761) % total as u64) as u32;
-    let kind = a.mix.iter().find(|(_, w)| if pick < *w { true } else { pick -= w; false }).map(|(k, _)| k.as_str()).unwrap_or("embed");
+    let kind = a
+        .mix
+        .iter()
+        .find(|(_, w)| {
+            if pick < *w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        })
+        .map(|(k, _)| k.as_str())
+        .unwrap_or("embed");
     let text = SENTENCES[(n as usize) % SENTENCES.len()];
     let (path, body) = match kind {
         "classify" => ("/classify", json!({"inputs": text})),
@@ -158,7 +170,12 @@ async fn main() {
     let elapsed = started.elapsed().as_secs_f64();
     let t = tally.lock();
     let total: u64 = t.statuses.values().sum();
-    println!("load: {} requests in {elapsed:.1} s ({:.1}/s), {}", total, total as f64 / elapsed, if a.rate > 0.0 { format!("open loop at {}/s", a.rate) } else { format!("{} concurrent clients", a.concurrency) });
+    println!(
+        "load: {} requests in {elapsed:.1} s ({:.1}/s), {}",
+        total,
+        total as f64 / elapsed,
+        if a.rate > 0.0 { format!("open loop at {}/s", a.rate) } else { format!("{} concurrent clients", a.concurrency) }
+    );
     println!("{:<10} {:<16} {:>8}", "workload", "status", "count");
     for ((kind, status), n) in &t.statuses {
         println!("{kind:<10} {status:<16} {n:>8}");

@@ -33,10 +33,7 @@ impl ApiKeys {
     pub fn from_config(cfg: &AuthConfig) -> Self {
         let from_env = std::env::var(&cfg.api_keys_env).unwrap_or_default();
         let keys: Vec<&str> = cfg.api_keys.iter().map(String::as_str).chain(from_env.split(',')).map(str::trim).filter(|k| !k.is_empty()).collect();
-        ApiKeys {
-            digests: keys.iter().map(|k| digest(k)).collect(),
-            hints: keys.iter().map(|k| redact(k)).collect(),
-        }
+        ApiKeys { digests: keys.iter().map(|k| digest(k)).collect(), hints: keys.iter().map(|k| redact(k)).collect() }
     }
 
     /// True when any key is configured.
@@ -67,7 +64,11 @@ impl ApiKeys {
 /// `…abcd`: enough to tell keys apart, not enough to use one.
 fn redact(key: &str) -> String {
     let tail: String = key.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
-    if key.chars().count() <= 8 { "…".to_string() } else { format!("…{tail}") }
+    if key.chars().count() <= 8 {
+        "…".to_string()
+    } else {
+        format!("…{tail}")
+    }
 }
 
 #[cfg(test)]
@@ -76,7 +77,8 @@ mod tests {
 
     #[test]
     fn accepts_only_configured_keys_as_bearer_tokens() {
-        let cfg = AuthConfig { api_keys: vec!["sk-edge-0123456789".into()], api_keys_env: "EDGENODE_TEST_NO_SUCH_VAR_".into(), protect_probes: false };
+        let cfg =
+            AuthConfig { api_keys: vec!["sk-edge-0123456789".into()], api_keys_env: "EDGENODE_TEST_NO_SUCH_VAR_".into(), protect_probes: false };
         let keys = ApiKeys::from_config(&cfg);
         assert!(keys.enabled());
         assert!(keys.accepts(Some("Bearer sk-edge-0123456789")));

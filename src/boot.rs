@@ -48,19 +48,19 @@ pub async fn boot_all(node: Arc<Node>, device: Device) {
         let _ = t.await;
     }
     let ready = node.registry.slots().iter().filter(|s| s.stage() == Stage::Ready).count();
-    tracing::info!(
-        ready,
-        models = node.registry.slots().len(),
-        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
-        "boot finished"
-    );
+    tracing::info!(ready, models = node.registry.slots().len(), seconds = format!("{:.2}", started.elapsed().as_secs_f64()), "boot finished");
     supervise(node, device, restarts, &mut restart_rx).await;
 }
 
 /// Reloads a model whose worker thread died: `/readyz` shows it `restarting` meanwhile and
 /// requests wait for it (up to `server.ready_wait_s`). A model that keeps dying is retried
 /// with a growing pause, and given up (failed) after five restarts within ten minutes.
-async fn supervise(node: Arc<Node>, device: Device, restarts: mpsc::UnboundedSender<Arc<ModelSlot>>, rx: &mut mpsc::UnboundedReceiver<Arc<ModelSlot>>) {
+async fn supervise(
+    node: Arc<Node>,
+    device: Device,
+    restarts: mpsc::UnboundedSender<Arc<ModelSlot>>,
+    rx: &mut mpsc::UnboundedReceiver<Arc<ModelSlot>>,
+) {
     let mut history: std::collections::HashMap<String, Vec<Instant>> = std::collections::HashMap::new();
     while let Some(slot) = rx.recv().await {
         let recent = history.entry(slot.name().to_string()).or_default();
@@ -87,7 +87,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Sen
     tokio::task::spawn_blocking(f).await.map_err(|e| format!("the boot task panicked: {e}"))?
 }
 
-async fn boot_model(node: &Arc<Node>, slot: &Arc<ModelSlot>, device: &Device, restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>) -> Result<(), String> {
+async fn boot_model(
+    node: &Arc<Node>,
+    slot: &Arc<ModelSlot>,
+    device: &Device,
+    restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
+) -> Result<(), String> {
     let dir = match &slot.entry {
         Some(entry) => Some(verify_files(node, slot, entry.clone()).await?),
         None => None,
@@ -176,10 +181,7 @@ async fn load_encoder(
                 labels: files.labels.clone().ok_or("config.json has no id2label for a sequence classifier")?,
                 multi_label: files.config.problem_type.as_deref() == Some("multi_label_classification"),
             },
-            _ => EncoderTask::Embed {
-                pooling: cfg.pooling.or(files.pooling).unwrap_or(Pooling::Mean),
-                always_normalize: files.normalizes,
-            },
+            _ => EncoderTask::Embed { pooling: cfg.pooling.or(files.pooling).unwrap_or(Pooling::Mean), always_normalize: files.normalizes },
         };
         if let EncoderTask::Embed { pooling: Pooling::Mean, .. } = task {
             if !files.include_prompt && !files.prompts.named.is_empty() {
@@ -262,8 +264,7 @@ async fn compile_kernels(slot: &Arc<ModelSlot>, device: &Device) -> Result<(), S
     if let Device::Cuda(dev) = device {
         slot.set_stage(Stage::CompilingKernels);
         let dev = dev.clone();
-        blocking(move || crate::gpu::compile_for_device(&dev).map(|_| ()).map_err(|e| format!("cannot compile kernels/pooling.cu: {e}")))
-            .await?;
+        blocking(move || crate::gpu::compile_for_device(&dev).map(|_| ()).map_err(|e| format!("cannot compile kernels/pooling.cu: {e}"))).await?;
     }
     let _ = (slot, device);
     Ok(())

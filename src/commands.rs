@@ -16,9 +16,7 @@ use crate::models::verify::{all_present, sha256_file, verify_model};
 pub async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { .. } => crate::server::serve(config).await.map(|_| ExitCode::SUCCESS),
-        Command::Models { command } => {
-            tokio::task::spawn_blocking(move || models(command, &config)).await.context("models command panicked")?
-        }
+        Command::Models { command } => tokio::task::spawn_blocking(move || models(command, &config)).await.context("models command panicked")?,
     }
 }
 
@@ -83,7 +81,9 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
                 };
                 let drift = sync::compare(&local, &expected);
                 for (name, m) in &drift {
-                    let show = |p: &Option<Pin>| p.as_ref().map(|p| format!("{}+{}", p.version, &p.digest[..12.min(p.digest.len())])).unwrap_or_else(|| "-".into());
+                    let show = |p: &Option<Pin>| {
+                        p.as_ref().map(|p| format!("{}+{}", p.version, &p.digest[..12.min(p.digest.len())])).unwrap_or_else(|| "-".into())
+                    };
                     println!("{:<8} {:<12} local {:<24} expected {}", m.status.as_str(), name, show(&m.local), show(&m.expected));
                 }
                 if drift.values().any(|m| matches!(m.status, Drift::Stale | Drift::Missing)) {
@@ -160,9 +160,9 @@ pub fn build_registry(config: &Config, manifest: &Manifest) -> anyhow::Result<Re
             }
             None
         } else {
-            let e = manifest.get(m.manifest_entry()).with_context(|| {
-                format!("model {:?}: the manifest has no entry {:?}", m.name, m.manifest_entry())
-            })?;
+            let e = manifest
+                .get(m.manifest_entry())
+                .with_context(|| format!("model {:?}: the manifest has no entry {:?}", m.name, m.manifest_entry()))?;
             if e.kind != m.kind {
                 bail!("model {:?} is {} but manifest entry {:?} is {}", m.name, m.kind, e.name, e.kind);
             }

@@ -539,9 +539,7 @@ fn default_models() -> Vec<ModelConfig> {
     router.embedder = Some("minilm".into());
     router.temperature = Some(0.05);
     let examples = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    router.labels = Some(
-        [("edge".to_string(), examples(ROUTER_EDGE)), ("cloud".to_string(), examples(ROUTER_CLOUD))].into_iter().collect(),
-    );
+    router.labels = Some([("edge".to_string(), examples(ROUTER_EDGE)), ("cloud".to_string(), examples(ROUTER_CLOUD))].into_iter().collect());
     let smollm2 = ModelConfig::new("smollm2", ModelKind::Generate);
     vec![minilm, router, smollm2]
 }
@@ -655,11 +653,7 @@ impl Config {
             }
             let foreign = m.foreign_options();
             if !foreign.is_empty() {
-                return Err(ConfigError(format!(
-                    "{at}: {} do(es) not apply to a {} model",
-                    foreign.join(", "),
-                    m.kind
-                )));
+                return Err(ConfigError(format!("{at}: {} do(es) not apply to a {} model", foreign.join(", "), m.kind)));
             }
             for (key, value) in [
                 ("max_batch_tokens", m.max_batch_tokens),
@@ -787,8 +781,7 @@ fn describe(err: figment::Error) -> ConfigError {
 /// Reads a TOML file into a `Config` with only the built-in defaults beneath it
 /// (no environment, no flags): what `edgenode.toml` alone says.
 pub fn parse_file(path: &Path) -> Result<Config, ConfigError> {
-    let config: Config =
-        Figment::from(Serialized::defaults(Config::default())).merge(Toml::file_exact(path)).extract().map_err(describe)?;
+    let config: Config = Figment::from(Serialized::defaults(Config::default())).merge(Toml::file_exact(path)).extract().map_err(describe)?;
     config.validate()?;
     Ok(config)
 }

@@ -4,12 +4,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::auth::ApiKeys;
 use crate::config::Config;
 use crate::encoder::tokenize::TokenizerPool;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
 use crate::models::sync::SyncReport;
-use crate::auth::ApiKeys;
 use crate::routing::Router;
 use crate::telemetry::stats::Stats;
 

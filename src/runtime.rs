@@ -38,15 +38,12 @@ pub fn select_device(spec: &str) -> Result<(Device, String), String> {
             Ok((Device::Cpu, "cpu".into()))
         }
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = s.strip_prefix("cuda:").map(str::parse).unwrap_or(Ok(0)).map_err(|_| {
-                format!("runtime.device {s:?}: expected cuda or cuda:N")
-            })?;
+            let ordinal: usize =
+                s.strip_prefix("cuda:").map(str::parse).unwrap_or(Ok(0)).map_err(|_| format!("runtime.device {s:?}: expected cuda or cuda:N"))?;
             if !cfg!(feature = "cuda") {
                 return Err(format!("runtime.device is {s:?} but this binary was built without CUDA (cargo feature `cuda`)"));
             }
-            Device::new_cuda(ordinal)
-                .map(|d| (d, format!("cuda:{ordinal}")))
-                .map_err(|e| format!("runtime.device {s:?}: no usable CUDA device: {e}"))
+            Device::new_cuda(ordinal).map(|d| (d, format!("cuda:{ordinal}"))).map_err(|e| format!("runtime.device {s:?}: no usable CUDA device: {e}"))
         }
         other => Err(format!("runtime.device {other:?}: expected auto, cpu, cuda or cuda:N")),
     }

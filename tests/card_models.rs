@@ -134,8 +134,7 @@ fn card_models_serve_like_their_references() {
         let (status, body) = post_json(&d, "/embed", &json!({"inputs": long["text"], "model": name}));
         assert_error(status, &body, 422, "input_too_long");
         assert!(body["error"]["message"].as_str().unwrap().contains("the limit is 512"), "{body}");
-        let (status, body) =
-            post_json(&d, "/v1/embeddings", &json!({"input": long["text"], "model": name, "truncate": true}));
+        let (status, body) = post_json(&d, "/v1/embeddings", &json!({"input": long["text"], "model": name, "truncate": true}));
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["usage"]["prompt_tokens"], long["tokens"], "{body}");
         assert_eq!(long["tokens"], 512);
@@ -179,7 +178,8 @@ fn card_models_serve_like_their_references() {
     };
     for name in ["tinyllama", "tinyllama-q8"] {
         // "Hello world" is BOS ▁Hello ▁world for llama.cpp: three tokens.
-        let (status, body) = post_json(&d, "/generate", &json!({"model": name, "prompt": "Hello world", "max_tokens": 4, "temperature": 0, "ignore_eos": true}));
+        let (status, body) =
+            post_json(&d, "/generate", &json!({"model": name, "prompt": "Hello world", "max_tokens": 4, "temperature": 0, "ignore_eos": true}));
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["usage"]["prompt_tokens"], 3, "{body}");
         assert_eq!(body["usage"]["completion_tokens"], 4, "{body}");

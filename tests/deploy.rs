@@ -61,10 +61,9 @@ fn integer(file: &str, table: &toml::Table, path: &str) -> u64 {
 /// An array of tables (`[[metrics]]`); a single table (`[metrics]`) counts as one.
 fn tables<'a>(file: &str, table: &'a toml::Table, path: &str) -> Vec<&'a toml::Table> {
     match at(file, table, path) {
-        toml::Value::Array(items) => items
-            .iter()
-            .map(|v| v.as_table().unwrap_or_else(|| panic!("{file}: `{path}` holds something other than tables")))
-            .collect(),
+        toml::Value::Array(items) => {
+            items.iter().map(|v| v.as_table().unwrap_or_else(|| panic!("{file}: `{path}` holds something other than tables"))).collect()
+        }
         toml::Value::Table(t) => vec![t],
         _ => panic!("{file}: `{path}` is not a table"),
     }
@@ -351,10 +350,7 @@ fn dockerfile_final_images_match_the_daemon() {
         assert_eq!(config.store.dir, PathBuf::from(STORE), "Dockerfile `{target}`: EDGENODE_STORE__DIR vs VOLUME");
 
         let health = stage.args("HEALTHCHECK").join(" ");
-        assert!(
-            health.contains(&format!(":{port}/readyz")),
-            "Dockerfile `{target}`: HEALTHCHECK asks /readyz on port {port}: {health}"
-        );
+        assert!(health.contains(&format!(":{port}/readyz")), "Dockerfile `{target}`: HEALTHCHECK asks /readyz on port {port}: {health}");
         let start_period = health
             .split_whitespace()
             .find_map(|w| w.strip_prefix("--start-period="))

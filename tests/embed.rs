@@ -105,8 +105,7 @@ fn texts(g: &Golden) -> Vec<String> {
 }
 
 fn embed_one_request(d: &Daemon, model: &str, texts: &[String], normalize: bool) -> Vec<Vec<f32>> {
-    let (status, body) =
-        post_json(d, "/embed", &json!({"inputs": texts, "model": model, "truncate": true, "normalize": normalize}));
+    let (status, body) = post_json(d, "/embed", &json!({"inputs": texts, "model": model, "truncate": true, "normalize": normalize}));
     assert_eq!(status, 200, "{body}");
     body.as_array().unwrap().iter().map(floats).collect()
 }
@@ -215,11 +214,8 @@ fn sequence_classifier_matches_transformers() {
     let labels: Vec<&str> = fixture["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
     for row in fixture["rows"].as_array().unwrap() {
         for (raw, key) in [(false, "scores"), (true, "logits")] {
-            let (s, body) = post_json(
-                &d,
-                "/predict",
-                &json!({"inputs": row["text"], "model": "tiny-classifier", "truncate": true, "raw_scores": raw}),
-            );
+            let (s, body) =
+                post_json(&d, "/predict", &json!({"inputs": row["text"], "model": "tiny-classifier", "truncate": true, "raw_scores": raw}));
             assert_eq!(s, 200, "{body}");
             let got = body.as_array().unwrap();
             // Sorted by score, highest first.

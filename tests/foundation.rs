@@ -17,13 +17,8 @@ fn config_precedence_is_file_then_env_then_flag() {
     // File: an address that cannot be bound, and two limits. Env overrides one limit and the
     // address; the --addr flag the harness passes (127.0.0.1:0) overrides both addresses.
     let d = Daemon::start(Options {
-        config: Some(format!(
-            "{NO_MODELS}[server]\naddr = \"192.0.2.1:1\"\n[limits]\nmax_inputs = 10\nmax_input_chars = 777\n"
-        )),
-        env: vec![
-            ("EDGENODE_LIMITS__MAX_INPUTS".into(), "20".into()),
-            ("EDGENODE_SERVER__ADDR".into(), "192.0.2.2:2".into()),
-        ],
+        config: Some(format!("{NO_MODELS}[server]\naddr = \"192.0.2.1:1\"\n[limits]\nmax_inputs = 10\nmax_input_chars = 777\n")),
+        env: vec![("EDGENODE_LIMITS__MAX_INPUTS".into(), "20".into()), ("EDGENODE_SERVER__ADDR".into(), "192.0.2.2:2".into())],
         ..Default::default()
     });
     d.wait_ready(Duration::from_secs(30));

@@ -214,7 +214,8 @@ fn bad_generation_requests_name_the_field(engine: &str) {
             _ => {}
         }
     }
-    let (s, b) = post_json(&d, "/v1/chat/completions", &json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}));
+    let (s, b) =
+        post_json(&d, "/v1/chat/completions", &json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}));
     assert_eq!(b["error"]["param"], "temperature", "{s} {b}");
     let (s, b) = post_json(&d, "/generate", &json!({}));
     assert_error(s, &b, 400, "missing_field");
@@ -223,21 +224,12 @@ fn bad_generation_requests_name_the_field(engine: &str) {
 fn loads_and_generates_without_any_network(engine: &str) {
     let home = tempfile::tempdir().unwrap();
     let closed = "http://127.0.0.1:9";
-    let env: Vec<(String, String)> = [
-        ("HTTP_PROXY", closed),
-        ("HTTPS_PROXY", closed),
-        ("ALL_PROXY", closed),
-        ("http_proxy", closed),
-        ("https_proxy", closed),
-        ("NO_PROXY", ""),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .chain([
-        ("HOME".to_string(), home.path().display().to_string()),
-        ("HF_HOME".to_string(), home.path().join("hf").display().to_string()),
-    ])
-    .collect();
+    let env: Vec<(String, String)> =
+        [("HTTP_PROXY", closed), ("HTTPS_PROXY", closed), ("ALL_PROXY", closed), ("http_proxy", closed), ("https_proxy", closed), ("NO_PROXY", "")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([("HOME".to_string(), home.path().display().to_string()), ("HF_HOME".to_string(), home.path().join("hf").display().to_string())])
+            .collect();
     let config = format!("[[models]]\nname = \"smollm2\"\nkind = \"generate\"\nengine = \"{engine}\"\n");
     let d = Daemon::start(Options { config: Some(config), env, ..Default::default() });
     d.wait_ready(Duration::from_secs(180));
@@ -261,4 +253,13 @@ macro_rules! on_both_engines {
     };
 }
 
-on_both_engines!(greedy_is_deterministic_streaming_or_not, stop_sequences_cut_the_text_and_are_not_included, max_tokens_gives_length_with_exactly_that_many_tokens, concurrent_streams_are_independent_and_correct, a_dropped_stream_frees_its_slot, a_seed_makes_sampling_repeatable, bad_generation_requests_name_the_field, loads_and_generates_without_any_network);
+on_both_engines!(
+    greedy_is_deterministic_streaming_or_not,
+    stop_sequences_cut_the_text_and_are_not_included,
+    max_tokens_gives_length_with_exactly_that_many_tokens,
+    concurrent_streams_are_independent_and_correct,
+    a_dropped_stream_frees_its_slot,
+    a_seed_makes_sampling_repeatable,
+    bad_generation_requests_name_the_field,
+    loads_and_generates_without_any_network
+);

@@ -5,10 +5,7 @@ use edgenode::gpu::{compile, nvrtc_available, KERNELS};
 
 #[test]
 fn every_kernel_compiles_to_ptx_with_its_entry_points() {
-    assert!(
-        nvrtc_available(),
-        "libnvrtc cannot be loaded: scripts/test.sh installs the nvidia-cuda-nvrtc-cu12 wheel and puts it on LD_LIBRARY_PATH"
-    );
+    assert!(nvrtc_available(), "libnvrtc cannot be loaded: scripts/test.sh installs the nvidia-cuda-nvrtc-cu12 wheel and puts it on LD_LIBRARY_PATH");
     for kernel in KERNELS {
         for arch in ["compute_70", "compute_80", "compute_90"] {
             let ptx = compile(kernel, arch).unwrap_or_else(|e| panic!("{}: {e}", kernel.file));

@@ -75,10 +75,7 @@ fn a_request_sent_during_warm_up_is_answered_after_ready() {
 
 #[test]
 fn a_request_that_outwaits_ready_wait_gets_503_with_retry_after() {
-    let d = Daemon::start(Options {
-        config: Some(format!("{MINILM_ONLY}\n[server]\nready_wait_s = 0\n")),
-        ..Default::default()
-    });
+    let d = Daemon::start(Options { config: Some(format!("{MINILM_ONLY}\n[server]\nready_wait_s = 0\n")), ..Default::default() });
     let r = client().post(d.url("/embed")).json(&json!({"inputs": "too early"})).send().unwrap();
     if r.status() == 503 {
         assert!(r.headers().get("retry-after").is_some());
@@ -173,9 +170,8 @@ fn a_central_manifest_url_in_sync_and_an_unreachable_one_never_block_readiness()
     drop(d);
 
     // Nothing listens on port 9 of localhost: unreachable, reported as such, never as drift.
-    let config = format!(
-        "[sync]\nexpected_manifest = \"http://127.0.0.1:9/manifest.toml\"\ntimeout_s = 2\nfail_ready_on_drift = true\n\n{MINILM_ONLY}"
-    );
+    let config =
+        format!("[sync]\nexpected_manifest = \"http://127.0.0.1:9/manifest.toml\"\ntimeout_s = 2\nfail_ready_on_drift = true\n\n{MINILM_ONLY}");
     let d = Daemon::start(Options { config: Some(config), ..Default::default() });
     d.wait_ready(Duration::from_secs(120));
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -247,7 +243,11 @@ fn sigterm_drains_a_running_stream_then_exits_0() {
 
     let rest: Vec<String> = lines.map_while(Result::ok).filter(|l| l.starts_with("data: ")).collect();
     assert_eq!(rest.last().map(String::as_str), Some("data: [DONE]"), "the stream completes: {rest:?}");
-    let finish = rest.iter().rev().filter_map(|l| serde_json::from_str::<Value>(&l[6..]).ok()).find_map(|v| v["choices"][0]["finish_reason"].as_str().map(String::from));
+    let finish = rest
+        .iter()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(&l[6..]).ok())
+        .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(String::from));
     assert_eq!(finish.as_deref(), Some("length"), "all 48 tokens arrived: {rest:?}");
 
     let deadline = signalled + Duration::from_secs(20);

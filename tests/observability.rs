@@ -151,7 +151,10 @@ fn spans_reach_an_otlp_collector_with_structure_attributes_and_the_callers_trace
     assert!(receiver.paths.lock().unwrap().iter().all(|p| p == "/v1/traces"));
 
     // /embed: continues the caller's trace, carries the attributes, has its stages as children.
-    let embed = spans.iter().find(|s| s.name == "POST /embed").unwrap_or_else(|| panic!("no embed span in {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>()));
+    let embed = spans
+        .iter()
+        .find(|s| s.name == "POST /embed")
+        .unwrap_or_else(|| panic!("no embed span in {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>()));
     assert_eq!(hex::encode(&embed.trace_id), trace_id, "the caller's trace continues");
     assert_eq!(hex::encode(&embed.parent_span_id), caller_span, "parented to the caller's span");
     let a = attrs(embed);
@@ -231,7 +234,11 @@ fn metrics_and_stats_count_exactly_the_requests_made() {
     assert_eq!(value(&after, "edgenode_requests_total", &[("route", "/classify"), ("model", "router"), ("status", "200")]), 1.0);
     assert_eq!(value(&after, "edgenode_requests_total", &[("route", "/generate"), ("model", "smollm2"), ("status", "200")]), 1.0);
     assert_eq!(value(&after, "edgenode_request_duration_seconds", &[("route", "/generate"), ("status", "200")]), 1.0, "one observation");
-    assert_eq!(value(&after, "edgenode_tokens_total", &[("model", "smollm2"), ("kind", "completion")]) - value(&before, "edgenode_tokens_total", &[("model", "smollm2"), ("kind", "completion")]), 5.0);
+    assert_eq!(
+        value(&after, "edgenode_tokens_total", &[("model", "smollm2"), ("kind", "completion")])
+            - value(&before, "edgenode_tokens_total", &[("model", "smollm2"), ("kind", "completion")]),
+        5.0
+    );
     assert!(value(&after, "edgenode_time_to_first_token_seconds", &[("model", "smollm2")]) >= 1.0);
     assert!(value(&after, "edgenode_batch_size", &[("model", "minilm")]) >= 5.0);
     assert!(value(&after, "edgenode_queue_wait_seconds", &[("model", "minilm")]) >= 5.0);

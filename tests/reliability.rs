@@ -75,7 +75,9 @@ fn every_bad_input_gets_its_documented_status_and_the_node_serves_on() {
     let before_ms = embed_ms(&d);
     let j = |v: Value| serde_json::to_vec(&v).unwrap();
     let nested = format!("{{\"inputs\": {}\"x\"{}}}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes();
-    let nested_any = format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"stop\": {}\"x\"{}}}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes();
+    let nested_any =
+        format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"stop\": {}\"x\"{}}}", "[".repeat(10_000), "]".repeat(10_000))
+            .into_bytes();
     let rows: Vec<(&str, &str, &str, &str, Vec<u8>, u16, &str)> = vec![
         // (what, method, path, content type, body, status, code)
         ("malformed JSON", "POST", "/embed", "application/json", b"{\"inputs\": ".to_vec(), 400, "invalid_json"),
@@ -88,12 +90,52 @@ fn every_bad_input_gets_its_documented_status_and_the_node_serves_on() {
         ("an empty string", "POST", "/v1/embeddings", "application/json", j(json!({"input": ""})), 400, "empty_input"),
         ("missing field", "POST", "/embed", "application/json", j(json!({"text": "hi"})), 400, "missing_field"),
         ("10,000 inputs", "POST", "/embed", "application/json", j(json!({"inputs": vec!["x"; 10_000]})), 413, "too_many_inputs"),
-        ("1,000,000 characters with truncate", "POST", "/embed", "application/json", j(json!({"inputs": "a".repeat(1_000_000), "truncate": true})), 413, "input_too_many_chars"),
-        ("over the token limit without truncate", "POST", "/embed", "application/json", j(json!({"inputs": "word ".repeat(1000)})), 422, "input_too_long"),
+        (
+            "1,000,000 characters with truncate",
+            "POST",
+            "/embed",
+            "application/json",
+            j(json!({"inputs": "a".repeat(1_000_000), "truncate": true})),
+            413,
+            "input_too_many_chars",
+        ),
+        (
+            "over the token limit without truncate",
+            "POST",
+            "/embed",
+            "application/json",
+            j(json!({"inputs": "word ".repeat(1000)})),
+            422,
+            "input_too_long",
+        ),
         ("negative max_tokens", "POST", "/generate", "application/json", j(json!({"prompt": "hi", "max_tokens": -5})), 400, "invalid_field"),
-        ("huge max_tokens", "POST", "/generate", "application/json", j(json!({"prompt": "hi", "max_tokens": 1_000_000_000_000i64})), 400, "max_tokens_too_large"),
-        ("a string temperature", "POST", "/v1/chat/completions", "application/json", j(json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"})), 400, "invalid_field"),
-        ("an unknown role", "POST", "/v1/chat/completions", "application/json", j(json!({"messages": [{"role": "wizard", "content": "hi"}]})), 400, "invalid_field"),
+        (
+            "huge max_tokens",
+            "POST",
+            "/generate",
+            "application/json",
+            j(json!({"prompt": "hi", "max_tokens": 1_000_000_000_000i64})),
+            400,
+            "max_tokens_too_large",
+        ),
+        (
+            "a string temperature",
+            "POST",
+            "/v1/chat/completions",
+            "application/json",
+            j(json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"})),
+            400,
+            "invalid_field",
+        ),
+        (
+            "an unknown role",
+            "POST",
+            "/v1/chat/completions",
+            "application/json",
+            j(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
+            400,
+            "invalid_field",
+        ),
         ("no messages", "POST", "/v1/chat/completions", "application/json", j(json!({"messages": []})), 400, "empty_input"),
         ("unknown model", "POST", "/embed", "application/json", j(json!({"inputs": "hi", "model": "gpt-17"})), 404, "model_not_found"),
         ("wrong content type", "POST", "/embed", "text/plain", b"inputs=hi".to_vec(), 415, "unsupported_media_type"),

@@ -16,11 +16,7 @@ const LONG: &str = "Write a detailed analysis of the economic causes of the Grea
 
 /// B: the "cloud", an edgenode that serves only SmolLM2.
 fn start_cloud(addr: Option<String>) -> Daemon {
-    let d = Daemon::start(Options {
-        config: Some("[[models]]\nname = \"smollm2\"\nkind = \"generate\"\n".into()),
-        addr,
-        ..Default::default()
-    });
+    let d = Daemon::start(Options { config: Some("[[models]]\nname = \"smollm2\"\nkind = \"generate\"\n".into()), addr, ..Default::default() });
     d.wait_ready(Duration::from_secs(180));
     d
 }

@@ -28,11 +28,7 @@ fn vectors(inp: &Path, out: &Path) -> Vec<(String, Vec<u32>)> {
     let inputs: Vec<&str> = inputs.strip_suffix(sep).unwrap_or(&inputs).split(sep).collect();
     let outputs: Vec<&str> = outputs.lines().collect();
     assert_eq!(inputs.len(), outputs.len(), "{} inputs, {} outputs", inputs.len(), outputs.len());
-    inputs
-        .into_iter()
-        .zip(outputs)
-        .map(|(i, o)| (i.to_string(), o.split_whitespace().map(|t| t.parse().unwrap()).collect()))
-        .collect()
+    inputs.into_iter().zip(outputs).map(|(i, o)| (i.to_string(), o.split_whitespace().map(|t| t.parse().unwrap()).collect())).collect()
 }
 
 fn check(tok: &GgufTokenizer, cases: &[(String, Vec<u32>)], roundtrip: bool) {

@@ -72,8 +72,7 @@ pub fn next_batch(queue: &mut VecDeque<Job>, policy: BatchPolicy) -> Vec<Job> {
     }
     // Look a bounded distance ahead: enough to find similar lengths, not a full sort of a long queue.
     let window = queue.len().min(policy.max_batch_requests.saturating_mul(4).max(1));
-    let fits_all = queue.iter().take(window).map(Job::tokens).sum::<usize>() <= policy.max_batch_tokens
-        && window <= policy.max_batch_requests;
+    let fits_all = queue.iter().take(window).map(Job::tokens).sum::<usize>() <= policy.max_batch_tokens && window <= policy.max_batch_requests;
     let chosen: Vec<usize> = if fits_all {
         (0..window).collect()
     } else {

@@ -257,9 +257,7 @@ mod tests {
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                     for c in 0..d {
-                        let want: f64 = (a..b)
-                            .map(|j| (scores[j - a] - m).exp() / z * qkv[j * 3 * h_all + 2 * h_all + h * d + c] as f64)
-                            .sum();
+                        let want: f64 = (a..b).map(|j| (scores[j - a] - m).exp() / z * qkv[j * 3 * h_all + 2 * h_all + h * d + c] as f64).sum();
                         let got = ctx[i * h_all + h * d + c] as f64;
                         assert!((got - want).abs() < 1e-5, "input at {a}, head {h}, token {i}, dim {c}: {got} vs {want}");
                     }
@@ -287,9 +285,8 @@ mod tests {
                     let mut scores = vec![0f32; len.div_ceil(KEY_BLOCK) * KEY_BLOCK];
                     let mut out = vec![f32::NAN; d];
                     attend_cached(&q, &kt, &values, kv_w, kv_head, len, scale, &mut scores, &mut out);
-                    let s: Vec<f64> = (0..len)
-                        .map(|t| (0..d).map(|c| q[c] as f64 * keys[t * kv_w + kv_head * d + c] as f64).sum::<f64>() * scale as f64)
-                        .collect();
+                    let s: Vec<f64> =
+                        (0..len).map(|t| (0..d).map(|c| q[c] as f64 * keys[t * kv_w + kv_head * d + c] as f64).sum::<f64>() * scale as f64).collect();
                     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                     for c in 0..d {

@@ -106,7 +106,11 @@ fn f16_round(x: f32) -> f32 {
 fn round_away(x: f32) -> f32 {
     let t = x.trunc();
     let frac = (x - t).abs();
-    if frac >= 0.5 { t + 1f32.copysign(x) } else { t }
+    if frac >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 /// Quantizes blocks of 32: per block the f16-rounded scale, Q8_1's and the exact sum terms,
@@ -151,7 +155,11 @@ fn quantize_blocks_portable(x: &[f32], out: &mut BlockOut) {
 #[inline(always)]
 fn block_inverse(amax: f32) -> f32 {
     let scale = amax / 127.0;
-    if scale != 0.0 { 1.0 / scale } else { 0.0 }
+    if scale != 0.0 {
+        1.0 / scale
+    } else {
+        0.0
+    }
 }
 
 /// Stores block `b`'s scale and sum terms, from the integer sums of its two halves.
@@ -235,7 +243,13 @@ impl QMatrix {
 
     /// Lays out a matrix from its blocks: `block(r, b, codes)` writes row `r`'s 32 quants of
     /// block `b` into `codes` and returns its scale and offset.
-    fn build(rows: usize, cols: usize, packing: Packing, source: &'static str, mut block: impl FnMut(usize, usize, &mut [u8; QK]) -> (f32, f32)) -> QMatrix {
+    fn build(
+        rows: usize,
+        cols: usize,
+        packing: Packing,
+        source: &'static str,
+        mut block: impl FnMut(usize, usize, &mut [u8; QK]) -> (f32, f32),
+    ) -> QMatrix {
         assert!(cols % QK == 0, "width {cols} is not a multiple of {QK}");
         let blocks = cols / QK;
         let groups = rows.div_ceil(LANES);
@@ -350,7 +364,12 @@ impl QMatrix {
     /// Lays out a `Sixbits` matrix (cols a multiple of 256) from its super-blocks:
     /// `block(r, s, codes, sc)` writes row `r`'s 256 quants (0..63) of super-block `s` and
     /// its 16 half-block scales, and returns the super-block's `d`.
-    fn build_sixbits(rows: usize, cols: usize, source: &'static str, mut block: impl FnMut(usize, usize, &mut [u8; 256], &mut [i8; 16]) -> f32) -> QMatrix {
+    fn build_sixbits(
+        rows: usize,
+        cols: usize,
+        source: &'static str,
+        mut block: impl FnMut(usize, usize, &mut [u8; 256], &mut [i8; 16]) -> f32,
+    ) -> QMatrix {
         assert!(cols % 256 == 0, "width {cols} is not a multiple of 256");
         let (blocks, supers, groups) = (cols / QK, cols / 256, rows.div_ceil(LANES));
         let gb = Packing::Sixbits.group_block_bytes();
@@ -1047,16 +1066,28 @@ mod x86 {
             while $r0 < $rows {
                 let left = $rows - $r0;
                 if left >= $big {
-                    { const $r: usize = $big; $body }
+                    {
+                        const $r: usize = $big;
+                        $body
+                    }
                     $r0 += $big;
                 } else if left >= 4 {
-                    { const $r: usize = 4; $body }
+                    {
+                        const $r: usize = 4;
+                        $body
+                    }
                     $r0 += 4;
                 } else if left >= 2 {
-                    { const $r: usize = 2; $body }
+                    {
+                        const $r: usize = 2;
+                        $body
+                    }
                     $r0 += 2;
                 } else {
-                    { const $r: usize = 1; $body }
+                    {
+                        const $r: usize = 1;
+                        $body
+                    }
                     $r0 += 1;
                 }
             }
@@ -1166,7 +1197,11 @@ mod tests {
                                 let want: f64 = (0..cols).map(|k| xd[r * cols + k] as f64 * wd[n * cols + k] as f64).sum();
                                 let got = out[r * rows + n] as f64;
                                 // Q4_1's offset term uses Q8_1's f16-rounded block sums, as candle does.
-                                assert!((got - want).abs() < 2e-2 * (1.0 + want.abs()), "{kernel:?} {} {rows}x{cols} batch {batch} ({r},{n}): {got} vs {want}", w.source);
+                                assert!(
+                                    (got - want).abs() < 2e-2 * (1.0 + want.abs()),
+                                    "{kernel:?} {} {rows}x{cols} batch {batch} ({r},{n}): {got} vs {want}",
+                                    w.source
+                                );
                             }
                         }
                     }
@@ -1190,7 +1225,8 @@ mod tests {
         }
         let blocks = x.len() / QK;
         let run = |f: &dyn Fn(&mut BlockOut)| {
-            let (mut d, mut a, mut b, mut h, mut q) = (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0f32; 2 * blocks], vec![0i8; x.len()]);
+            let (mut d, mut a, mut b, mut h, mut q) =
+                (vec![0f32; blocks], vec![0f32; blocks], vec![0f32; blocks], vec![0f32; 2 * blocks], vec![0i8; x.len()]);
             f(&mut BlockOut { d: &mut d, s_q81: &mut a, s: &mut b, s16: &mut h, q: &mut q });
             (d, a, b, h, q)
         };
@@ -1248,7 +1284,11 @@ mod tests {
         let both = QMatrix::concat(vec![a.clone(), b.clone()]).unwrap();
         let (mut want, mut got) = (vec![0f32; 512], vec![0f32; 512]);
         for r in 0..27 {
-            if r < 20 { a.dequantize_row(r, &mut want) } else { b.dequantize_row(r - 20, &mut want) }
+            if r < 20 {
+                a.dequantize_row(r, &mut want)
+            } else {
+                b.dequantize_row(r - 20, &mut want)
+            }
             both.dequantize_row(r, &mut got);
             assert_eq!(want, got, "row {r}");
         }

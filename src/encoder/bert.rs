@@ -110,9 +110,7 @@ impl Bert {
         let root = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb.clone() };
         let h = cfg.hidden_size;
         let emb = root.pp("embeddings");
-        let embedding = |name: &str, n: usize| -> candle_core::Result<Embedding> {
-            Ok(Embedding::new(emb.pp(name).get((n, h), "weight")?, h))
-        };
+        let embedding = |name: &str, n: usize| -> candle_core::Result<Embedding> { Ok(Embedding::new(emb.pp(name).get((n, h), "weight")?, h)) };
         let word = embedding("word_embeddings", cfg.vocab_size)?;
         let position = embedding("position_embeddings", cfg.max_position_embeddings)?;
         let token_type = embedding("token_type_embeddings", cfg.type_vocab_size)?;
@@ -137,24 +135,11 @@ impl Bert {
             });
         }
         let head = if with_head {
-            Some(ClassifierHead {
-                pooler: linear(h, h, root.pp("pooler.dense"))?,
-                classifier: linear(h, labels, vb.pp("classifier"))?,
-            })
+            Some(ClassifierHead { pooler: linear(h, h, root.pp("pooler.dense"))?, classifier: linear(h, labels, vb.pp("classifier"))? })
         } else {
             None
         };
-        Ok(Bert {
-            word,
-            position,
-            token_type,
-            embed_norm,
-            layers,
-            head,
-            hidden: h,
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
-        })
+        Ok(Bert { word, position, token_type, embed_norm, layers, head, hidden: h, device: vb.device().clone(), dtype: vb.dtype() })
     }
 
     /// The device the weights live on.
@@ -250,17 +235,7 @@ impl Attention {
             let k = qkv.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?;
             let v = qkv.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
             let scale = (self.head_dim as f32).powf(-0.5);
-            let ctx = candle_flash_attn::flash_attn_varlen(
-                &q,
-                &k,
-                &v,
-                &plan.cu_seqlens,
-                &plan.cu_seqlens,
-                plan.max_len,
-                plan.max_len,
-                scale,
-                false,
-            )?;
+            let ctx = candle_flash_attn::flash_attn_varlen(&q, &k, &v, &plan.cu_seqlens, &plan.cu_seqlens, plan.max_len, plan.max_len, scale, false)?;
             return ctx.reshape((t, self.heads * self.head_dim));
         }
         self.attend_padded(qkv, plan)

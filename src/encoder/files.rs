@@ -108,10 +108,7 @@ impl PoolingConfig {
             [(_, _, Some(mode))] => Ok(*mode),
             [(key, _, None)] => Err(format!("{key} is not supported (cls, mean, lasttoken)")),
             [] => Err("no pooling mode is set (cls, mean, lasttoken are supported)".into()),
-            _ => Err(format!(
-                "{} are all set: concatenated pooling modes are not supported",
-                set.iter().map(|f| f.0).collect::<Vec<_>>().join(", ")
-            )),
+            _ => Err(format!("{} are all set: concatenated pooling modes are not supported", set.iter().map(|f| f.0).collect::<Vec<_>>().join(", "))),
         }
     }
 }
@@ -244,8 +241,7 @@ impl EncoderFiles {
             _ => None,
         };
         let modules = dir.join("modules.json");
-        let normalizes = modules.is_file()
-            && read_json::<Vec<Module>>(&modules)?.iter().any(|m| m.kind.ends_with("models.Normalize"));
+        let normalizes = modules.is_file() && read_json::<Vec<Module>>(&modules)?.iter().any(|m| m.kind.ends_with("models.Normalize"));
         Ok(EncoderFiles { config, max_tokens, pooling, labels, normalizes, prompts, include_prompt })
     }
 }

@@ -272,20 +272,19 @@ impl EncoderService {
     async fn encode_within(&self, texts: Vec<String>, truncate: bool, normalize: bool, max_request_tokens: usize) -> Result<Encoded, Error> {
         let n = texts.len();
         // A request larger than the whole admission budget could never be admitted.
-        let permits = u32::try_from(n).ok().filter(|&p| p as usize <= self.max_in_flight).ok_or(
-            Error::TooManyInputs { field: "inputs".into(), count: n, limit: self.max_in_flight },
-        )?;
+        let permits = u32::try_from(n).ok().filter(|&p| p as usize <= self.max_in_flight).ok_or(Error::TooManyInputs {
+            field: "inputs".into(),
+            count: n,
+            limit: self.max_in_flight,
+        })?;
         let _admitted = self.admission.clone().try_acquire_many_owned(permits).map_err(|_| Error::Overloaded {
-                what: format!("model {} (inputs in flight)", self.name),
-                limit: self.max_in_flight,
-                retry_after_s: 1,
-            })?;
+            what: format!("model {} (inputs in flight)", self.name),
+            limit: self.max_in_flight,
+            retry_after_s: 1,
+        })?;
         let started = Instant::now();
-        let tokens = self
-            .pool
-            .encode(self.tokenizer.clone(), Arc::new(texts), truncate)
-            .instrument(tracing::info_span!("tokenize", inputs = n))
-            .await?;
+        let tokens =
+            self.pool.encode(self.tokenizer.clone(), Arc::new(texts), truncate).instrument(tracing::info_span!("tokenize", inputs = n)).await?;
         let tokenize_s = started.elapsed().as_secs_f64();
         let total: usize = tokens.iter().map(|t| t.ids.len()).sum();
         if total > max_request_tokens {
@@ -299,10 +298,7 @@ impl EncoderService {
             counts.push(t.ids.len());
             let queue_span = tracing::info_span!(parent: &span, "queue", model = %self.name, tokens = t.ids.len());
             let job = Job { ids: t.ids, type_ids: t.type_ids, normalize, enqueued: Instant::now(), reply: tx, span: span.clone(), queue_span };
-            self.jobs.send(job).map_err(|_| Error::NotReady {
-                message: format!("model {} is restarting", self.name),
-                retry_after_s: 2,
-            })?;
+            self.jobs.send(job).map_err(|_| Error::NotReady { message: format!("model {} is restarting", self.name), retry_after_s: 2 })?;
             replies.push(rx);
         }
         let mut rows = Vec::with_capacity(n);

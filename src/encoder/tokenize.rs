@@ -37,21 +37,15 @@ impl InputTokenizer {
         if !path.is_file() {
             return Err(format!("tokenizer file {} is missing", path.display()));
         }
-        let mut tokenizer =
-            Tokenizer::from_file(path).map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
+        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
         tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| format!("cannot configure tokenizer {}: {e}", path.display()))?;
+        tokenizer.with_truncation(None).map_err(|e| format!("cannot configure tokenizer {}: {e}", path.display()))?;
         Ok(InputTokenizer { tokenizer, max_tokens })
     }
 
     /// Tokenizes input `index`: over the limit it is cut when `truncate`, else refused (422).
     pub fn encode(&self, index: usize, text: &str, truncate: bool) -> Result<Tokens, Error> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| Error::field(format!("inputs[{index}]"), format!("cannot be tokenized: {e}")))?;
+        let enc = self.tokenizer.encode(text, true).map_err(|e| Error::field(format!("inputs[{index}]"), format!("cannot be tokenized: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         let mut type_ids = enc.get_type_ids().to_vec();
         let untruncated = ids.len();

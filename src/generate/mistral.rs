@@ -22,19 +22,19 @@ use std::sync::Arc;
 
 use either::Either;
 use mistralrs::core::{
-    AdapterPaths, GGUFLoaderBuilder, GGUFSpecificConfig, Loader, LocalModelPaths, MistralRs, MistralRsBuilder,
-    ModelPaths, NormalLoaderBuilder, NormalSpecificConfig,
+    AdapterPaths, GGUFLoaderBuilder, GGUFSpecificConfig, Loader, LocalModelPaths, MistralRs, MistralRsBuilder, ModelPaths, NormalLoaderBuilder,
+    NormalSpecificConfig,
 };
 use mistralrs::{
-    Constraint, DefaultSchedulerMethod, DeviceMapSetting, ModelDType, NormalLoaderType, NormalRequest, Request,
-    RequestMessage, Response, SchedulerConfig, StopTokens,
+    Constraint, DefaultSchedulerMethod, DeviceMapSetting, ModelDType, NormalLoaderType, NormalRequest, Request, RequestMessage, Response,
+    SchedulerConfig, StopTokens,
 };
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+use super::detok::Detokenizer;
 use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use super::sampling::{Sampler, SamplingParams};
-use super::detok::Detokenizer;
 use super::template::{ChatMessage, ChatTemplate};
 use super::tokenizer::GgufTokenizer;
 
@@ -87,7 +87,8 @@ impl Vocabulary {
 /// Our tokenizer for a GGUF file, from its metadata.
 fn gguf_tokenizer(path: &Path) -> Result<GgufTokenizer, String> {
     let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| format!("{} is not a valid GGUF file: {e}", path.display()))?;
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| format!("{} is not a valid GGUF file: {e}", path.display()))?;
     GgufTokenizer::from_gguf(&content)
 }
 
@@ -137,15 +138,8 @@ fn load_pipeline(
         ModelFiles::SafetensorsDir(dir) => {
             let dir = dir.canonicalize()?;
             let optional = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
-            let loader = NormalLoaderBuilder::new(
-                NormalSpecificConfig::default(),
-                None,
-                None,
-                Some(dir.to_string_lossy().into_owned()),
-                false,
-                None,
-            )
-            .build(Some(NormalLoaderType::Llama))?;
+            let loader = NormalLoaderBuilder::new(NormalSpecificConfig::default(), None, None, Some(dir.to_string_lossy().into_owned()), false, None)
+                .build(Some(NormalLoaderType::Llama))?;
             let paths = LocalModelPaths {
                 tokenizer_filename: dir.join("tokenizer.json"),
                 config_filename: dir.join("config.json"),
@@ -217,15 +211,11 @@ impl MistralGenerator {
             (Arc::new(tokenizer), template, md.max_seq_len, eos, details)
         };
         let sequences = NonZeroUsize::new(max_sequences.max(1)).ok_or("max sequences must be positive")?;
-        let runner = MistralRsBuilder::new(
-            pipeline,
-            SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(sequences) },
-            false,
-            None,
-        )
-        .with_no_prefix_cache(true)
-        .build()
-        .await;
+        let runner =
+            MistralRsBuilder::new(pipeline, SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(sequences) }, false, None)
+                .with_no_prefix_cache(true)
+                .build()
+                .await;
         let turns = if device.is_cpu() { 1 } else { max_sequences.max(1) };
         let details = {
             let mut d = details;

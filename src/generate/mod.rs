@@ -387,7 +387,13 @@ impl Generation {
 }
 
 /// Loads a generate model's engine from its verified files.
-pub async fn load(node: &Node, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir: &Path, device: &candle_core::Device) -> Result<Arc<GenerateService>, String> {
+pub async fn load(
+    node: &Node,
+    slot: &Arc<ModelSlot>,
+    entry: &ManifestEntry,
+    dir: &Path,
+    device: &candle_core::Device,
+) -> Result<Arc<GenerateService>, String> {
     let gguf = entry.files.iter().find(|f| f.path.ends_with(".gguf")).map(|f| dir.join(&f.path));
     let native = match slot.config.engine {
         Some(Engine::Native) if !device.is_cpu() => return Err("engine \"native\" runs on the CPU only; the device is a GPU".into()),

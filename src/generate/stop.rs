@@ -42,12 +42,7 @@ impl StopMatcher {
         let hold = self
             .stops
             .iter()
-            .map(|s| {
-                (1..s.len().min(self.pending.len() + 1))
-                    .rev()
-                    .find(|&n| s.is_char_boundary(n) && self.pending.ends_with(&s[..n]))
-                    .unwrap_or(0)
-            })
+            .map(|s| (1..s.len().min(self.pending.len() + 1)).rev().find(|&n| s.is_char_boundary(n) && self.pending.ends_with(&s[..n])).unwrap_or(0))
             .max()
             .unwrap_or(0);
         let cut = self.pending.len() - hold;

@@ -63,11 +63,7 @@ fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value, String> {
 }
 
 fn strings(v: &Value, key: &str) -> Result<Vec<String>, String> {
-    v.to_vec()
-        .map_err(|e| format!("{key}: {e}"))?
-        .iter()
-        .map(|s| s.to_string().cloned().map_err(|e| format!("{key}: {e}")))
-        .collect()
+    v.to_vec().map_err(|e| format!("{key}: {e}"))?.iter().map(|s| s.to_string().cloned().map_err(|e| format!("{key}: {e}"))).collect()
 }
 
 fn id(c: &Content, key: &str) -> Option<u32> {
@@ -156,8 +152,7 @@ impl GgufTokenizer {
                     return Err(format!("tokenizer.ggml.scores has {} entries for {} tokens", scores.len(), tokens.len()));
                 }
                 let merges = spm_merges(&tokens, &scores);
-                let vocab: tokenizers::models::bpe::Vocab =
-                    tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+                let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
                 let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
                 if let Some(u) = unk {
                     builder = builder.unk_token(tokens[u as usize].clone());
@@ -200,12 +195,8 @@ impl GgufTokenizer {
                         None => Err(format!("tokenizer.ggml.merges: {m:?} is not a pair")),
                     })
                     .collect::<Result<_, _>>()?;
-                let vocab: tokenizers::models::bpe::Vocab =
-                    tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-                let bpe = BPE::builder()
-                    .vocab_and_merges(vocab, merges)
-                    .build()
-                    .map_err(|e| format!("cannot build the BPE tokenizer: {e}"))?;
+                let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+                let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| format!("cannot build the BPE tokenizer: {e}"))?;
                 let mut t = Tokenizer::new(bpe);
                 let mut steps = splits;
                 steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
@@ -215,8 +206,8 @@ impl GgufTokenizer {
             }
             other => {
                 return Err(format!(
-                    "the GGUF's tokenizer model {other:?} (tokenizer.ggml.model) is not supported: llama (SentencePiece) and gpt2 (byte-level BPE) are"
-                ))
+                "the GGUF's tokenizer model {other:?} (tokenizer.ggml.model) is not supported: llama (SentencePiece) and gpt2 (byte-level BPE) are"
+            ))
             }
         };
 

@@ -2,8 +2,8 @@
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, op::BackpropOp, CudaDevice, CudaStorage, DType, Storage, Tensor};
 
@@ -77,4 +77,3 @@ pub fn pool_normalize(hidden: &Tensor, cu_seqlens: &[u32], mode: Pooling, normal
     let storage = CudaStorage::wrap_cuda_slice(out, dev);
     Ok(Tensor::from_storage(Storage::Cuda(storage), (inputs, dim), BackpropOp::none(), false))
 }
-

@@ -50,9 +50,7 @@ pub fn compile(kernel: &KernelSource, arch: &'static str) -> Result<String, Kern
     use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
     let opts = CompileOptions { arch: Some(arch), name: Some(kernel.file.to_string()), ..Default::default() };
     let ptx = compile_ptx_with_opts(kernel.source, opts).map_err(|e| match e {
-        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-            KernelError(format!("{}: {}", kernel.file, log.to_string_lossy()))
-        }
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => KernelError(format!("{}: {}", kernel.file, log.to_string_lossy())),
         other => KernelError(format!("{}: {other:?}", kernel.file)),
     })?;
     let text = ptx.to_src();

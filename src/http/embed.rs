@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 
 use super::json::JsonBody;
 use super::{inference_headers, AppState, Served};
-use crate::telemetry::trace::{record_model, record_tokens};
 use crate::config::{LimitsConfig, ModelKind};
 use crate::encoder::prototype::sort_scores;
 use crate::encoder::{bert::class_scores, Encoded, EncoderService, EncoderTask};
@@ -26,6 +25,7 @@ use crate::error::Error;
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
 use crate::service::Service;
+use crate::telemetry::trace::{record_model, record_tokens};
 
 /// One string or a list of strings, as both dialects accept.
 #[derive(Debug, Clone)]

@@ -70,10 +70,7 @@ fn sampling_checks(s: &super::generate::SamplingFields) {
 
 fn validate(inputs: &super::embed::Inputs, limits: &LimitsConfig) {
     if let Err(e) = inputs.validate("inputs", limits) {
-        assert!(
-            matches!(e, Error::EmptyInput(_) | Error::TooManyInputs { .. } | Error::InputTooManyChars { .. }),
-            "{e}"
-        );
+        assert!(matches!(e, Error::EmptyInput(_) | Error::TooManyInputs { .. } | Error::InputTooManyChars { .. }), "{e}");
     }
 }
 

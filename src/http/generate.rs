@@ -18,7 +18,6 @@ use serde_json::{json, Value};
 use super::json::JsonBody;
 use super::sse::{stream_response, OnEnd, PieceFormat};
 use super::{inference_headers, record_request, AppState, Served};
-use crate::telemetry::trace::{record_model, record_tokens};
 use crate::config::ModelKind;
 use crate::error::Error;
 use crate::generate::engine::FinishReason;
@@ -28,6 +27,7 @@ use crate::generate::{GenerateService, Generation, Piece, Prepared, PromptInput,
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
 use crate::service::Service;
+use crate::telemetry::trace::{record_model, record_tokens};
 
 /// Message content: a string, or OpenAI's list of content parts (text parts only).
 fn content<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -208,7 +208,12 @@ async fn ready_generator(node: &Node, slot: &ModelSlot) -> Result<Arc<GenerateSe
 }
 
 /// Prepares, admits and starts one generation.
-pub(crate) async fn begin(node: &Node, slot: &ModelSlot, prompt: PromptInput, sampling: &SamplingFields) -> Result<(Arc<GenerateService>, Generation), Error> {
+pub(crate) async fn begin(
+    node: &Node,
+    slot: &ModelSlot,
+    prompt: PromptInput,
+    sampling: &SamplingFields,
+) -> Result<(Arc<GenerateService>, Generation), Error> {
     begin_prepared(node, slot, prompt, sampling, None).await
 }
 

@@ -123,10 +123,7 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response
 /// Only failures of capacity or health move a request to the other tier; a request that is
 /// itself wrong fails the same everywhere.
 fn fallback_worthy(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Overloaded { .. } | Error::NotReady { .. } | Error::Internal(_) | Error::ContextExceeded { .. } | Error::Timeout(_)
-    )
+    matches!(e, Error::Overloaded { .. } | Error::NotReady { .. } | Error::Internal(_) | Error::ContextExceeded { .. } | Error::Timeout(_))
 }
 
 fn both_failed(edge: &Error, cloud: &Error) -> Error {
@@ -187,7 +184,15 @@ async fn run_edge(
         let node2 = node.clone();
         let record: OnEnd = Box::new(move |g: &Generation, completed: bool| {
             if completed {
-                node2.router.record(Tier::Edge, &model, split, fallback, started.elapsed().as_secs_f64(), g.prompt_tokens as u64, g.completion_tokens() as u64);
+                node2.router.record(
+                    Tier::Edge,
+                    &model,
+                    split,
+                    fallback,
+                    started.elapsed().as_secs_f64(),
+                    g.prompt_tokens as u64,
+                    g.completion_tokens() as u64,
+                );
             }
         });
         return Ok(stream_response_with_headers(node, "/v1/chat/completions", &slot, generation, prelude, format, Some(record)));

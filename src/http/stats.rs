@@ -45,7 +45,10 @@ pub struct StatsQuery {
 /// `GET /stats[?saving_ms=50]`: per workload and model over the sliding window: count,
 /// latency percentiles, the queue/compute split, tokens/s, and what share of the mean
 /// latency the given network saving is.
-pub async fn stats(State(node): State<AppState>, query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<Value>, Error> {
+pub async fn stats(
+    State(node): State<AppState>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, Error> {
     let Query(q) = query.map_err(|e| Error::field("query", e.body_text()))?;
     let saving_ms = q.saving_ms.unwrap_or(node.config.telemetry.saving_ms);
     if !saving_ms.is_finite() || saving_ms < 0.0 {

@@ -120,10 +120,7 @@ fn unpack(entry: &ManifestEntry, archive: &Path, dir: &Path) -> Result<(), Strin
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        let partial = dest.with_file_name(format!(
-            "{}.partial",
-            dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-        ));
+        let partial = dest.with_file_name(format!("{}.partial", dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
         let actual = copy_hashing(&mut src, &partial).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
         if actual != f.sha256 {
             let _ = fs::remove_file(&partial);

@@ -86,17 +86,10 @@ impl Manifest {
             }
             match (&entry.source.package, &entry.source.version, &entry.source.dir) {
                 (Some(_), Some(_), None) | (None, None, Some(_)) => {}
-                _ => {
-                    return Err(err(format!(
-                        "model {:?}: source needs either `package` and `version`, or `dir`",
-                        entry.name
-                    )))
-                }
+                _ => return Err(err(format!("model {:?}: source needs either `package` and `version`, or `dir`", entry.name))),
             }
             for f in &entry.files {
-                let bad_path = f.path.is_empty()
-                    || Path::new(&f.path).is_absolute()
-                    || f.path.split('/').any(|c| c == ".." || c.is_empty());
+                let bad_path = f.path.is_empty() || Path::new(&f.path).is_absolute() || f.path.split('/').any(|c| c == ".." || c.is_empty());
                 if bad_path {
                     return Err(err(format!("model {:?}: file path {:?} must be relative, without ..", entry.name, f.path)));
                 }
@@ -113,10 +106,8 @@ impl Manifest {
         match path {
             None => Manifest::parse(BUILT_IN, "(built in)"),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| ManifestError {
-                    origin: p.display().to_string(),
-                    message: format!("cannot read: {e}"),
-                })?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ManifestError { origin: p.display().to_string(), message: format!("cannot read: {e}") })?;
                 let mut m = Manifest::parse(&text, &p.display().to_string())?;
                 // Local source folders are relative to the manifest that names them.
                 let base = p.parent().unwrap_or(Path::new("."));

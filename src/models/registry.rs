@@ -193,10 +193,7 @@ impl ModelSlot {
                     }
                 }
                 Stage::Failed(message) => {
-                    return Err(Error::NotReady {
-                        message: format!("model {:?} failed to load: {message}", self.name()),
-                        retry_after_s: 30,
-                    })
+                    return Err(Error::NotReady { message: format!("model {:?} failed to load: {message}", self.name()), retry_after_s: 30 })
                 }
                 _ => {}
             }
@@ -248,7 +245,11 @@ impl Registry {
             kind: kind.as_str(),
             served: {
                 let names = self.names_of(kind);
-                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
             },
         })
     }

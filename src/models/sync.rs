@@ -99,11 +99,8 @@ pub fn compare(local: &BTreeMap<String, Pin>, expected: &Manifest) -> BTreeMap<S
 /// Reads the expected manifest from a file path or an http(s) URL.
 pub async fn fetch(source: &str, timeout: Duration) -> Result<Manifest, String> {
     let text = if source.starts_with("http://") || source.starts_with("https://") {
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .build()
-            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let client =
+            reqwest::Client::builder().connect_timeout(timeout).timeout(timeout).build().map_err(|e| format!("cannot build an HTTP client: {e}"))?;
         let response = client.get(source).send().await.map_err(|e| format!("cannot reach {source}: {e}"))?;
         if !response.status().is_success() {
             return Err(format!("{source} answered {}", response.status()));

@@ -57,11 +57,8 @@ pub fn verify_model(entry: &ManifestEntry, dir: &Path) -> Result<Verified, Verif
         if !path.is_file() {
             return Err(VerifyError::Missing { model: entry.name.clone(), path });
         }
-        let actual = sha256_file(&path).map_err(|e| VerifyError::Unreadable {
-            model: entry.name.clone(),
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let actual =
+            sha256_file(&path).map_err(|e| VerifyError::Unreadable { model: entry.name.clone(), path: path.clone(), message: e.to_string() })?;
         if actual != f.sha256 {
             return Err(VerifyError::Mismatch { model: entry.name.clone(), path, expected: f.sha256.clone(), actual });
         }

@@ -167,13 +167,8 @@ impl Ledger {
         let day = self.day();
         let total = day[0].cost_usd + day[1].cost_usd;
         let share = if total > 0.0 { day[0].cost_usd / total } else { 0.0 };
-        let by_model: Vec<Value> = self
-            .inner
-            .lock()
-            .by_model
-            .iter()
-            .map(|((tier, model), t)| json!({"tier": tier, "model": model, "totals": t}))
-            .collect();
+        let by_model: Vec<Value> =
+            self.inner.lock().by_model.iter().map(|((tier, model), t)| json!({"tier": tier, "model": model, "totals": t})).collect();
         json!({
             "prices_usd_per_1m_tokens": {"edge": self.prices[0], "cloud": self.prices[1]},
             "rolling_day": {

@@ -120,9 +120,10 @@ impl Router {
             Service::Generator(_) => return Err(Error::Internal("routing.classifier is a generator".into())),
         };
         let row = scored.into_iter().next().unwrap_or_default();
-        row.into_iter().find(|(label, _)| *label == self.cfg.edge_label).map(|(_, s)| s).ok_or_else(|| {
-            Error::Internal(format!("routing.classifier {} has no label {:?}", self.cfg.classifier, self.cfg.edge_label))
-        })
+        row.into_iter()
+            .find(|(label, _)| *label == self.cfg.edge_label)
+            .map(|(_, s)| s)
+            .ok_or_else(|| Error::Internal(format!("routing.classifier {} has no label {:?}", self.cfg.classifier, self.cfg.edge_label)))
     }
 
     /// Decides where a chat request goes. Errors only when every tier is over budget.
@@ -155,7 +156,11 @@ impl Router {
         } else if self.cfg.mode == RoutingMode::Split {
             split = true;
             let edge = self.rng.lock().random_bool(self.cfg.split_edge_share);
-            if edge { (Tier::Edge, "split".to_string()) } else { (Tier::Cloud, "split".to_string()) }
+            if edge {
+                (Tier::Edge, "split".to_string())
+            } else {
+                (Tier::Cloud, "split".to_string())
+            }
         } else if let Err(why) = fits {
             (Tier::Cloud, why.to_string())
         } else if messages.len() > self.cfg.max_edge_messages {
@@ -216,7 +221,16 @@ impl Router {
     pub fn record(&self, tier: Tier, model: &str, split: bool, fallback: bool, total_s: f64, prompt: u64, completion: u64) {
         let cost_usd = self.ledger.record(tier, model, prompt, completion);
         let mut samples = self.samples.lock();
-        samples.push_back(RouteSample { at: Instant::now(), tier, split, fallback, total_s, prompt_tokens: prompt, completion_tokens: completion, cost_usd });
+        samples.push_back(RouteSample {
+            at: Instant::now(),
+            tier,
+            split,
+            fallback,
+            total_s,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost_usd,
+        });
         while samples.len() > MAX_SAMPLES || samples.front().is_some_and(|s| s.at.elapsed() > WINDOW) {
             samples.pop_front();
         }

@@ -95,8 +95,8 @@ impl Upstream {
                 .await
                 .map_err(|_| Error::UpstreamTimeout(format!("upstream {url} did not finish within {} s", self.total.as_secs())))?
                 .map_err(|e| Error::Upstream(format!("upstream {url} broke off its answer: {}", root_cause(&e))))?;
-            let body: Value = serde_json::from_str(&text)
-                .map_err(|_| Error::Upstream(format!("upstream {url} answered {status} with a body that is not JSON")))?;
+            let body: Value =
+                serde_json::from_str(&text).map_err(|_| Error::Upstream(format!("upstream {url} answered {status} with a body that is not JSON")))?;
             return Ok(Answer::Json { status, body });
         }
         let mut rest = response.bytes_stream().boxed();

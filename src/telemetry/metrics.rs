@@ -85,8 +85,11 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
 impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
-        let cost_usd = prometheus::CounterVec::new(Opts::new("edgenode_cost_usd_total", "Spend by tier in US dollars, from the configured per-token prices."), &["tier"])
-            .expect("valid counter definition");
+        let cost_usd = prometheus::CounterVec::new(
+            Opts::new("edgenode_cost_usd_total", "Spend by tier in US dollars, from the configured per-token prices."),
+            &["tier"],
+        )
+        .expect("valid counter definition");
         r.register(Box::new(cost_usd.clone())).expect("metric names are unique");
         let model_info = GaugeVec::new(
             Opts::new("edgenode_model_info", "Always 1; labels say which version and digest each model serves."),
@@ -96,21 +99,60 @@ impl Metrics {
         r.register(Box::new(model_info.clone())).expect("metric names are unique");
         Metrics {
             requests: counter(&r, "edgenode_requests_total", "Requests answered, by route, model and HTTP status.", &["route", "model", "status"]),
-            request_seconds: histogram(&r, "edgenode_request_duration_seconds", "End-to-end request duration.", &["route", "model", "status"], LATENCY_BUCKETS),
-            queue_seconds: histogram(&r, "edgenode_queue_wait_seconds", "Time an input waited before its batch or sequence started.", &["model"], LATENCY_BUCKETS),
-            inference_seconds: histogram(&r, "edgenode_inference_seconds", "Model compute time of one batch (encoders) or one request (generation).", &["model"], LATENCY_BUCKETS),
+            request_seconds: histogram(
+                &r,
+                "edgenode_request_duration_seconds",
+                "End-to-end request duration.",
+                &["route", "model", "status"],
+                LATENCY_BUCKETS,
+            ),
+            queue_seconds: histogram(
+                &r,
+                "edgenode_queue_wait_seconds",
+                "Time an input waited before its batch or sequence started.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            inference_seconds: histogram(
+                &r,
+                "edgenode_inference_seconds",
+                "Model compute time of one batch (encoders) or one request (generation).",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
             batch_size: histogram(&r, "edgenode_batch_size", "Inputs in one encoder batch.", &["model"], SIZE_BUCKETS),
             batch_tokens: histogram(&r, "edgenode_batch_tokens", "Tokens in one encoder batch (padding-free).", &["model"], TOKEN_BUCKETS),
             queue_depth: gauge_vec(&r, "edgenode_queue_depth", "Inputs or requests waiting for a model.", &["model"]),
             in_flight: gauge_vec(&r, "edgenode_in_flight", "Inputs (encoders) or sequences (generation) admitted and not yet answered.", &["model"]),
-            tokens: counter(&r, "edgenode_tokens_total", "Tokens read and produced, by model and kind (input, prompt, completion).", &["model", "kind"]),
-            ttft_seconds: histogram(&r, "edgenode_time_to_first_token_seconds", "Time from a generation request's arrival to its first token.", &["model"], LATENCY_BUCKETS),
-            model_in_sync: gauge_vec(&r, "edgenode_model_in_sync", "1 when a model matches the expected manifest, 0 when stale, missing or extra.", &["model"]),
+            tokens: counter(
+                &r,
+                "edgenode_tokens_total",
+                "Tokens read and produced, by model and kind (input, prompt, completion).",
+                &["model", "kind"],
+            ),
+            ttft_seconds: histogram(
+                &r,
+                "edgenode_time_to_first_token_seconds",
+                "Time from a generation request's arrival to its first token.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            model_in_sync: gauge_vec(
+                &r,
+                "edgenode_model_in_sync",
+                "1 when a model matches the expected manifest, 0 when stale, missing or extra.",
+                &["model"],
+            ),
             sync_reachable: gauge(&r, "edgenode_sync_manifest_reachable", "1 when the last fetch of the expected manifest succeeded."),
             model_ready: gauge_vec(&r, "edgenode_model_ready", "1 while a model is loaded, verified and warm.", &["model"]),
             route_decisions: counter(&r, "edgenode_route_decisions_total", "Routing decisions by tier and reason.", &["tier", "reason"]),
             cost_usd,
-            tier_tokens: counter(&r, "edgenode_tier_tokens_total", "Tokens each tier processed, by tier and kind (prompt, completion).", &["tier", "kind"]),
+            tier_tokens: counter(
+                &r,
+                "edgenode_tier_tokens_total",
+                "Tokens each tier processed, by tier and kind (prompt, completion).",
+                &["tier", "kind"],
+            ),
             edge_cost_share: gauge(&r, "edgenode_edge_cost_share", "The edge tier's share of the rolling day's spend (0..1)."),
             upstream_circuit_open: gauge(&r, "edgenode_upstream_circuit_open", "1 while the upstream's circuit breaker is open."),
             resident_bytes: gauge(&r, "edgenode_process_resident_memory_bytes", "Resident memory of this process."),

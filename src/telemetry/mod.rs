@@ -80,9 +80,7 @@ fn tracer_provider(config: &Config) -> Option<SdkTracerProvider> {
     if std::env::var("OTEL_SERVICE_NAME").map(|v| v.is_empty()).unwrap_or(true) {
         resource = resource.with_service_name(config.telemetry.service_name.clone());
     }
-    let resource = resource
-        .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-        .build();
+    let resource = resource.with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION"))).build();
     // The sampler comes from `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (the SDK's
     // default config reads them); parent-based always-on otherwise.
     Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
@@ -93,30 +91,17 @@ fn tracer_provider(config: &Config) -> Option<SdkTracerProvider> {
 /// the log level. Logs go to stderr; stdout is for command output.
 pub fn init(config: &Config) -> Telemetry {
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(&config.log.level)).unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match config.log.format {
-        LogFormat::Pretty => fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_target(false)
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_filter(filter)
-            .boxed(),
-        LogFormat::Json => fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_writer(std::io::stderr)
-            .with_filter(filter)
-            .boxed(),
+        LogFormat::Pretty => {
+            fmt::layer().with_writer(std::io::stderr).with_target(false).with_ansi(std::io::stderr().is_terminal()).with_filter(filter).boxed()
+        }
+        LogFormat::Json => fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr).with_filter(filter).boxed(),
     };
     let provider = tracer_provider(config);
-    let spans = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("edgenode"))
-            .with_filter(Targets::new().with_target("edgenode", Level::DEBUG))
-    });
+    let spans = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("edgenode")).with_filter(Targets::new().with_target("edgenode", Level::DEBUG)));
     if let Err(e) = tracing_subscriber::registry().with(logs).with(spans).try_init() {
         eprintln!("edgenode: logging was already initialised: {e}");
     }

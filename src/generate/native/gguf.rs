@@ -16,8 +16,8 @@ use candle_core::Device;
 
 use super::llama::{Block, Linear, LlamaConfig, LlamaWeights};
 use crate::cpu::gemm::PackedLinear;
-use crate::generate::tokenizer::GgufTokenizer;
 use crate::cpu::quant::{QMatrix, QK};
+use crate::generate::tokenizer::GgufTokenizer;
 
 /// Everything a GGUF file gives the engine.
 pub struct GgufModel {
@@ -153,12 +153,7 @@ fn ggml_name(t: GgmlDType) -> String {
 }
 
 fn u32_key(c: &Content, key: &str) -> Result<usize, String> {
-    c.metadata
-        .get(key)
-        .ok_or_else(|| format!("the GGUF has no {key}"))?
-        .to_u64()
-        .map(|v| v as usize)
-        .map_err(|e| format!("{key}: {e}"))
+    c.metadata.get(key).ok_or_else(|| format!("the GGUF has no {key}"))?.to_u64().map(|v| v as usize).map_err(|e| format!("{key}: {e}"))
 }
 
 fn f32_key(c: &Content, key: &str, default: f32) -> f32 {
@@ -185,17 +180,11 @@ pub fn load(path: &Path, exact: bool) -> Result<GgufModel, String> {
     }
     let tokenizer = GgufTokenizer::from_gguf(&content)?;
     let tokens = content.metadata.get("tokenizer.ggml.tokens").and_then(|v| v.to_vec().ok()).cloned().unwrap_or_default();
-    let token_text = |id: Option<u32>| {
-        id.and_then(|i| tokens.get(i as usize)).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default()
-    };
+    let token_text = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     let bos_text = token_text(tokenizer.bos);
     let eos_text = token_text(tokenizer.eos.first().copied());
-    let chat_template = content
-        .metadata
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or("the GGUF has no tokenizer.chat_template")?;
+    let chat_template =
+        content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned().ok_or("the GGUF has no tokenizer.chat_template")?;
     let mut formats = BTreeMap::new();
     for info in content.tensor_infos.values() {
         *formats.entry(ggml_name(info.ggml_dtype)).or_insert(0) += 1;
@@ -235,12 +224,5 @@ pub fn load(path: &Path, exact: bool) -> Result<GgufModel, String> {
         rope_base: f32_key(&content, "llama.rope.freq_base", 10000.0),
         rms_eps: f32_key(&content, "llama.attention.layer_norm_rms_epsilon", 1e-5),
     };
-    Ok(GgufModel {
-        weights: LlamaWeights { config, embed, blocks, norm, output },
-        tokenizer,
-        chat_template,
-        bos_text,
-        eos_text,
-        formats,
-    })
+    Ok(GgufModel { weights: LlamaWeights { config, embed, blocks, norm, output }, tokenizer, chat_template, bos_text, eos_text, formats })
 }

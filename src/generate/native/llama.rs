@@ -8,9 +8,9 @@
 use std::cell::RefCell;
 
 use crate::cpu::attention::{attend_cached, push_key, KEY_BLOCK};
+use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::math::swiglu;
 use crate::cpu::norm::{rms_norm, rms_norm_into};
-use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::quant::{qmatmul, qmatmul_columns, Kernel, QActs, QMatrix};
 use crate::cpu::Parallel;
 
@@ -264,8 +264,7 @@ impl LlamaWeights {
 
     /// The logits for the token after `tokens` (one fresh sequence, one step).
     pub fn next_token_logits(&self, tokens: &[u32], par: &dyn Parallel) -> Vec<f32> {
-        let rows: Vec<Row> =
-            tokens.iter().enumerate().map(|(i, &t)| Row { seq: 0, pos: i, token: t, logits: i + 1 == tokens.len() }).collect();
+        let rows: Vec<Row> = tokens.iter().enumerate().map(|(i, &t)| Row { seq: 0, pos: i, token: t, logits: i + 1 == tokens.len() }).collect();
         let mut cache = KvCache::new(self.config.layers);
         let mut scratch = Scratch::default();
         self.step(&rows, &mut [&mut cache], &mut scratch, par);

@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::detok::Detokenizer;
 use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use super::sampling::{Sampler, SamplingParams};
 use super::template::{ChatMessage, ChatTemplate};
+use super::tokenizer::GgufTokenizer;
 use crate::cpu::team::Team;
 use llama::{KvCache, LlamaWeights, Row, Scratch};
-use super::detok::Detokenizer;
-use super::tokenizer::GgufTokenizer;
 
 /// Most prompt tokens prefilled in one step, shared by the prefilling sequences; decoding
 /// sequences always get their row.
@@ -112,9 +112,7 @@ impl Generator for NativeGenerator {
             sampler.ban(&self.tokenizer.eos);
         }
         let (events, rx) = mpsc::unbounded_channel();
-        self.tx
-            .send(NewSequence { prompt, sampler, max_tokens, events })
-            .map_err(|_| "the engine thread has stopped".to_string())?;
+        self.tx.send(NewSequence { prompt, sampler, max_tokens, events }).map_err(|_| "the engine thread has stopped".to_string())?;
         Ok(TokenStream { events: rx, _cancel: Box::new(()) })
     }
 }
