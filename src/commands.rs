@@ -194,7 +194,7 @@ fn pin(name: String, kind: &str, version: String, dir: std::path::PathBuf, descr
                 let path = item?.path();
                 if path.is_dir() {
                     stack.push(path);
-                } else if !path.extension().is_some_and(|e| e == "partial") {
+                } else if path.extension().is_none_or(|e| e != "partial") {
                     let rel = path.strip_prefix(&dir)?.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
                     paths.push(rel);
                 }

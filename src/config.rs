@@ -642,12 +642,12 @@ impl Config {
             if !seen.insert(m.name.as_str()) {
                 return Err(ConfigError(format!("{at}: two models are named {:?}", m.name)));
             }
-            let engine_fits = match (m.kind, m.engine) {
-                (_, None | Some(Engine::Auto)) => true,
-                (ModelKind::Generate, Some(Engine::Mistralrs | Engine::Native)) => true,
-                (ModelKind::Embed | ModelKind::Classify, Some(Engine::Candle | Engine::Native)) => true,
-                _ => false,
-            };
+            let engine_fits = matches!(
+                (m.kind, m.engine),
+                (_, None | Some(Engine::Auto))
+                    | (ModelKind::Generate, Some(Engine::Mistralrs | Engine::Native))
+                    | (ModelKind::Embed | ModelKind::Classify, Some(Engine::Candle | Engine::Native))
+            );
             if !engine_fits {
                 return Err(ConfigError(format!("{at}: engine {:?} cannot run a {} model", m.engine, m.kind)));
             }

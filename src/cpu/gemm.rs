@@ -157,6 +157,8 @@ mod x86 {
         }
     }
 
+    // The accumulators are a register tile indexed in lockstep with the rows' pointers.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile512<const R: usize>(l: &PackedLinear, x: &[f32], r0: usize, p: usize, out: *mut f32, e: Epilogue) {
         let k = l.k;
@@ -182,6 +184,7 @@ mod x86 {
         }
     }
 
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn tile256<const R: usize>(l: &PackedLinear, x: &[f32], r0: usize, p: usize, out: *mut f32, e: Epilogue) {
         let k = l.k;

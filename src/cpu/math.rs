@@ -20,7 +20,7 @@ pub fn erf(x: f32) -> f32 {
     p = p.mul_add(x2, -2.101_024e-6);
     p = p.mul_add(x2, -5.692_506_4e-5);
     p = p.mul_add(x2, -7.349_906e-4);
-    p = p.mul_add(x2, -2.954_599_8e-3);
+    p = p.mul_add(x2, -2.954_6e-3);
     p = p.mul_add(x2, -1.609_603_3e-2);
     let p = x * p;
     let mut q = (-1.456_607_2e-5f32).mul_add(x2, -2.133_740_6e-4);
@@ -43,7 +43,7 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 5e-1);
     let e = (p * r).mul_add(r, r) + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     e * scale

@@ -182,7 +182,7 @@ impl QActs {
 
     /// `quantize`, with rows split across `par` when there are several.
     pub fn quantize_par(&mut self, x: &[f32], rows: usize, cols: usize, par: &dyn Parallel) {
-        assert!(cols % QK == 0 && x.len() >= rows * cols);
+        assert!(cols.is_multiple_of(QK) && x.len() >= rows * cols);
         let blocks = cols / QK;
         self.rows = rows;
         self.cols = cols;
@@ -250,7 +250,7 @@ impl QMatrix {
         source: &'static str,
         mut block: impl FnMut(usize, usize, &mut [u8; QK]) -> (f32, f32),
     ) -> QMatrix {
-        assert!(cols % QK == 0, "width {cols} is not a multiple of {QK}");
+        assert!(cols.is_multiple_of(QK), "width {cols} is not a multiple of {QK}");
         let blocks = cols / QK;
         let groups = rows.div_ceil(LANES);
         let gb = packing.group_block_bytes();
@@ -370,7 +370,7 @@ impl QMatrix {
         source: &'static str,
         mut block: impl FnMut(usize, usize, &mut [u8; 256], &mut [i8; 16]) -> f32,
     ) -> QMatrix {
-        assert!(cols % 256 == 0, "width {cols} is not a multiple of 256");
+        assert!(cols.is_multiple_of(256), "width {cols} is not a multiple of 256");
         let (blocks, supers, groups) = (cols / QK, cols / 256, rows.div_ceil(LANES));
         let gb = Packing::Sixbits.group_block_bytes();
         let mut out = QMatrix {
@@ -596,7 +596,7 @@ pub fn qmatmul_columns(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], 
     let blocks = w.cols / QK;
     let groups = w.groups();
     let scales_complete = match w.packing {
-        Packing::Sixbits => blocks % 8 == 0 && w.d.len() >= groups * (blocks / 8) * LANES && w.sc.len() >= groups * blocks * 2 * LANES,
+        Packing::Sixbits => blocks.is_multiple_of(8) && w.d.len() >= groups * (blocks / 8) * LANES && w.sc.len() >= groups * blocks * 2 * LANES,
         _ => w.d.len() >= groups * blocks * LANES && w.m.len() >= groups * blocks * LANES,
     };
     assert!(w.q.len() >= groups * blocks * w.packing.group_block_bytes() && scales_complete, "qmatmul: weights truncated");
@@ -820,6 +820,8 @@ mod x86 {
     /// saturate: they are shifted back to signed and multiplied as |w| · (x with w's sign),
     /// widened per chunk; that product is the whole dot, so no offset term is added.
     #[inline(always)]
+    // The accumulators are a register tile indexed in lockstep with the rows' pointers.
+    #[allow(clippy::needless_range_loop)]
     unsafe fn half_avx2<const R: usize>(w: &QMatrix, x: &QActs, g: usize, half: usize, r0: usize, out: *mut f32, ld: usize) {
         let blocks = w.cols / QK;
         let gb = w.packing.group_block_bytes();

@@ -164,7 +164,7 @@ fn helper(s: Arc<Shared>) {
         }
         // Reading the clock on every spin would cost more than the spin itself.
         spins = spins.wrapping_add(1);
-        if spins % 256 != 0 || idle_since.elapsed() < SPIN {
+        if !spins.is_multiple_of(256) || idle_since.elapsed() < SPIN {
             std::hint::spin_loop();
             continue;
         }
@@ -173,7 +173,8 @@ fn helper(s: Arc<Shared>) {
         *parked += 1;
         let current = s.ticket.load(Ordering::SeqCst);
         let (e, n, i) = unpack(current);
-        if !(e != seen && i < n) && !s.stop.load(Ordering::SeqCst) {
+        let work_waiting = e != seen && i < n;
+        if !work_waiting && !s.stop.load(Ordering::SeqCst) {
             parked = s.wake.wait_timeout(parked, Duration::from_millis(50)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
         }
         *parked -= 1;

@@ -199,7 +199,7 @@ impl EncoderFiles {
                 return Err(format!("position_embedding_type {p:?} is not supported (absolute only)"));
             }
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err("hidden_size is not a multiple of num_attention_heads".into());
         }
         let st = dir.join("sentence_bert_config.json");

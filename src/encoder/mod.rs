@@ -46,7 +46,7 @@ enum Backend {
     /// candle's ops on any device (the GPU path, and the reference on the CPU).
     Candle(Bert),
     /// Our own CPU kernels.
-    Native(CpuBert),
+    Native(Box<CpuBert>),
 }
 
 /// A loaded encoder on its device: what the worker thread owns.
@@ -64,7 +64,7 @@ impl EncoderModel {
                 EncoderTask::Embed { .. } => None,
             };
             let bert = CpuBert::load(dir, &files.config, labels, threads)?;
-            return Ok(EncoderModel { backend: Backend::Native(bert), task: task.clone() });
+            return Ok(EncoderModel { backend: Backend::Native(Box::new(bert)), task: task.clone() });
         }
         Self::load_candle(dir, files, task, device)
     }

@@ -56,7 +56,7 @@ pub struct MistralGenerator {
 /// (`generate::tokenizer`), the native engine's: mistral.rs reads a SentencePiece vocabulary
 /// as a Unigram model and so tokenizes TinyLlama's prompts unlike llama.cpp.
 enum Vocabulary {
-    Gguf(GgufTokenizer),
+    Gguf(Box<GgufTokenizer>),
     Hf(Arc<tokenizers021::Tokenizer>),
 }
 
@@ -198,7 +198,7 @@ impl MistralGenerator {
                 Some(t) => {
                     let mut eos = t.eos.clone();
                     eos.extend(md.eos_tok.iter().filter(|e| !t.eos.contains(e)));
-                    (Vocabulary::Gguf(t), eos)
+                    (Vocabulary::Gguf(Box::new(t)), eos)
                 }
                 None => (Vocabulary::Hf(tokenizer), md.eos_tok.clone()),
             };

@@ -175,7 +175,7 @@ pub fn load(path: &Path, exact: bool) -> Result<GgufModel, String> {
     let layers = u32_key(&content, "llama.block_count")?;
     let context = u32_key(&content, "llama.context_length").unwrap_or(4096);
     let head_dim = u32_key(&content, "llama.attention.key_length").unwrap_or(hidden / heads);
-    if heads % kv_heads != 0 || head_dim % 2 != 0 {
+    if heads % kv_heads != 0 || !head_dim.is_multiple_of(2) {
         return Err("unsupported head layout".into());
     }
     let tokenizer = GgufTokenizer::from_gguf(&content)?;

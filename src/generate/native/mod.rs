@@ -194,10 +194,8 @@ fn run_engine(weights: LlamaWeights, tokenizer: Arc<GgufTokenizer>, eos: Vec<u32
             }
         }
         let mut done = Vec::new();
-        let mut k = 0;
-        for r in rows.iter().filter(|r| r.logits) {
+        for (k, r) in rows.iter().filter(|r| r.logits).enumerate() {
             let logits = &scratch.logits[k * vocab..(k + 1) * vocab];
-            k += 1;
             let s = &mut active[r.seq];
             let token = s.sampler.sample(logits);
             s.tokens.push(token);
