@@ -226,6 +226,81 @@ fn upstream_down_falls_back_or_names_the_upstream_and_the_circuit_recovers() {
     assert_eq!(stats["routing"]["upstream"]["times_opened"], 1);
 }
 
+/// An upstream that accepts connections and never answers, until dropped.
+struct HangingUpstream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HangingUpstream {
+    fn bind(addr: &str) -> HangingUpstream {
+        let listener = std::net::TcpListener::bind(addr).expect("bind the hanging upstream");
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => held.push(conn),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        HangingUpstream { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for HangingUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_half_open_probe_that_is_cut_off_frees_its_slot_and_the_circuit_recovers() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cloud = start_cloud(Some(addr.clone()));
+    // The request timeout (2 s) is shorter than the upstream's first-byte timeout (10 s).
+    let edge = start_edge(&cloud, "\n[limits]\nrequest_timeout_s = 2", "");
+    drop(cloud);
+    for _ in 0..2 {
+        let (s, route, _, body) = send(&edge, &auto(LONG, json!({})));
+        assert_eq!((s, route.as_str()), (200, "edge"), "{body}");
+    }
+    let (_, stats) = get_json(&edge, "/stats");
+    assert_eq!(stats["routing"]["upstream"]["circuit"], "open", "{stats}");
+
+    // The probe meets an upstream that never answers and is cut by the request timeout.
+    let hanging = HangingUpstream::bind(&addr);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (s, _, _, body) = send(&edge, &auto(LONG, json!({})));
+    assert_eq!(s, 504, "{body}");
+    assert_eq!(body["error"]["code"], "timeout");
+
+    // The next probe's client goes away before the upstream answers.
+    let impatient = reqwest::blocking::Client::builder().timeout(Duration::from_millis(700)).build().unwrap();
+    let cut = impatient.post(edge.url("/v1/chat/completions")).json(&auto(LONG, json!({}))).send();
+    assert!(cut.is_err(), "the hanging upstream cannot have answered");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(hanging);
+
+    // A healthy upstream takes the port: the very next auto request probes, and closes the circuit.
+    let cloud = start_cloud(Some(addr));
+    let (s, route, reason, body) = send(&edge, &auto(LONG, json!({})));
+    assert_eq!((s, route.as_str()), (200, "cloud"), "{reason} {body}");
+    assert_eq!(generated_count(&cloud), 1);
+    let (_, stats) = get_json(&edge, "/stats");
+    assert_eq!(stats["routing"]["upstream"]["circuit"], "closed", "{stats}");
+    assert_eq!(stats["routing"]["upstream"]["times_opened"], 1, "cancelled probes are not failures: {stats}");
+    let logs = edge.log_text();
+    assert_eq!(logs.matches("upstream probe was cancelled").count(), 2, "both cut probes gave their slot back");
+}
+
 #[test]
 fn budgets_steer_tiers_and_429_when_none_is_left() {
     let cloud = start_cloud(None);

@@ -27,7 +27,7 @@ use crate::error::Error;
 use crate::generate::template::ChatMessage;
 use crate::generate::{Generation, Piece, PromptInput};
 use crate::routing::ledger::Tier;
-use crate::routing::upstream::{Answer, UsageSniffer};
+use crate::routing::upstream::{Answer, UpstreamError, UsageSniffer};
 use crate::routing::Decision;
 
 /// The model name that asks the router to choose.
@@ -217,7 +217,7 @@ async fn run_edge(
 /// Sends the request to the upstream (as its model), passing a stream through chunk by chunk.
 async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant, split: bool, fallback: bool) -> Result<Response, Error> {
     let router: &crate::routing::Router = &node.router;
-    let upstream = router.upstream.as_ref().ok_or_else(|| Error::Upstream("no upstream is configured (upstream.base_url)".into()))?;
+    let upstream = router.upstream.as_ref().ok_or(UpstreamError::NotConfigured)?;
     let mut body = raw.clone();
     body["model"] = json!(upstream.model);
     if stream {

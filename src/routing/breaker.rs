@@ -45,24 +45,25 @@ impl Breaker {
     }
 
     /// May a call go through now? An open circuit past its time lets one probe through.
-    pub fn allow(&self) -> bool {
+    /// The answer is a permit to settle with `success` or `failure`; a permit dropped
+    /// unsettled (the caller's future was cancelled: a client that went away, the request
+    /// timeout) gives the half-open slot back, so the next call probes again.
+    pub fn permit(&self) -> Option<Permit<'_>> {
         let mut s = self.state.lock();
-        match s.circuit {
-            Circuit::Closed => true,
-            Circuit::HalfOpen => false,
-            Circuit::Open => {
-                if s.opened_at.is_some_and(|t| t.elapsed() >= self.open_for) {
-                    s.circuit = Circuit::HalfOpen;
-                    true
-                } else {
-                    false
-                }
+        let probe = match s.circuit {
+            Circuit::Closed => false,
+            Circuit::HalfOpen => return None,
+            Circuit::Open if s.opened_at.is_some_and(|t| t.elapsed() >= self.open_for) => {
+                s.circuit = Circuit::HalfOpen;
+                true
             }
-        }
+            Circuit::Open => return None,
+        };
+        Some(Permit { breaker: self, probe, settled: false })
     }
 
     /// The call succeeded: close the circuit.
-    pub fn success(&self) {
+    fn success(&self) {
         let mut s = self.state.lock();
         if s.circuit != Circuit::Closed {
             tracing::info!("upstream recovered; circuit closed");
@@ -74,7 +75,7 @@ impl Breaker {
     }
 
     /// The call failed: count it, and open the circuit at the threshold (or on a failed probe).
-    pub fn failure(&self) {
+    fn failure(&self) {
         let mut s = self.state.lock();
         s.consecutive_failures += 1;
         if s.circuit == Circuit::HalfOpen || (s.circuit == Circuit::Closed && s.consecutive_failures >= self.failures) {
@@ -86,8 +87,9 @@ impl Breaker {
         }
     }
 
-    /// A probe that never happened (the request went elsewhere) must not hold the half-open slot.
-    pub fn release_probe(&self) {
+    /// A probe that never finished must not hold the half-open slot: the circuit is open
+    /// again with its old opening time, so the next call is the next probe.
+    fn release_probe(&self) {
         let mut s = self.state.lock();
         if s.circuit == Circuit::HalfOpen {
             s.circuit = Circuit::Open;
@@ -105,6 +107,38 @@ impl Breaker {
     }
 }
 
+/// Leave to make one call through a breaker; see `Breaker::permit`.
+#[must_use = "settle the permit with success() or failure()"]
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    /// This call is the half-open probe.
+    probe: bool,
+    settled: bool,
+}
+
+impl Permit<'_> {
+    /// The call succeeded.
+    pub fn success(mut self) {
+        self.settled = true;
+        self.breaker.success();
+    }
+
+    /// The call failed.
+    pub fn failure(mut self) {
+        self.settled = true;
+        self.breaker.failure();
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.probe {
+            tracing::info!("the upstream probe was cancelled before it finished; the next call probes again");
+            self.breaker.release_probe();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,20 +146,39 @@ mod tests {
     #[test]
     fn opens_after_failures_probes_once_and_closes_on_success() {
         let b = Breaker::new(2, Duration::from_millis(30));
-        assert!(b.allow());
-        b.failure();
-        assert!(b.allow(), "one failure is not enough");
-        b.failure();
-        assert!(!b.allow(), "open");
+        b.permit().expect("closed").failure();
+        b.permit().expect("one failure is not enough").failure();
+        assert!(b.permit().is_none(), "open");
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow(), "one probe after the open period");
-        assert!(!b.allow(), "only one probe at a time");
-        b.failure();
-        assert!(!b.allow(), "a failed probe opens it again");
+        let probe = b.permit().expect("one probe after the open period");
+        assert!(b.permit().is_none(), "only one probe at a time");
+        probe.failure();
+        assert!(b.permit().is_none(), "a failed probe opens it again");
         std::thread::sleep(Duration::from_millis(40));
-        assert!(b.allow());
-        b.success();
-        assert!(b.allow() && b.allow());
+        b.permit().expect("the next probe").success();
+        let (one, two) = (b.permit(), b.permit());
+        assert!(one.is_some() && two.is_some(), "closed: every call goes through");
         assert_eq!(b.snapshot().0, Circuit::Closed);
+    }
+
+    #[test]
+    fn a_probe_dropped_unsettled_gives_the_slot_back() {
+        let b = Breaker::new(1, Duration::from_millis(30));
+        b.permit().expect("closed").failure();
+        std::thread::sleep(Duration::from_millis(40));
+        let probe = b.permit().expect("the probe");
+        assert!(b.permit().is_none(), "half-open while the probe runs");
+        drop(probe); // its request was cancelled
+        let next = b.permit().expect("the next call probes at once");
+        next.success();
+        assert_eq!(b.snapshot().0, Circuit::Closed);
+        assert_eq!(b.snapshot().2, 1, "a cancelled probe is not a failure");
+    }
+
+    #[test]
+    fn closed_permits_dropped_unsettled_change_nothing() {
+        let b = Breaker::new(1, Duration::from_secs(60));
+        drop(b.permit());
+        assert_eq!(b.snapshot(), (Circuit::Closed, 0, 0));
     }
 }

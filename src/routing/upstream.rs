@@ -13,6 +13,48 @@ use super::breaker::Breaker;
 use crate::config::UpstreamConfig;
 use crate::error::Error;
 
+/// Why the cloud tier did not answer. Every variant counts against the breaker except
+/// `CircuitOpen` (no call was made) and `NotConfigured`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no upstream is configured (upstream.base_url)")]
+    NotConfigured,
+    #[error("upstream {base_url} is failing; its circuit is open")]
+    CircuitOpen { base_url: String },
+    #[error("upstream {url} could not be reached: {cause}")]
+    Unreachable { url: String, cause: String },
+    #[error("upstream {url} did not start answering within {ms} ms")]
+    FirstByteTimeout { url: String, ms: u128 },
+    #[error("upstream {url} did not finish within {s} s")]
+    TotalTimeout { url: String, s: u64 },
+    /// A 5xx, 408 or 429: the upstream's trouble, not the request's.
+    #[error("upstream {url} answered {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("upstream {url} broke off its answer: {cause}")]
+    BrokenOff { url: String, cause: String },
+    #[error("upstream {url} answered {status} with a body that is not JSON")]
+    NotJson { url: String, status: u16 },
+    #[error("upstream {url} ended its stream before any data")]
+    EmptyStream { url: String },
+}
+
+impl UpstreamError {
+    /// The upstream took too long (a gateway timeout rather than a bad gateway).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::FirstByteTimeout { .. } | UpstreamError::TotalTimeout { .. })
+    }
+}
+
+impl From<UpstreamError> for Error {
+    fn from(e: UpstreamError) -> Self {
+        if e.is_timeout() {
+            Error::UpstreamTimeout(e.to_string())
+        } else {
+            Error::Upstream(e.to_string())
+        }
+    }
+}
+
 /// The configured upstream.
 pub struct Upstream {
     client: reqwest::Client,
@@ -62,49 +104,49 @@ impl Upstream {
     /// Sends a chat request (already addressed to the upstream's model). Fails — counting
     /// against the breaker — on a refused or broken connection, a timeout before the first
     /// byte, a 5xx, 408 or 429; a 4xx that is the request's own fault is passed back as is.
-    pub async fn chat(&self, body: &Value, stream: bool) -> Result<Answer, Error> {
-        if !self.breaker.allow() {
-            return Err(Error::Upstream(format!("upstream {} is failing; its circuit is open", self.base_url)));
-        }
+    /// Cancelled (the future dropped), it counts as neither, and a half-open probe's slot is
+    /// given back (see `Breaker::permit`).
+    pub async fn chat(&self, body: &Value, stream: bool) -> Result<Answer, UpstreamError> {
+        let permit = self.breaker.permit().ok_or_else(|| UpstreamError::CircuitOpen { base_url: self.base_url.clone() })?;
         let result = self.send(body, stream).await;
         match &result {
-            Ok(_) => self.breaker.success(),
-            Err(_) => self.breaker.failure(),
+            Ok(_) => permit.success(),
+            Err(_) => permit.failure(),
         }
         result
     }
 
-    async fn send(&self, body: &Value, stream: bool) -> Result<Answer, Error> {
+    async fn send(&self, body: &Value, stream: bool) -> Result<Answer, UpstreamError> {
         let mut request = self.client.post(self.url()).json(body);
         if let Some(key) = &self.key {
             request = request.bearer_auth(key);
         }
         let url = self.url();
-        let timed_out = || Error::UpstreamTimeout(format!("upstream {url} did not start answering within {} ms", self.first_byte.as_millis()));
+        let timed_out = || UpstreamError::FirstByteTimeout { url: url.clone(), ms: self.first_byte.as_millis() };
+        let broken = |e: reqwest::Error| UpstreamError::BrokenOff { url: url.clone(), cause: root_cause(&e) };
         let response = tokio::time::timeout(self.first_byte, request.send())
             .await
             .map_err(|_| timed_out())?
-            .map_err(|e| Error::Upstream(format!("upstream {url} could not be reached: {}", root_cause(&e))))?;
+            .map_err(|e| UpstreamError::Unreachable { url: url.clone(), cause: root_cause(&e) })?;
         let status = response.status().as_u16();
         if status >= 500 || status == 408 || status == 429 {
             let text = response.text().await.unwrap_or_default();
-            return Err(Error::Upstream(format!("upstream {url} answered {status}: {}", text.chars().take(300).collect::<String>())));
+            return Err(UpstreamError::Status { url, status, body: text.chars().take(300).collect() });
         }
         if status >= 400 || !stream {
             let text = tokio::time::timeout(self.total, response.text())
                 .await
-                .map_err(|_| Error::UpstreamTimeout(format!("upstream {url} did not finish within {} s", self.total.as_secs())))?
-                .map_err(|e| Error::Upstream(format!("upstream {url} broke off its answer: {}", root_cause(&e))))?;
-            let body: Value =
-                serde_json::from_str(&text).map_err(|_| Error::Upstream(format!("upstream {url} answered {status} with a body that is not JSON")))?;
+                .map_err(|_| UpstreamError::TotalTimeout { url: url.clone(), s: self.total.as_secs() })?
+                .map_err(broken)?;
+            let body: Value = serde_json::from_str(&text).map_err(|_| UpstreamError::NotJson { url: url.clone(), status })?;
             return Ok(Answer::Json { status, body });
         }
         let mut rest = response.bytes_stream().boxed();
         let first = tokio::time::timeout(self.first_byte, rest.next())
             .await
             .map_err(|_| timed_out())?
-            .ok_or_else(|| Error::Upstream(format!("upstream {url} ended its stream before any data")))?
-            .map_err(|e| Error::Upstream(format!("upstream {url} broke off its stream: {}", root_cause(&e))))?;
+            .ok_or_else(|| UpstreamError::EmptyStream { url: url.clone() })?
+            .map_err(broken)?;
         Ok(Answer::Stream { first, rest })
     }
 }
