@@ -18,6 +18,9 @@ use crate::encoder::files::EncoderFiles;
 use crate::encoder::prototype::{PrototypeClassifier, DEFAULT_TEMPERATURE};
 use crate::encoder::tokenize::InputTokenizer;
 use crate::encoder::{self, EncoderModel, EncoderService, EncoderTask};
+use crate::generate::engine::Generator;
+use crate::generate::native::NativeGenerator;
+use crate::generate::{mistral, GenerateService};
 use crate::models::fetch::fetch;
 use crate::models::registry::{ModelSlot, Stage};
 use crate::models::verify::{all_present, verify_model};
@@ -122,8 +125,7 @@ async fn boot_model(
         }
         (ModelKind::Generate, Some(dir)) => {
             slot.set_stage(Stage::Loading);
-            let entry = slot.entry.clone().ok_or("no manifest entry")?;
-            let service = crate::generate::load(node, slot, &entry, &dir, device).await?;
+            let service = load_generator(node, slot, &dir, device, restarts).await?;
             slot.set_stage(Stage::WarmingUp);
             service.warm_up().await?;
             Service::Generator(service)
@@ -163,13 +165,8 @@ async fn load_encoder(
     restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
 ) -> Result<(Arc<EncoderService>, BatchPolicy), String> {
     let cfg = slot.config.clone();
-    let on_gpu = device.is_cuda();
-    let native = match cfg.engine {
-        Some(Engine::Native) if on_gpu => return Err("engine \"native\" runs on the CPU only; the device is a GPU".into()),
-        Some(Engine::Native) => true,
-        Some(Engine::Candle) => false,
-        _ => !on_gpu,
-    };
+    let on_gpu = !device.is_cpu();
+    let native = runs_native(&cfg, device, false)?;
     let threads = crate::runtime::compute_threads(&node.config);
     let (dir, device) = (dir.to_path_buf(), device.clone());
     let pinned: Vec<String> = slot.entry.iter().flat_map(|e| e.files.iter().map(|f| f.path.clone())).collect();
@@ -211,17 +208,8 @@ async fn load_encoder(
     let (job_tx, job_rx) = mpsc::unbounded_channel();
     let (batch_tx, batch_rx) = mpsc::channel(1);
     tokio::spawn(run_queue(slot.name().to_string(), job_rx, batch_tx, policy));
-    let exit_slot = slot.clone();
-    let restarts = restarts.clone();
-    spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, move || {
-        // The thread ended while serving (not at shutdown): take the model out of service
-        // and hand it to the supervisor to reload.
-        if exit_slot.stage() == Stage::Ready {
-            exit_slot.uninstall(Stage::Restarting);
-            let _ = restarts.send(exit_slot);
-        }
-    })
-    .map_err(|e| format!("cannot start the model worker: {e}"))?;
+    spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, on_worker_exit(slot, restarts))
+        .map_err(|e| format!("cannot start the model worker: {e}"))?;
 
     let max_in_flight = slot.config.max_concurrent_inputs.unwrap_or(encoder::DEFAULT_MAX_CONCURRENT_INPUTS);
     slot.update_facts(|f| {
@@ -255,6 +243,67 @@ async fn load_encoder(
     )
     .with_prompts(files.prompts.clone());
     Ok((Arc::new(service), policy))
+}
+
+/// Our own CPU engine, or the library's (candle for encoders, mistral.rs for generators):
+/// the one place that choice is made. By default our engine runs wherever it can: on the
+/// CPU, for generators from a GGUF file.
+fn runs_native(cfg: &ModelConfig, device: &Device, gguf: bool) -> Result<bool, String> {
+    let on_cpu = device.is_cpu();
+    match (cfg.kind, cfg.engine) {
+        (_, Some(Engine::Native)) if !on_cpu => Err("engine \"native\" runs on the CPU only; the device is a GPU".into()),
+        (ModelKind::Generate, Some(Engine::Native)) if !gguf => Err("engine \"native\" loads GGUF files only".into()),
+        (_, Some(Engine::Native)) => Ok(true),
+        (_, Some(Engine::Candle | Engine::Mistralrs)) => Ok(false),
+        (ModelKind::Generate, _) => Ok(on_cpu && gguf),
+        (_, _) => Ok(on_cpu),
+    }
+}
+
+/// What a model's worker thread does when it ends: if it ended while serving (not because
+/// the model was uninstalled or the node is stopping), the model is taken out of service
+/// (`/readyz` 503, `restarting`) and handed to the supervisor to reload.
+fn on_worker_exit(slot: &Arc<ModelSlot>, restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>) -> impl FnOnce() + Send + 'static {
+    let (slot, restarts) = (slot.clone(), restarts.clone());
+    move || {
+        if slot.stage() == Stage::Ready {
+            slot.uninstall(Stage::Restarting);
+            let _ = restarts.send(slot);
+        }
+    }
+}
+
+/// Loads a generate model's engine from its verified files.
+async fn load_generator(
+    node: &Arc<Node>,
+    slot: &Arc<ModelSlot>,
+    dir: &Path,
+    device: &Device,
+    restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
+) -> Result<Arc<GenerateService>, String> {
+    let entry = slot.entry.as_ref().ok_or("no manifest entry")?;
+    let gguf = entry.files.iter().find(|f| f.path.ends_with(".gguf")).map(|f| dir.join(&f.path));
+    let engine: Arc<dyn Generator> = if runs_native(&slot.config, device, gguf.is_some())? {
+        let path = gguf.ok_or("no GGUF file")?;
+        let threads = crate::runtime::compute_threads(&node.config);
+        let on_exit = on_worker_exit(slot, restarts);
+        Arc::new(blocking(move || NativeGenerator::load_supervised(&path, threads, false, on_exit)).await?)
+    } else {
+        let files = match &gguf {
+            Some(p) => mistral::ModelFiles::Gguf(p),
+            None => mistral::ModelFiles::SafetensorsDir(dir),
+        };
+        let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(crate::generate::DEFAULT_MAX_SEQUENCES);
+        Arc::new(mistral::MistralGenerator::load(files, device, max_sequences).await?)
+    };
+    let service = GenerateService::new(engine, &slot.config, &node.config.limits);
+    slot.update_facts(|f| {
+        f.details.insert("engine".into(), serde_json::json!(service.info.engine));
+        f.details.insert("context".into(), serde_json::json!(service.context));
+        f.details.insert("max_concurrent_sequences".into(), serde_json::json!(service.max_sequences));
+        f.details.insert("model".into(), service.info.details.clone());
+    });
+    Ok(Arc::new(service))
 }
 
 /// On a GPU, compiles our pooling kernels for its architecture now, so no request pays

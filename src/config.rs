@@ -34,6 +34,7 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub costs: CostsConfig,
     pub auth: AuthConfig,
+    pub debug: DebugConfig,
     /// The models this node serves, one `[[models]]` table each.
     pub models: Vec<ModelConfig>,
 }
@@ -66,6 +67,15 @@ pub struct AuthConfig {
     pub api_keys_env: String,
     /// Require a key on `/livez`, `/readyz` and `/metrics` too (platform probes usually have none).
     pub protect_probes: bool,
+}
+
+/// `[debug]`: switches for tests, off in every deployment.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    /// Serve `POST /debug/fault`, which kills a model's worker thread the way a bug would:
+    /// how the tests prove that models are supervised. Never turn it on where clients reach.
+    pub fault_injection: bool,
 }
 
 /// `[log]`: how the daemon logs.
@@ -526,6 +536,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             costs: CostsConfig::default(),
             auth: AuthConfig::default(),
+            debug: DebugConfig::default(),
             models: default_models(),
         }
     }

@@ -48,3 +48,21 @@ pub fn select_device(spec: &str) -> Result<(Device, String), String> {
         other => Err(format!("runtime.device {other:?}: expected auto, cpu, cuda or cuda:N")),
     }
 }
+
+/// Calls its function when dropped: when a long-lived thread returns and while it unwinds
+/// from a panic. Model threads hold one so their supervisor learns that they ended.
+pub struct OnExit<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> OnExit<F> {
+    pub fn new(f: F) -> Self {
+        OnExit(Some(f))
+    }
+}
+
+impl<F: FnOnce()> Drop for OnExit<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -398,4 +398,48 @@ fn token_and_connection_limits_have_their_own_errors() {
     std::thread::sleep(Duration::from_millis(300));
     let (s, _) = post_json(&d, "/embed", &json!({"inputs": "a slot is free again"}));
     assert_eq!(s, 200);
+}
+
+/// `[debug] fault_injection` kills the generator's engine thread mid-stream, outside its
+/// caught step, as a bug in the sampler would: the stream ends with an error event, the
+/// model is `restarting` (`/readyz` 503) until the supervisor has reloaded and warmed it,
+/// and then it serves again.
+#[test]
+fn a_generator_whose_engine_thread_dies_is_restarted_and_readyz_says_so() {
+    let config = "[debug]\nfault_injection = true\n\n[[models]]\nname = \"smollm2\"\nkind = \"generate\"\n";
+    let d = Daemon::start(Options { config: Some(config.into()), ..Default::default() });
+    d.wait_ready(Duration::from_secs(180));
+
+    let body = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Count to a thousand."}],
+                      "max_tokens": 400, "ignore_eos": true, "stream": true});
+    let r = client().post(d.url("/v1/chat/completions")).json(&body).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let mut lines = std::io::BufReader::new(r).lines();
+    let mut payloads = Vec::new();
+    while payloads.len() < 3 {
+        let line = lines.next().expect("the stream is running").unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            payloads.push(data.to_string());
+        }
+    }
+    let (s, answer) = post_json(&d, "/debug/fault", &json!({"model": "smollm2"}));
+    assert_eq!(s, 202, "{answer}");
+    let rest: Vec<String> = lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect();
+    let error = rest.iter().find_map(|p| serde_json::from_str::<Value>(p).ok().filter(|v| v["error"].is_object()));
+    let error = error.unwrap_or_else(|| panic!("the stream ends with an error event: {rest:?}"));
+    assert_eq!(error["error"]["code"], "internal_error", "{error}");
+
+    let (s, ready) = get_json(&d, "/readyz");
+    assert_eq!(s, 503, "{ready}");
+    assert_eq!(ready["models"]["smollm2"]["stage"], "restarting", "{ready}");
+    d.wait_ready(Duration::from_secs(120));
+    let chat = json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4});
+    let (s, answer) = post_json(&d, "/v1/chat/completions", &chat);
+    assert_eq!(s, 200, "{answer}");
+    assert!(d.log_text().contains("model worker died; restarting it"));
+
+    // Without the switch the route does not exist.
+    let plain = Daemon::start(Options { config: Some("[[models]]\nname = \"minilm\"\nkind = \"embed\"\n".into()), ..Default::default() });
+    let (s, body) = post_json(&plain, "/debug/fault", &json!({"model": "smollm2"}));
+    assert_error(s, &body, 404, "not_found");
 }

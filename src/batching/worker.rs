@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::queue::{Job, JobOutput};
 use crate::encoder::bert::PackedBatch;
 use crate::error::Error;
+use crate::runtime::OnExit;
 use crate::telemetry::metrics::METRICS;
 
 /// A model that runs packed batches (implemented by the encoders).
@@ -31,22 +32,11 @@ pub fn spawn_worker(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(format!("model-{name}")).spawn(move || {
         // Runs when the thread ends for any reason, a panic outside a batch included.
-        let _exit = OnExit(Some(on_exit));
+        let _exit = OnExit::new(on_exit);
         while let Some(jobs) = batches.blocking_recv() {
             run_batch(&name, model.as_mut(), jobs);
         }
     })
-}
-
-/// Calls its function when dropped: on a normal return and while unwinding.
-struct OnExit<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Drop for OnExit<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
 }
 
 fn run_batch(name: &str, model: &mut dyn BatchModel, jobs: Vec<Job>) {
@@ -164,7 +154,7 @@ mod tests {
         // possible, so the guard is exercised directly) must still report the exit.
         let (exited_tx, exited_rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
-            let _exit = OnExit(Some(move || exited_tx.send(()).unwrap()));
+            let _exit = OnExit::new(move || exited_tx.send(()).unwrap());
             panic!("outside a batch");
         });
         assert!(t.join().is_err());

@@ -39,12 +39,10 @@ pub enum GenEvent {
     Failed(String),
 }
 
-/// A running sequence's events. Dropping it cancels the sequence: the engine frees its
-/// slot within one decode step.
+/// A running sequence's events. Dropping it (or closing `events`) cancels the sequence:
+/// the engine sees the closed channel and frees its slot within one decode step.
 pub struct TokenStream {
     pub events: mpsc::UnboundedReceiver<GenEvent>,
-    /// Anything whose drop tells the engine to stop (kept only for its `Drop`).
-    pub _cancel: Box<dyn Send + Sync>,
 }
 
 /// Facts about a loaded generator.
@@ -72,4 +70,9 @@ pub trait Generator: Send + Sync + 'static {
     /// Starts generating after `prompt`. Stop sequences are passed as a hint (the caller
     /// matches them on the text itself); `max_tokens` fits the context (the caller checked).
     fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, String>;
+
+    /// Kills the engine's own thread as a bug would (`debug.fault_injection` only).
+    fn inject_fault(&self) -> Result<(), String> {
+        Err(format!("engine {} has no fault injection", self.info().engine))
+    }
 }

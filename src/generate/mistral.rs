@@ -431,7 +431,7 @@ impl MistralGenerator {
                 return;
             }
         });
-        Ok((TokenStream { events, _cancel: Box::new(()) }, pick))
+        Ok((TokenStream { events }, pick))
     }
 }
 

@@ -16,7 +16,6 @@ pub mod stop;
 pub mod template;
 pub mod tokenizer;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,11 +23,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-use crate::config::Engine;
+use crate::config::{LimitsConfig, ModelConfig};
 use crate::error::Error;
-use crate::models::manifest::ManifestEntry;
-use crate::models::registry::ModelSlot;
-use crate::node::Node;
 use crate::telemetry::metrics::METRICS;
 use engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use sampling::SamplingParams;
@@ -101,24 +97,30 @@ impl Drop for Waiting {
 }
 
 impl GenerateService {
-    /// Wraps a loaded engine with the model's admission limits.
-    pub fn new(name: String, engine: Arc<dyn Generator>, slot: &ModelSlot, timeout: Duration, max_tokens_limit: usize) -> Self {
+    /// Wraps a loaded engine with the model's admission limits (its `[[models]]` entry)
+    /// and the node's request limits.
+    pub fn new(engine: Arc<dyn Generator>, model: &ModelConfig, limits: &LimitsConfig) -> Self {
         let info = engine.info();
-        let context = slot.config.context.map_or(info.context, |c| c.min(info.context));
-        let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
+        let context = model.context.map_or(info.context, |c| c.min(info.context));
+        let max_sequences = model.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
         GenerateService {
-            name,
+            name: model.name.clone(),
             engine,
             info,
             context,
-            default_max_tokens: slot.config.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            default_max_tokens: model.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             slots: Arc::new(Semaphore::new(max_sequences)),
             max_sequences,
             waiting: Arc::new(AtomicUsize::new(0)),
-            max_waiting: slot.config.max_waiting.unwrap_or(DEFAULT_MAX_WAITING),
-            timeout,
-            max_tokens_limit,
+            max_waiting: model.max_waiting.unwrap_or(DEFAULT_MAX_WAITING),
+            timeout: Duration::from_secs(limits.request_timeout_s),
+            max_tokens_limit: limits.max_tokens,
         }
+    }
+
+    /// Kills the engine's thread as a bug would (`debug.fault_injection`).
+    pub fn inject_fault(&self) -> Result<(), String> {
+        self.engine.inject_fault()
     }
 
     /// Sequences running now.
@@ -384,45 +386,4 @@ impl Generation {
             total_tokens: self.prompt_tokens + self.completion_tokens,
         }
     }
-}
-
-/// Loads a generate model's engine from its verified files.
-pub async fn load(
-    node: &Node,
-    slot: &Arc<ModelSlot>,
-    entry: &ManifestEntry,
-    dir: &Path,
-    device: &candle_core::Device,
-) -> Result<Arc<GenerateService>, String> {
-    let gguf = entry.files.iter().find(|f| f.path.ends_with(".gguf")).map(|f| dir.join(&f.path));
-    let native = match slot.config.engine {
-        Some(Engine::Native) if !device.is_cpu() => return Err("engine \"native\" runs on the CPU only; the device is a GPU".into()),
-        Some(Engine::Native) if gguf.is_none() => return Err("engine \"native\" loads GGUF files only".into()),
-        Some(Engine::Native) => true,
-        Some(Engine::Mistralrs) => false,
-        // Our engine on the CPU (faster, and correct under concurrency); mistral.rs on a GPU
-        // and for safetensors folders.
-        _ => device.is_cpu() && gguf.is_some(),
-    };
-    let engine: Arc<dyn Generator> = if native {
-        let path = gguf.clone().ok_or("no GGUF file")?;
-        let threads = crate::runtime::compute_threads(&node.config);
-        Arc::new(tokio::task::spawn_blocking(move || native::NativeGenerator::load(&path, threads, false)).await.map_err(|e| e.to_string())??)
-    } else {
-        let files = match &gguf {
-            Some(p) => mistral::ModelFiles::Gguf(p),
-            None => mistral::ModelFiles::SafetensorsDir(dir),
-        };
-        let max_sequences = slot.config.max_concurrent_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES);
-        Arc::new(mistral::MistralGenerator::load(files, device, max_sequences).await?)
-    };
-    let timeout = Duration::from_secs(node.config.limits.request_timeout_s);
-    let service = GenerateService::new(slot.name().to_string(), engine, slot, timeout, node.config.limits.max_tokens);
-    slot.update_facts(|f| {
-        f.details.insert("engine".into(), serde_json::json!(service.info.engine));
-        f.details.insert("context".into(), serde_json::json!(service.context));
-        f.details.insert("max_concurrent_sequences".into(), serde_json::json!(service.max_sequences));
-        f.details.insert("model".into(), service.info.details.clone());
-    });
-    Ok(Arc::new(service))
 }

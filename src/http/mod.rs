@@ -38,7 +38,11 @@ pub type AppState = Arc<Node>;
 /// Builds the router for a node.
 pub fn router(node: Arc<Node>) -> Router {
     let cors = cors_layer(&node.config.server.cors_origins);
-    let app = Router::new()
+    let mut app = Router::new();
+    if node.config.debug.fault_injection {
+        app = app.route("/debug/fault", post(ops::debug_fault));
+    }
+    let app = app
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/info", get(ops::info))

@@ -154,3 +154,28 @@ pub async fn list_models(State(node): State<AppState>) -> Json<Value> {
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
+
+/// The body of `POST /debug/fault`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultRequest {
+    /// The generate model whose engine thread dies.
+    model: String,
+}
+
+/// `POST /debug/fault` (only with `debug.fault_injection`): kills a generate model's engine
+/// thread outside its caught step, as a bug in the sampler or detokenizer would. Its running
+/// sequences end with an error, `/readyz` answers 503 while the supervisor reloads it, and
+/// 200 once it is warm again.
+pub async fn debug_fault(
+    State(node): State<AppState>,
+    super::json::JsonBody(req): super::json::JsonBody<FaultRequest>,
+) -> Result<Response, crate::error::Error> {
+    let slot = node.registry.resolve(Some(&req.model), crate::config::ModelKind::Generate)?;
+    let Some(Service::Generator(g)) = slot.current_service() else {
+        return Err(crate::error::Error::NotReady { message: format!("model {} is not running", req.model), retry_after_s: 1 });
+    };
+    g.inject_fault().map_err(|e| crate::error::Error::field("model", e))?;
+    tracing::warn!(model = %req.model, "fault injected: the engine thread is told to die");
+    Ok((StatusCode::ACCEPTED, Json(json!({"model": req.model, "fault": "engine thread killed"}))).into_response())
+}

@@ -21,11 +21,21 @@ use super::sampling::{Sampler, SamplingParams};
 use super::template::{ChatMessage, ChatTemplate};
 use super::tokenizer::GgufTokenizer;
 use crate::cpu::team::Team;
+use crate::runtime::OnExit;
 use llama::{KvCache, LlamaWeights, Row, Scratch};
 
 /// Most prompt tokens prefilled in one step, shared by the prefilling sequences; decoding
 /// sequences always get their row.
 const PREFILL_ROWS_PER_STEP: usize = 256;
+
+/// What the engine thread is asked to do.
+enum Command {
+    /// A sequence to join.
+    Start(NewSequence),
+    /// Die here, outside the caught step, as a bug in the sampler or detokenizer would
+    /// (`debug.fault_injection`: how the tests prove the engine is supervised).
+    Die,
+}
 
 /// A sequence waiting to join the engine.
 struct NewSequence {
@@ -51,7 +61,7 @@ struct Sequence {
 
 /// The native engine's handle.
 pub struct NativeGenerator {
-    tx: std_mpsc::Sender<NewSequence>,
+    tx: std_mpsc::Sender<Command>,
     tokenizer: Arc<GgufTokenizer>,
     template: ChatTemplate,
     context: usize,
@@ -62,6 +72,14 @@ impl NativeGenerator {
     /// Loads a GGUF file and starts the engine thread. `exact` runs the projections in f32
     /// on dequantized weights (the reference mode the parity test uses; 4–8× the memory).
     pub fn load(path: &std::path::Path, threads: usize, exact: bool) -> Result<Self, String> {
+        Self::load_supervised(path, threads, exact, || {})
+    }
+
+    /// `load`, with `on_exit` called when the engine thread ends for any reason: its handle
+    /// was dropped (then every sequence is already over), or it panicked outside the caught
+    /// step (then every running sequence has just ended with an error, and the supervisor
+    /// must reload the model).
+    pub fn load_supervised(path: &std::path::Path, threads: usize, exact: bool, on_exit: impl FnOnce() + Send + 'static) -> Result<Self, String> {
         let model = gguf::load(path, exact)?;
         let tokenizer = Arc::new(model.tokenizer);
         let template = ChatTemplate::new(&model.chat_template, &model.bos_text, &model.eos_text)?;
@@ -82,13 +100,23 @@ impl NativeGenerator {
         let (tx, rx) = std_mpsc::channel();
         let eos = tokenizer.eos.clone();
         let tok = tokenizer.clone();
+        let (started_tx, started_rx) = std_mpsc::channel();
         std::thread::Builder::new()
             .name("generate-native".into())
-            .spawn(move || match Team::new(threads.max(1), "generate") {
-                Ok(team) => run_engine(weights, tok, eos, rx, &team),
-                Err(e) => tracing::error!("cannot start the engine's threads: {e}"),
+            .spawn(move || {
+                let exit = OnExit::new(Box::new(on_exit) as Box<dyn FnOnce() + Send>);
+                match Team::new(threads.max(1), "generate") {
+                    Ok(team) => {
+                        let _ = started_tx.send(Ok(()));
+                        run_engine(weights, tok, eos, rx, &team, exit)
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(format!("cannot start the engine's threads: {e}")));
+                    }
+                }
             })
             .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        started_rx.recv().map_err(|_| "the engine thread ended before it started".to_string())??;
         Ok(NativeGenerator { tx, tokenizer, template, context: c.context, details })
     }
 }
@@ -112,18 +140,36 @@ impl Generator for NativeGenerator {
             sampler.ban(&self.tokenizer.eos);
         }
         let (events, rx) = mpsc::unbounded_channel();
-        self.tx.send(NewSequence { prompt, sampler, max_tokens, events }).map_err(|_| "the engine thread has stopped".to_string())?;
-        Ok(TokenStream { events: rx, _cancel: Box::new(()) })
+        self.tx.send(Command::Start(NewSequence { prompt, sampler, max_tokens, events })).map_err(|_| "the engine thread has stopped".to_string())?;
+        Ok(TokenStream { events: rx })
+    }
+
+    fn inject_fault(&self) -> Result<(), String> {
+        self.tx.send(Command::Die).map_err(|_| "the engine thread has stopped".to_string())
     }
 }
 
-fn run_engine(weights: LlamaWeights, tokenizer: Arc<GgufTokenizer>, eos: Vec<u32>, rx: std_mpsc::Receiver<NewSequence>, team: &Team) {
+fn run_engine(
+    weights: LlamaWeights,
+    tokenizer: Arc<GgufTokenizer>,
+    eos: Vec<u32>,
+    rx: std_mpsc::Receiver<Command>,
+    team: &Team,
+    exit: OnExit<Box<dyn FnOnce() + Send>>,
+) {
     let layers = weights.config.layers;
     let context = weights.config.context;
     let vocab = weights.config.vocab;
     let mut active: Vec<Sequence> = Vec::new();
+    // Declared after `active`, so dropped before it when the thread unwinds: the model is
+    // out of service before its running sequences see their channels close.
+    let _exit = exit;
     let mut scratch = Scratch::default();
-    let admit = |n: NewSequence, active: &mut Vec<Sequence>| {
+    let admit = |command: Command, active: &mut Vec<Sequence>| {
+        let n = match command {
+            Command::Start(n) => n,
+            Command::Die => panic!("fault injected: the engine thread dies with {} sequences running", active.len()),
+        };
         active.push(Sequence {
             prompt_len: n.prompt.len(),
             tokens: n.prompt,
