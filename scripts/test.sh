@@ -5,8 +5,9 @@
 # virtual environment of its own (the `openai` package that drives the daemon in the
 # client test; numpy and gguf, with which scripts/standins.py writes the TinyLlama- and
 # bge-shaped stand-ins; NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, which compiles our
-# CUDA kernels without a GPU), fetches and verifies the default models, then runs every
-# test in release mode (candle in debug is too slow to test with).
+# CUDA kernels without a GPU), checks style (rustfmt, clippy), fetches and verifies the
+# default models, then runs every test in release mode (candle in debug is too slow to
+# test with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,11 @@ PY
 export LD_LIBRARY_PATH="${nvrtc_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPENAI_CLIENT_PYTHON="$venv/bin/python"
 export TEST_PYTHON="$venv/bin/python"
+
+# Style first: it is the cheapest check. rustfmt.toml is the code base's style; clippy's
+# lints are errors (a lint allowed in the code says why, beside it).
+cargo fmt --check
+cargo clippy --release --all-targets -- -D warnings
 
 # The deployment files: hadolint and shellcheck (the fly.toml checks are tests/deploy.rs).
 ./scripts/lint-deploy.sh

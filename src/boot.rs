@@ -238,8 +238,7 @@ async fn load_encoder(
         Arc::new(tokenizer),
         node.tokenizers.clone(),
         job_tx,
-        max_in_flight,
-        node.config.limits.max_request_tokens,
+        (max_in_flight, node.config.limits.max_request_tokens),
     )
     .with_prompts(files.prompts.clone());
     Ok((Arc::new(service), policy))

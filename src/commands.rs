@@ -8,7 +8,6 @@ use crate::cli::{Command, ModelsCommand};
 use crate::config::{Config, ModelKind};
 use crate::models::fetch::{fetch, Fetched};
 use crate::models::manifest::{FileEntry, Manifest, ManifestEntry, Source};
-use crate::models::registry::Registry;
 use crate::models::sync::{self, Drift, Pin};
 use crate::models::verify::{all_present, sha256_file, verify_model};
 
@@ -146,31 +145,6 @@ fn select<'m>(manifest: &'m Manifest, config: &Config, names: &[String]) -> anyh
             })
         })
         .collect()
-}
-
-/// Resolves each configured model's manifest entry; a model that needs one and lacks it,
-/// or whose entry is of another kind, stops start-up.
-pub fn build_registry(config: &Config, manifest: &Manifest) -> anyhow::Result<Registry> {
-    let mut models = Vec::new();
-    for m in &config.models {
-        let prototype = m.kind == ModelKind::Classify && m.labels.is_some();
-        let entry = if prototype {
-            if m.manifest.is_some() {
-                bail!("model {:?}: a prototype classifier (with `labels`) takes no manifest entry", m.name);
-            }
-            None
-        } else {
-            let e = manifest
-                .get(m.manifest_entry())
-                .with_context(|| format!("model {:?}: the manifest has no entry {:?}", m.name, m.manifest_entry()))?;
-            if e.kind != m.kind {
-                bail!("model {:?} is {} but manifest entry {:?} is {}", m.name, m.kind, e.name, e.kind);
-            }
-            Some(e.clone())
-        };
-        models.push((m.clone(), entry));
-    }
-    Ok(Registry::new(models))
 }
 
 /// A manifest entry (TOML) for files already on disk: `models pin`.

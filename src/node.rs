@@ -12,12 +12,13 @@ use crate::models::registry::Registry;
 use crate::models::sync::SyncReport;
 use crate::routing::Router;
 use crate::telemetry::stats::Stats;
+use tokio::sync::watch;
 
 /// The running daemon's shared state.
 pub struct Node {
     pub config: Config,
     pub manifest: Manifest,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
     /// Shared by every encoder model.
     pub tokenizers: Arc<TokenizerPool>,
     /// Where models run, e.g. `cpu` or `cuda:0`.
@@ -31,13 +32,19 @@ pub struct Node {
     pub router: Router,
     /// The latency profile `/stats` reports.
     pub stats: Stats,
-    /// The last model-sync check, when `[sync]` is on.
-    sync: parking_lot::RwLock<Option<SyncReport>>,
+    /// The last model-sync check, when `[sync]` is on (published by `models::sync::run`).
+    sync: watch::Receiver<Option<SyncReport>>,
 }
 
 impl Node {
     /// A node whose models are all still pending.
-    pub fn new(config: Config, manifest: Manifest, registry: Registry, device: String) -> std::io::Result<Self> {
+    pub fn new(
+        config: Config,
+        manifest: Manifest,
+        registry: Arc<Registry>,
+        device: String,
+        sync: watch::Receiver<Option<SyncReport>>,
+    ) -> std::io::Result<Self> {
         let threads = crate::runtime::compute_threads(&config).clamp(1, 4);
         let stats = Stats::new(Duration::from_secs(config.telemetry.stats_window_s));
         let router = Router::new(&config).map_err(std::io::Error::other)?;
@@ -51,7 +58,7 @@ impl Node {
             started: Instant::now(),
             started_at: SystemTime::now(),
             draining: AtomicBool::new(false),
-            sync: parking_lot::RwLock::new(None),
+            sync,
             stats,
             router,
             keys,
@@ -70,17 +77,12 @@ impl Node {
 
     /// The last model-sync report (none when sync is off or before the first check).
     pub fn sync_report(&self) -> Option<SyncReport> {
-        self.sync.read().clone()
-    }
-
-    /// Stores a model-sync report.
-    pub fn set_sync_report(&self, report: SyncReport) {
-        *self.sync.write() = Some(report);
+        self.sync.borrow().clone()
     }
 
     /// True when `fail_ready_on_drift` is set and the last comparison found drift.
     pub fn drift_blocks_ready(&self) -> bool {
-        self.config.sync.fail_ready_on_drift && self.sync.read().as_ref().is_some_and(|r| r.drifted())
+        self.config.sync.fail_ready_on_drift && self.sync.borrow().as_ref().is_some_and(|r| r.drifted())
     }
 
     /// How long a request waits for a model that is still warming.

@@ -8,28 +8,30 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::boot::boot_all;
-use crate::commands::build_registry;
 use crate::config::Config;
 use crate::models::manifest::Manifest;
+use crate::models::registry::Registry;
 use crate::node::Node;
 use crate::runtime::select_device;
 
 /// Serves until a shutdown signal and the drain that follows.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let manifest = Manifest::load(config.store.manifest.as_deref())?;
-    let registry = build_registry(&config, &manifest)?;
+    let registry = Arc::new(Registry::build(&config, &manifest)?);
     let (device, device_name) = select_device(&config.runtime.device).map_err(anyhow::Error::msg)?;
     let addr = config.server.addr;
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr().context("listener has no address")?;
     let drain_grace = Duration::from_secs(config.server.drain_grace_s);
-    let node = Arc::new(Node::new(config, manifest, registry, device_name.clone()).context("cannot start the node")?);
+    // The sync task publishes its reports to the node; it stops when the node is gone.
+    let (sync_tx, sync_rx) = tokio::sync::watch::channel(None);
+    if !config.sync.expected_manifest.is_empty() {
+        tokio::spawn(crate::models::sync::run(config.sync.clone(), registry.clone(), sync_tx));
+    }
+    let node = Arc::new(Node::new(config, manifest, registry, device_name.clone(), sync_rx).context("cannot start the node")?);
     tracing::info!(addr = %local, device = %device_name, version = env!("CARGO_PKG_VERSION"), "listening");
 
     tokio::spawn(boot_all(node.clone(), device));
-    if !node.config.sync.expected_manifest.is_empty() {
-        tokio::spawn(crate::models::sync::run(node.clone()));
-    }
 
     let app = crate::http::router(node.clone());
     let listener = crate::http::listener::LimitedListener::new(listener, node.config.limits.max_connections);

@@ -78,7 +78,8 @@ fn every_bad_input_gets_its_documented_status_and_the_node_serves_on() {
     let nested_any =
         format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"stop\": {}\"x\"{}}}", "[".repeat(10_000), "]".repeat(10_000))
             .into_bytes();
-    let rows: Vec<(&str, &str, &str, &str, Vec<u8>, u16, &str)> = vec![
+    type Row<'a> = (&'a str, &'a str, &'a str, &'a str, Vec<u8>, u16, &'a str);
+    let rows: Vec<Row> = vec![
         // (what, method, path, content type, body, status, code)
         ("malformed JSON", "POST", "/embed", "application/json", b"{\"inputs\": ".to_vec(), 400, "invalid_json"),
         ("invalid UTF-8", "POST", "/embed", "application/json", b"{\"inputs\": \"\xff\xfe\"}".to_vec(), 400, "invalid_json"),

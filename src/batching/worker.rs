@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::packed::PackedBatch;
 use super::queue::{Job, JobOutput};
-use crate::encoder::bert::PackedBatch;
 use crate::error::Error;
 use crate::runtime::OnExit;
 use crate::telemetry::metrics::METRICS;

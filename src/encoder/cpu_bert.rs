@@ -11,8 +11,8 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::bert::PackedBatch;
 use super::files::BertConfig;
+use crate::batching::packed::PackedBatch;
 use crate::cpu::attention::attention;
 use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::norm::{add_layer_norm, layer_norm};

@@ -21,12 +21,13 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::batching::packed::PackedBatch;
 use crate::batching::queue::{BatchPolicy, Job, JobOutput};
 use crate::batching::worker::BatchModel;
 use crate::config::Pooling;
 use crate::error::Error;
 use crate::telemetry::metrics::METRICS;
-use bert::{Bert, PackedBatch};
+use bert::Bert;
 use cpu_bert::CpuBert;
 use files::{EncoderFiles, Prompts};
 use tokenize::{InputTokenizer, TokenizerPool};
@@ -193,7 +194,7 @@ pub struct EncoderService {
 }
 
 impl EncoderService {
-    /// Wraps a running queue.
+    /// Wraps a running queue; `limits` is (inputs in flight, tokens per request).
     pub fn new(
         name: String,
         task: EncoderTask,
@@ -201,8 +202,7 @@ impl EncoderService {
         tokenizer: Arc<InputTokenizer>,
         pool: Arc<TokenizerPool>,
         jobs: mpsc::UnboundedSender<Job>,
-        max_in_flight: usize,
-        max_request_tokens: usize,
+        (max_in_flight, max_request_tokens): (usize, usize),
     ) -> Self {
         EncoderService {
             name,

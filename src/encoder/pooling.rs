@@ -7,15 +7,6 @@
 
 use crate::config::Pooling;
 
-/// Mode numbers shared with the CUDA kernels.
-pub fn mode_id(p: Pooling) -> i32 {
-    match p {
-        Pooling::Cls => 0,
-        Pooling::Mean => 1,
-        Pooling::LastToken => 2,
-    }
-}
-
 /// Pools each input's rows of `hidden` into one `dim`-vector, optionally L2-normalized.
 /// Returns `[inputs, dim]` row-major.
 pub fn pool_normalize(hidden: &[f32], cu_seqlens: &[u32], dim: usize, mode: Pooling, normalize: bool) -> Vec<f32> {

@@ -9,7 +9,15 @@ use candle_core::{bail, op::BackpropOp, CudaDevice, CudaStorage, DType, Storage,
 
 use super::{arch_for, compile, KERNELS};
 use crate::config::Pooling;
-use crate::encoder::pooling::mode_id;
+
+/// Pooling mode numbers, as `kernels/pooling.cu` reads them.
+fn mode_id(p: Pooling) -> i32 {
+    match p {
+        Pooling::Cls => 0,
+        Pooling::Mean => 1,
+        Pooling::LastToken => 2,
+    }
+}
 
 /// The module name our pooling kernels are cached under in candle's device.
 const MODULE: &str = "edgenode_pooling";

@@ -19,13 +19,11 @@ use serde_json::{json, Value};
 use super::json::JsonBody;
 use super::{inference_headers, AppState, Served};
 use crate::config::{LimitsConfig, ModelKind};
-use crate::encoder::prototype::sort_scores;
-use crate::encoder::{bert::class_scores, Encoded, EncoderService, EncoderTask};
+use crate::encoder::{Encoded, EncoderService};
 use crate::error::Error;
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
-use crate::service::Service;
-use crate::telemetry::trace::{record_model, record_tokens};
+use crate::telemetry::trace::record_tokens;
 
 /// One string or a list of strings, as both dialects accept.
 #[derive(Debug, Clone)]
@@ -108,10 +106,7 @@ fn yes() -> bool {
 
 /// The encoder behind an embed model, once it is warm.
 async fn ready_encoder(node: &Node, slot: &ModelSlot) -> Result<Arc<EncoderService>, Error> {
-    match slot.ready_service(node.ready_wait()).await? {
-        Service::Encoder(e) => Ok(e),
-        _ => Err(Error::Internal(format!("model {} is not an encoder", slot.name()))),
-    }
+    Ok(slot.ready_service(node.ready_wait()).await?.encoder(slot.name())?.clone())
 }
 
 fn answer(body: Value, slot: &ModelSlot, encoded: &Encoded, workload: &'static str) -> Response {
@@ -139,7 +134,7 @@ fn validated(inputs: &Inputs, field: &str, node: &Node) -> Result<(), Error> {
 /// `POST /embed`: one vector per input, in input order.
 pub async fn embed(State(node): State<AppState>, JsonBody(req): JsonBody<EmbedRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
-    record_model(slot);
+    slot.record_on_span();
     validated(&req.inputs, "inputs", &node)?;
     let encoder = ready_encoder(&node, slot).await?;
     let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
@@ -176,7 +171,7 @@ pub enum EncodingFormat {
 /// `POST /v1/embeddings`: OpenAI's shape, with `usage` token counts, base64 and `dimensions`.
 pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): JsonBody<OpenAiEmbeddingRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Embed)?;
-    record_model(slot);
+    slot.record_on_span();
     validated(&req.input, "input", &node)?;
     let encoder = ready_encoder(&node, slot).await?;
     if let Some(d) = req.dimensions {
@@ -234,22 +229,10 @@ pub struct ClassifyRequest {
 /// A single string input answers with one flat list, as TEI does.
 pub async fn classify(State(node): State<AppState>, JsonBody(req): JsonBody<ClassifyRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Classify)?;
-    record_model(slot);
+    slot.record_on_span();
     validated(&req.inputs, "inputs", &node)?;
-    let (scored, encoded) = match slot.ready_service(node.ready_wait()).await? {
-        Service::Prototype(p) => p.classify(req.inputs.texts, req.truncate, req.raw_scores).await?,
-        Service::Encoder(e) => {
-            let EncoderTask::Classify { labels, multi_label } = &e.task else {
-                return Err(Error::Internal(format!("model {} has no classifier head", slot.name())));
-            };
-            let encoded = e.encode(req.inputs.texts, req.truncate, false).await?;
-            let flat: Vec<f32> = encoded.rows.concat();
-            let scores = class_scores(&flat, labels.len(), *multi_label, req.raw_scores);
-            let scored = scores.into_iter().map(|row| sort_scores(labels.iter().cloned().zip(row).collect())).collect();
-            (scored, encoded)
-        }
-        Service::Generator(_) => return Err(Error::Internal(format!("model {} is a generator", slot.name()))),
-    };
+    let service = slot.ready_service(node.ready_wait()).await?;
+    let (scored, encoded) = service.classify(slot.name(), req.inputs.texts, req.truncate, req.raw_scores).await?;
     let rows: Vec<Value> = scored
         .into_iter()
         .map(|row| json!(row.into_iter().map(|(label, score)| json!({"label": label, "score": score})).collect::<Vec<_>>()))

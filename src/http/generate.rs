@@ -26,8 +26,7 @@ use crate::generate::template::ChatMessage;
 use crate::generate::{GenerateService, Generation, Piece, Prepared, PromptInput, Usage};
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
-use crate::service::Service;
-use crate::telemetry::trace::{record_model, record_tokens};
+use crate::telemetry::trace::record_tokens;
 
 /// Message content: a string, or OpenAI's list of content parts (text parts only).
 fn content<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -201,10 +200,7 @@ impl SamplingFields {
 }
 
 async fn ready_generator(node: &Node, slot: &ModelSlot) -> Result<Arc<GenerateService>, Error> {
-    match slot.ready_service(node.ready_wait()).await? {
-        Service::Generator(g) => Ok(g),
-        _ => Err(Error::Internal(format!("model {} is not a generator", slot.name()))),
-    }
+    Ok(slot.ready_service(node.ready_wait()).await?.generator(slot.name())?.clone())
 }
 
 /// Prepares, admits and starts one generation.
@@ -317,7 +313,7 @@ impl PieceFormat for NativeFormat {
 /// `POST /generate`: `{"text", "finish_reason", "usage", "model"}`, or SSE with `stream`.
 pub async fn generate(State(node): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Generate)?;
-    record_model(slot);
+    slot.record_on_span();
     let prompt = native_prompt(req.prompt, req.messages)?;
     let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
     let model = slot.name().to_string();
@@ -424,7 +420,7 @@ pub async fn chat_completions(State(node): State<AppState>, JsonBody(req): JsonB
 /// A chat request answered by the local model it names (or the first generate model).
 pub(crate) async fn chat_local(node: AppState, req: ChatRequest) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
-    record_model(slot);
+    slot.record_on_span();
     let prompt = PromptInput::Chat(to_chat(req.messages)?);
     let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
     let format = ChatFormat {
@@ -522,7 +518,7 @@ const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
 /// `POST /v1/completions`.
 pub async fn completions(State(node): State<AppState>, JsonBody(mut req): JsonBody<CompletionRequest>) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
-    record_model(slot);
+    slot.record_on_span();
     if req.prompt.0.is_empty() {
         return Err(Error::EmptyInput("prompt".into()));
     }

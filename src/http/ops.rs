@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::models::registry::Stage;
-use crate::service::Service;
 
 /// `GET /livez`: 200 as soon as the process serves HTTP, even while models warm up.
 pub async fn livez() -> Json<Value> {
@@ -73,11 +72,7 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
             let stage = s.stage();
             let stages: serde_json::Map<String, Value> =
                 facts.stage_seconds.iter().map(|(k, v)| (k.clone(), json!((v * 1000.0).round() / 1000.0))).collect();
-            let load = match s.current_service() {
-                Some(Service::Encoder(e)) => json!({"in_flight": e.in_flight()}),
-                Some(Service::Generator(g)) => json!({"running": g.running(), "waiting": g.waiting()}),
-                _ => json!({}),
-            };
+            let load = s.current_service().map_or(json!({}), |service| service.load());
             json!({
                 "load": load,
                 "name": s.name(),
@@ -172,9 +167,10 @@ pub async fn debug_fault(
     super::json::JsonBody(req): super::json::JsonBody<FaultRequest>,
 ) -> Result<Response, crate::error::Error> {
     let slot = node.registry.resolve(Some(&req.model), crate::config::ModelKind::Generate)?;
-    let Some(Service::Generator(g)) = slot.current_service() else {
-        return Err(crate::error::Error::NotReady { message: format!("model {} is not running", req.model), retry_after_s: 1 });
-    };
+    let service = slot
+        .current_service()
+        .ok_or_else(|| crate::error::Error::NotReady { message: format!("model {} is not running", req.model), retry_after_s: 1 })?;
+    let g = service.generator(slot.name())?;
     g.inject_fault().map_err(|e| crate::error::Error::field("model", e))?;
     tracing::warn!(model = %req.model, "fault injected: the engine thread is told to die");
     Ok((StatusCode::ACCEPTED, Json(json!({"model": req.model, "fault": "engine thread killed"}))).into_response())

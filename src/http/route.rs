@@ -27,8 +27,9 @@ use crate::error::Error;
 use crate::generate::template::ChatMessage;
 use crate::generate::{Generation, Piece, PromptInput};
 use crate::routing::ledger::Tier;
+use crate::routing::policy::{self, Confidence, EdgeFit, Features, Verdict};
 use crate::routing::upstream::{Answer, UpstreamError, UsageSniffer};
-use crate::routing::Decision;
+use crate::routing::Answered;
 
 /// The model name that asks the router to choose.
 pub const AUTO: &str = "auto";
@@ -58,7 +59,7 @@ pub async fn route(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>)
     let req: ChatRequest = from_value(raw)?;
     req.sampling.params()?;
     let messages = to_chat(req.messages)?;
-    let decision = node.router.decide(&node, &messages, req.sampling.max_tokens()?).await?;
+    let decision = decide(&node, &messages, req.sampling.max_tokens()?).await?;
     let model = match decision.tier {
         Tier::Edge => node.router.cfg.local_model.clone(),
         Tier::Cloud => node.router.upstream.as_ref().map(|u| u.model.clone()).unwrap_or_default(),
@@ -82,7 +83,7 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let max_tokens = req.sampling.max_tokens()?;
     let messages = to_chat(req.messages)?;
-    let mut decision = node.router.decide(&node, &messages, max_tokens).await?;
+    let mut decision = decide(&node, &messages, max_tokens).await?;
     let prepared = decision.prepared.take();
     let router = &node.router;
     let edge = EdgeRequest { messages, sampling: req.sampling, stream, include_usage };
@@ -118,6 +119,86 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response
     router.count_decision(tier, &reason);
     mark(&mut response, tier, &reason);
     Ok(response)
+}
+
+/// Where a routed request goes and why, with what was learned while deciding.
+#[derive(Debug)]
+struct Decision {
+    tier: Tier,
+    reason: String,
+    /// The request fits the local model (context, admission shape); fallback to the edge needs it.
+    fits_edge: bool,
+    /// Chosen by the A/B split rather than by confidence.
+    split: bool,
+    features: Features,
+    /// The prompt as the local model tokenized it while deciding, so running at the edge
+    /// does not render and tokenize it again.
+    prepared: Option<crate::generate::Prepared>,
+}
+
+/// Gathers what the policy decides on (the prompt at the local model; the classifier's
+/// confidence only when the policy asks for it) and runs the policy.
+async fn decide(node: &AppState, messages: &[ChatMessage], max_tokens: Option<i64>) -> Result<Decision, Error> {
+    let router = &node.router;
+    let mut features = Features { prompt_tokens: None, max_tokens, messages: messages.len(), edge_confidence: None };
+    let mut prepared = None;
+    let fit = match node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate) {
+        Err(_) => EdgeFit::NoModel,
+        Ok(slot) => match slot.ready_service(node.ready_wait()).await.ok().and_then(|s| s.generator(slot.name()).ok().cloned()) {
+            None => EdgeFit::Unavailable,
+            Some(g) => match g.prepare(PromptInput::Chat(messages.to_vec()), max_tokens).await {
+                Ok(p) => {
+                    features.prompt_tokens = Some(p.tokens.len());
+                    prepared = Some(p);
+                    EdgeFit::Fits
+                }
+                Err(Error::ContextExceeded { .. }) => EdgeFit::ExceedsContext,
+                Err(Error::MaxTokensTooLarge { .. }) => EdgeFit::ExceedsMaxTokens,
+                // The request itself is wrong: it fails the same on every tier.
+                Err(e @ (Error::InvalidField { .. } | Error::EmptyInput(_) | Error::MissingField(_))) => return Err(e),
+                Err(_) => EdgeFit::Unavailable,
+            },
+        },
+    };
+    let mut inputs = router.inputs(features, fit);
+    let mut verdict = policy::decide(&router.cfg, &inputs);
+    if verdict == Verdict::AskClassifier {
+        let text = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
+        inputs.confidence = match edge_confidence(node, text).await {
+            Ok(p) => {
+                inputs.features.edge_confidence = Some(p);
+                Confidence::Scored(p)
+            }
+            Err(e) => {
+                tracing::warn!("routing classifier failed, sending to the cloud: {e}");
+                Confidence::Failed
+            }
+        };
+        verdict = policy::decide(&router.cfg, &inputs);
+    }
+    match verdict {
+        Verdict::Route(r) => {
+            Ok(Decision { tier: r.tier, reason: r.reason, fits_edge: fit == EdgeFit::Fits, split: r.split, features: inputs.features, prepared })
+        }
+        Verdict::BudgetExceeded(message) => Err(Error::BudgetExceeded(message)),
+        Verdict::AskClassifier => Err(Error::Internal("the routing policy asked for the classifier twice".into())),
+    }
+}
+
+/// The configured classifier's confidence that `text` is edge-shaped.
+async fn edge_confidence(node: &AppState, text: String) -> Result<f32, Error> {
+    let cfg = &node.router.cfg;
+    let slot = node.registry.resolve(Some(&cfg.classifier), ModelKind::Classify)?;
+    let service = slot.ready_service(node.ready_wait()).await?;
+    let (scored, _) = service.classify(slot.name(), vec![text], true, false).await?;
+    scored
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(label, _)| *label == cfg.edge_label)
+        .map(|(_, s)| s)
+        .ok_or_else(|| Error::Internal(format!("routing.classifier {} has no label {:?}", cfg.classifier, cfg.edge_label)))
 }
 
 /// Only failures of capacity or health move a request to the other tier; a request that is
@@ -184,15 +265,15 @@ async fn run_edge(
         let node2 = node.clone();
         let record: OnEnd = Box::new(move |g: &Generation, completed: bool| {
             if completed {
-                node2.router.record(
-                    Tier::Edge,
-                    &model,
+                node2.router.record(&Answered {
+                    tier: Tier::Edge,
+                    model,
                     split,
                     fallback,
-                    started.elapsed().as_secs_f64(),
-                    g.prompt_tokens as u64,
-                    g.completion_tokens() as u64,
-                );
+                    total_s: started.elapsed().as_secs_f64(),
+                    prompt_tokens: g.prompt_tokens as u64,
+                    completion_tokens: g.completion_tokens() as u64,
+                });
             }
         });
         return Ok(stream_response_with_headers(node, "/v1/chat/completions", &slot, generation, prelude, format, Some(record)));
@@ -205,7 +286,15 @@ async fn run_edge(
         }
         Piece::Error(e) => return Err(e),
     };
-    router.record(Tier::Edge, &model, split, fallback, started.elapsed().as_secs_f64(), usage.prompt_tokens as u64, usage.completion_tokens as u64);
+    router.record(&Answered {
+        tier: Tier::Edge,
+        model,
+        split,
+        fallback,
+        total_s: started.elapsed().as_secs_f64(),
+        prompt_tokens: usage.prompt_tokens as u64,
+        completion_tokens: usage.completion_tokens as u64,
+    });
     let body = json!({
         "id": format.id, "object": "chat.completion", "created": format.created, "model": format.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason.as_str(), "logprobs": null}],
@@ -231,7 +320,15 @@ async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant,
             if (200..300).contains(&status) {
                 let usage = &body["usage"];
                 let (p, c) = (usage["prompt_tokens"].as_u64().unwrap_or(0), usage["completion_tokens"].as_u64().unwrap_or(0));
-                router.record(Tier::Cloud, &model, split, fallback, started.elapsed().as_secs_f64(), p, c);
+                router.record(&Answered {
+                    tier: Tier::Cloud,
+                    model,
+                    split,
+                    fallback,
+                    total_s: started.elapsed().as_secs_f64(),
+                    prompt_tokens: p,
+                    completion_tokens: c,
+                });
             }
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response = (code, Json(body)).into_response();
@@ -283,7 +380,15 @@ impl StreamLedger {
     fn close(&mut self) {
         if std::mem::take(&mut self.open) {
             let (p, c) = (self.sniffer.prompt_tokens, self.sniffer.completion_tokens);
-            self.node.router.record(Tier::Cloud, &self.model, self.split, self.fallback, self.started.elapsed().as_secs_f64(), p, c);
+            self.node.router.record(&Answered {
+                tier: Tier::Cloud,
+                model: self.model.clone(),
+                split: self.split,
+                fallback: self.fallback,
+                total_s: self.started.elapsed().as_secs_f64(),
+                prompt_tokens: p,
+                completion_tokens: c,
+            });
         }
     }
 }

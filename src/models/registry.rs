@@ -13,9 +13,11 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::config::{ModelConfig, ModelKind};
+use anyhow::Context;
+
+use crate::config::{Config, ModelConfig, ModelKind};
 use crate::error::Error;
-use crate::models::manifest::ManifestEntry;
+use crate::models::manifest::{Manifest, ManifestEntry};
 use crate::service::Service;
 
 /// Where a model is in its boot sequence.
@@ -163,6 +165,11 @@ impl ModelSlot {
         self.set_stage(stage);
     }
 
+    /// Records on the current request's span which model answers it (version, digest, device).
+    pub fn record_on_span(&self) {
+        self.with_facts(|f| crate::telemetry::trace::record_model(self.name(), f.version.as_deref(), f.digest.as_deref(), f.device.as_deref()));
+    }
+
     /// The service, if the model is ready now (no waiting).
     pub fn current_service(&self) -> Option<Service> {
         self.service.read().clone()
@@ -214,6 +221,31 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Resolves each configured model's manifest entry; a model that needs one and lacks it,
+    /// or whose entry is of another kind, stops start-up.
+    pub fn build(config: &Config, manifest: &Manifest) -> anyhow::Result<Registry> {
+        let mut models = Vec::new();
+        for m in &config.models {
+            let prototype = m.kind == ModelKind::Classify && m.labels.is_some();
+            let entry = if prototype {
+                if m.manifest.is_some() {
+                    anyhow::bail!("model {:?}: a prototype classifier (with `labels`) takes no manifest entry", m.name);
+                }
+                None
+            } else {
+                let e = manifest
+                    .get(m.manifest_entry())
+                    .with_context(|| format!("model {:?}: the manifest has no entry {:?}", m.name, m.manifest_entry()))?;
+                if e.kind != m.kind {
+                    anyhow::bail!("model {:?} is {} but manifest entry {:?} is {}", m.name, m.kind, e.name, e.kind);
+                }
+                Some(e.clone())
+            };
+            models.push((m.clone(), entry));
+        }
+        Ok(Registry::new(models))
+    }
+
     /// One slot per configured model, with its manifest entry resolved.
     pub fn new(models: Vec<(ModelConfig, Option<ManifestEntry>)>) -> Self {
         Registry { slots: models.into_iter().map(|(c, e)| Arc::new(ModelSlot::new(c, e))).collect() }

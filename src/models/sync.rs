@@ -15,8 +15,10 @@ use serde::Serialize;
 
 use super::manifest::Manifest;
 use super::registry::Stage;
-use crate::node::Node;
+use crate::config::SyncConfig;
+use crate::models::registry::Registry;
 use crate::telemetry::metrics::METRICS;
+use tokio::sync::watch;
 
 /// One model's standing against the expected manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -130,9 +132,9 @@ pub fn report(source: &str, fetched: Result<Manifest, String>, local: &BTreeMap<
 /// What this node serves, per manifest entry: the digest it verified on disk, or (while a
 /// model still boots) the pinned one it will verify against. A model that failed to load
 /// serves nothing and so counts as missing.
-pub fn local_pins(node: &Node) -> BTreeMap<String, Pin> {
+pub fn local_pins(registry: &Registry) -> BTreeMap<String, Pin> {
     let mut out = BTreeMap::new();
-    for slot in node.registry.slots() {
+    for slot in registry.slots() {
         let Some(entry) = &slot.entry else { continue };
         if matches!(slot.stage(), Stage::Failed(_)) {
             continue;
@@ -143,12 +145,10 @@ pub fn local_pins(node: &Node) -> BTreeMap<String, Pin> {
     out
 }
 
-/// Checks once: fetch, compare, store the report, set the gauges, log what drifted.
-pub async fn check(node: &Node) -> SyncReport {
-    let cfg = &node.config.sync;
+/// Checks once: fetch, compare, set the gauges, log what drifted.
+pub async fn check(cfg: &SyncConfig, registry: &Registry, previous: Option<&SyncReport>) -> SyncReport {
     let fetched = fetch(&cfg.expected_manifest, Duration::from_secs(cfg.timeout_s)).await;
-    let previous = node.sync_report();
-    let report = report(&cfg.expected_manifest, fetched, &local_pins(node), previous.as_ref());
+    let report = report(&cfg.expected_manifest, fetched, &local_pins(registry), previous);
     let metrics = &*METRICS;
     metrics.sync_reachable.set(if report.reachable { 1.0 } else { 0.0 });
     match &report.error {
@@ -168,16 +168,26 @@ pub async fn check(node: &Node) -> SyncReport {
             }
         }
     }
-    node.set_sync_report(report.clone());
     report
 }
 
-/// Checks at boot and then every `sync.interval_s` until the process exits.
-pub async fn run(node: Arc<Node>) {
-    let every = Duration::from_secs(node.config.sync.interval_s.max(1));
+/// Checks at boot and then every `sync.interval_s`, publishing each report, until every
+/// receiver (the node) is gone.
+pub async fn run(cfg: SyncConfig, registry: Arc<Registry>, publish: watch::Sender<Option<SyncReport>>) {
+    let every = Duration::from_secs(cfg.interval_s.max(1));
     loop {
-        check(&node).await;
-        tokio::time::sleep(every).await;
+        let previous = publish.borrow().clone();
+        let report = tokio::select! {
+            r = check(&cfg, &registry, previous.as_ref()) => r,
+            _ = publish.closed() => return,
+        };
+        if publish.send(Some(report)).is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = publish.closed() => return,
+        }
     }
 }
 

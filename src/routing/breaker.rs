@@ -96,6 +96,16 @@ impl Breaker {
         }
     }
 
+    /// Would a call go through now (closed, or open and due for its probe)?
+    pub fn accepting(&self) -> bool {
+        let s = self.state.lock();
+        match s.circuit {
+            Circuit::Closed => true,
+            Circuit::HalfOpen => false,
+            Circuit::Open => s.opened_at.is_some_and(|t| t.elapsed() >= self.open_for),
+        }
+    }
+
     /// State, consecutive failures and how many times it opened.
     pub fn snapshot(&self) -> (Circuit, u32, u64) {
         let s = self.state.lock();

@@ -3,13 +3,16 @@
 //! a cost ledger with budgets, the design's economic viability test computed live, and an
 //! A/B split mode.
 //!
-//! The decision (`Router::decide`) uses the `router` prototype classifier's confidence that
-//! the request is edge-shaped plus cheap features: prompt tokens (with the local model's own
-//! tokenizer and chat template), requested `max_tokens`, and conversation length. The HTTP
-//! side (`crate::http::route`) runs the decision and falls back when a tier fails.
+//! The decision is `policy::decide`, a pure function of the request's features (prompt
+//! tokens with the local model's own tokenizer and chat template, requested `max_tokens`,
+//! conversation length, the `router` classifier's confidence that it is edge-shaped) and
+//! of the node's state (`Router::inputs`: upstream, circuit, budgets, split draw). The HTTP
+//! side (`crate::http::route`) gathers the features, runs the decision and falls back when
+//! a tier fails.
 
 pub mod breaker;
 pub mod ledger;
+pub mod policy;
 pub mod upstream;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -18,44 +21,26 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::config::{Config, CostsConfig, ModelKind, RoutingConfig, RoutingMode};
-use crate::error::Error;
-use crate::generate::template::ChatMessage;
-use crate::generate::PromptInput;
-use crate::node::Node;
-use crate::service::Service;
+use crate::config::{Config, CostsConfig, RoutingConfig, RoutingMode};
 use crate::telemetry::metrics::METRICS;
 use crate::telemetry::stats::percentile;
 use ledger::{Ledger, Tier};
+use policy::{Confidence, EdgeFit, Features, Inputs};
 use upstream::Upstream;
 
-/// What the router looked at.
-#[derive(Debug, Clone, Serialize)]
-pub struct Features {
-    pub prompt_tokens: Option<usize>,
-    pub max_tokens: Option<i64>,
-    pub messages: usize,
-    /// The classifier's confidence that the request is edge-shaped.
-    pub edge_confidence: Option<f32>,
-}
-
-/// Where a request goes and why.
-#[derive(Debug, Clone, Serialize)]
-pub struct Decision {
+/// One answered routed request, as the ledger and `/stats` count it.
+#[derive(Debug, Clone)]
+pub struct Answered {
     pub tier: Tier,
-    pub reason: String,
-    /// The request fits the local model (context, admission shape); fallback to the edge needs it.
-    pub fits_edge: bool,
-    /// Chosen by the A/B split rather than by confidence.
+    /// The model that answered (the local one, or the upstream's).
+    pub model: String,
     pub split: bool,
-    pub features: Features,
-    /// The prompt as the local model tokenized it while deciding, so running at the edge
-    /// does not render and tokenize it again.
-    #[serde(skip)]
-    pub prepared: Option<crate::generate::Prepared>,
+    pub fallback: bool,
+    pub total_s: f64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 /// One routed request, for `/stats`.
@@ -104,110 +89,20 @@ impl Router {
         self.upstream.is_some() && !self.ledger.over_budget(Tier::Cloud)
     }
 
-    /// The edge's confidence for `text` from the configured classifier.
-    async fn edge_confidence(&self, node: &Node, text: String) -> Result<f32, Error> {
-        let slot = node.registry.resolve(Some(&self.cfg.classifier), ModelKind::Classify)?;
-        let scored = match slot.ready_service(node.ready_wait()).await? {
-            Service::Prototype(p) => p.classify(vec![text], true, false).await?.0,
-            Service::Encoder(e) => {
-                let crate::encoder::EncoderTask::Classify { labels, multi_label } = &e.task else {
-                    return Err(Error::Internal(format!("routing.classifier {} has no classifier head", slot.name())));
-                };
-                let encoded = e.encode(vec![text], true, false).await?;
-                let scores = crate::encoder::bert::class_scores(&encoded.rows.concat(), labels.len(), *multi_label, false);
-                scores.into_iter().map(|row| labels.iter().cloned().zip(row).collect()).collect()
-            }
-            Service::Generator(_) => return Err(Error::Internal("routing.classifier is a generator".into())),
-        };
-        let row = scored.into_iter().next().unwrap_or_default();
-        row.into_iter()
-            .find(|(label, _)| *label == self.cfg.edge_label)
-            .map(|(_, s)| s)
-            .ok_or_else(|| Error::Internal(format!("routing.classifier {} has no label {:?}", self.cfg.classifier, self.cfg.edge_label)))
-    }
-
-    /// Decides where a chat request goes. Errors only when every tier is over budget.
-    pub async fn decide(&self, node: &Node, messages: &[ChatMessage], max_tokens: Option<i64>) -> Result<Decision, Error> {
-        let mut features = Features { prompt_tokens: None, max_tokens, messages: messages.len(), edge_confidence: None };
-        // Does it fit the local model at all (context window, a ready model)?
-        let local = node.registry.resolve(Some(&self.cfg.local_model), ModelKind::Generate);
-        let mut prepared = None;
-        let fits = match local {
-            Ok(slot) => match slot.ready_service(node.ready_wait()).await {
-                Ok(Service::Generator(g)) => match g.prepare(PromptInput::Chat(messages.to_vec()), max_tokens).await {
-                    Ok(p) => {
-                        features.prompt_tokens = Some(p.tokens.len());
-                        prepared = Some(p);
-                        Ok(())
-                    }
-                    Err(Error::ContextExceeded { .. }) => Err("exceeds_edge_context"),
-                    Err(Error::MaxTokensTooLarge { .. }) => Err("exceeds_edge_max_tokens"),
-                    Err(e @ (Error::InvalidField { .. } | Error::EmptyInput(_) | Error::MissingField(_))) => return Err(e),
-                    Err(_) => Err("edge_unavailable"),
-                },
-                _ => Err("edge_unavailable"),
-            },
-            Err(_) => Err("no_edge_model"),
-        };
-        let fits_edge = fits.is_ok();
-        let mut split = false;
-        let (mut tier, mut reason) = if self.upstream.is_none() {
-            (Tier::Edge, "no_upstream".to_string())
-        } else if self.cfg.mode == RoutingMode::Split {
-            split = true;
-            let edge = self.rng.lock().random_bool(self.cfg.split_edge_share);
-            if edge {
-                (Tier::Edge, "split".to_string())
-            } else {
-                (Tier::Cloud, "split".to_string())
-            }
-        } else if let Err(why) = fits {
-            (Tier::Cloud, why.to_string())
-        } else if messages.len() > self.cfg.max_edge_messages {
-            (Tier::Cloud, "long_conversation".to_string())
-        } else if features.prompt_tokens.unwrap_or(0) > self.cfg.max_edge_prompt_tokens {
-            (Tier::Cloud, "long_prompt".to_string())
-        } else if max_tokens.is_some_and(|m| m > self.cfg.max_edge_completion_tokens as i64) {
-            (Tier::Cloud, "long_answer".to_string())
-        } else {
-            let text = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
-            match self.edge_confidence(node, text).await {
-                Ok(p) => {
-                    features.edge_confidence = Some(p);
-                    if p >= self.cfg.threshold {
-                        (Tier::Edge, format!("confident ({p:.2} >= {})", self.cfg.threshold))
-                    } else {
-                        (Tier::Cloud, format!("low_confidence ({p:.2} < {})", self.cfg.threshold))
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("routing classifier failed, sending to the cloud: {e}");
-                    (Tier::Cloud, "classifier_unavailable".to_string())
-                }
-            }
-        };
-        if tier == Tier::Edge && !fits_edge && self.upstream.is_some() && !split {
-            tier = Tier::Cloud;
+    /// The node's side of the policy's inputs for one request: the upstream and its
+    /// circuit, the budgets, and (in split mode) this request's draw.
+    pub fn inputs(&self, features: Features, fit: EdgeFit) -> Inputs {
+        let split_draw_edge = self.cfg.mode == RoutingMode::Split && self.rng.lock().random_bool(self.cfg.split_edge_share);
+        Inputs {
+            features,
+            fit,
+            confidence: Confidence::NotAsked,
+            has_upstream: self.upstream.is_some(),
+            cloud_accepting: self.upstream.as_ref().is_some_and(|u| u.breaker.accepting()),
+            edge_over_budget: self.ledger.over_budget(Tier::Edge),
+            cloud_over_budget: self.ledger.over_budget(Tier::Cloud),
+            split_draw_edge,
         }
-        // Budgets: an exhausted tier is not chosen; with both exhausted nothing is.
-        if self.ledger.over_budget(tier) {
-            let other = tier.other();
-            let other_possible = match other {
-                Tier::Edge => fits_edge,
-                Tier::Cloud => self.upstream.is_some(),
-            };
-            if other_possible && !self.ledger.over_budget(other) {
-                reason = format!("{}_budget_exhausted", tier.as_str());
-                tier = other;
-                split = false;
-            } else {
-                return Err(Error::BudgetExceeded(format!(
-                    "the {} tier's daily budget is spent and no other tier can answer this request",
-                    tier.as_str()
-                )));
-            }
-        }
-        Ok(Decision { tier, reason, fits_edge, split, features, prepared })
     }
 
     /// Counts a decision as finally taken (after any fallback).
@@ -218,17 +113,17 @@ impl Router {
     }
 
     /// Records one answered routed request in the ledger and `/stats`.
-    pub fn record(&self, tier: Tier, model: &str, split: bool, fallback: bool, total_s: f64, prompt: u64, completion: u64) {
-        let cost_usd = self.ledger.record(tier, model, prompt, completion);
+    pub fn record(&self, a: &Answered) {
+        let cost_usd = self.ledger.record(a.tier, &a.model, a.prompt_tokens, a.completion_tokens);
         let mut samples = self.samples.lock();
         samples.push_back(RouteSample {
             at: Instant::now(),
-            tier,
-            split,
-            fallback,
-            total_s,
-            prompt_tokens: prompt,
-            completion_tokens: completion,
+            tier: a.tier,
+            split: a.split,
+            fallback: a.fallback,
+            total_s: a.total_s,
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: a.completion_tokens,
             cost_usd,
         });
         while samples.len() > MAX_SAMPLES || samples.front().is_some_and(|s| s.at.elapsed() > WINDOW) {

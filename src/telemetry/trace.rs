@@ -11,8 +11,6 @@ use tracing::field::Empty;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::models::registry::ModelSlot;
-
 struct Headers<'a>(&'a HeaderMap);
 
 impl Extractor for Headers<'_> {
@@ -51,20 +49,14 @@ pub fn request_span(method: &str, route: &str, headers: &HeaderMap) -> Span {
 }
 
 /// Records which model (version, digest, device) answers the current request.
-pub fn record_model(slot: &ModelSlot) {
+pub fn record_model(name: &str, version: Option<&str>, digest: Option<&str>, device: Option<&str>) {
     let span = Span::current();
-    span.record("model", slot.name());
-    slot.with_facts(|facts| {
-        if let Some(v) = &facts.version {
-            span.record("model.version", v.as_str());
+    span.record("model", name);
+    for (field, value) in [("model.version", version), ("model.digest", digest), ("device", device)] {
+        if let Some(v) = value {
+            span.record(field, v);
         }
-        if let Some(d) = &facts.digest {
-            span.record("model.digest", d.as_str());
-        }
-        if let Some(d) = &facts.device {
-            span.record("device", d.as_str());
-        }
-    });
+    }
 }
 
 /// Records token counts on a request span.

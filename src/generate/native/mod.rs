@@ -31,7 +31,7 @@ const PREFILL_ROWS_PER_STEP: usize = 256;
 /// What the engine thread is asked to do.
 enum Command {
     /// A sequence to join.
-    Start(NewSequence),
+    Start(Box<NewSequence>),
     /// Die here, outside the caught step, as a bug in the sampler or detokenizer would
     /// (`debug.fault_injection`: how the tests prove the engine is supervised).
     Die,
@@ -140,7 +140,9 @@ impl Generator for NativeGenerator {
             sampler.ban(&self.tokenizer.eos);
         }
         let (events, rx) = mpsc::unbounded_channel();
-        self.tx.send(Command::Start(NewSequence { prompt, sampler, max_tokens, events })).map_err(|_| "the engine thread has stopped".to_string())?;
+        self.tx
+            .send(Command::Start(Box::new(NewSequence { prompt, sampler, max_tokens, events })))
+            .map_err(|_| "the engine thread has stopped".to_string())?;
         Ok(TokenStream { events: rx })
     }
 
