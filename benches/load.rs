@@ -6,7 +6,13 @@
 //! cargo bench --bench load -- --url http://127.0.0.1:8080 --concurrency 32 --duration 20 \
 //!     --mix embed=70,classify=10,generate=20
 //! cargo bench --bench load -- --rate 50 --duration 30     # open loop: 50 requests/s
+//! cargo bench --bench load -- --rate 20 --duration 1800 --interval 60 --pid 1234 \
+//!     --mix embed=60,classify=10,generate=15,route=15      # a soak (benches/soak.sh)
 //! ```
+//!
+//! `route` sends `model: "auto"` chat requests (the routing tier). With `--interval`, a
+//! JSON line per interval reports its requests, 5xx, p50/p99 and (with `--pid`) the
+//! daemon's resident memory, so a soak shows drift over time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +28,8 @@ struct Args {
     duration: Duration,
     mix: Vec<(String, u32)>,
     max_tokens: u32,
+    interval: Option<Duration>,
+    pid: Option<u32>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -32,6 +40,8 @@ fn parse_args() -> Result<Args, String> {
         duration: Duration::from_secs(20),
         mix: vec![("embed".into(), 70), ("classify".into(), 10), ("generate".into(), 20)],
         max_tokens: 16,
+        interval: None,
+        pid: None,
     };
     let mut it = std::env::args().skip(1).filter(|s| s != "--bench");
     while let Some(flag) = it.next() {
@@ -42,12 +52,14 @@ fn parse_args() -> Result<Args, String> {
             "--rate" => a.rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
             "--duration" => a.duration = Duration::from_secs_f64(value()?.parse().map_err(|e| format!("--duration: {e}"))?),
             "--max-tokens" => a.max_tokens = value()?.parse().map_err(|e| format!("--max-tokens: {e}"))?,
+            "--interval" => a.interval = Some(Duration::from_secs_f64(value()?.parse().map_err(|e| format!("--interval: {e}"))?)),
+            "--pid" => a.pid = Some(value()?.parse().map_err(|e| format!("--pid: {e}"))?),
             "--mix" => {
                 a.mix = value()?
                     .split(',')
                     .map(|kv| {
                         let (k, v) = kv.split_once('=').ok_or(format!("--mix: {kv:?} is not route=weight"))?;
-                        if !["embed", "classify", "generate"].contains(&k) {
+                        if !["embed", "classify", "generate", "route"].contains(&k) {
                             return Err(format!("--mix: unknown workload {k:?}"));
                         }
                         Ok((k.to_string(), v.parse::<u32>().map_err(|e| format!("--mix {k}: {e}"))?))
@@ -71,6 +83,15 @@ fn parse_args() -> Result<Args, String> {
 struct Tally {
     statuses: BTreeMap<(String, String), u64>,
     latencies: BTreeMap<String, Vec<f64>>,
+    /// This interval's latencies and statuses (all workloads), taken by the reporter.
+    window: Vec<(f64, String)>,
+}
+
+/// A process's resident memory in MiB, from `/proc`.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 const SENTENCES: &[&str] = &[
@@ -101,6 +122,10 @@ async fn one(client: &reqwest::Client, a: &Args, n: u64, tally: &Mutex<Tally>) {
     let (path, body) = match kind {
         "classify" => ("/classify", json!({"inputs": text})),
         "generate" => ("/generate", json!({"prompt": text, "max_tokens": a.max_tokens, "temperature": 0})),
+        "route" => (
+            "/v1/chat/completions",
+            json!({"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": a.max_tokens, "temperature": 0}),
+        ),
         _ => ("/embed", json!({"inputs": text})),
     };
     let started = Instant::now();
@@ -115,6 +140,9 @@ async fn one(client: &reqwest::Client, a: &Args, n: u64, tally: &Mutex<Tally>) {
     };
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut t = tally.lock();
+    if a.interval.is_some() {
+        t.window.push((ms, status.clone()));
+    }
     *t.statuses.entry((kind.to_string(), status)).or_default() += 1;
     t.latencies.entry(kind.to_string()).or_default().push(ms);
 }
@@ -141,6 +169,30 @@ async fn main() {
     let deadline = Instant::now() + a.duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
+    if let Some(every) = a.interval {
+        let (tally, pid) = (tally.clone(), a.pid);
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let window = std::mem::take(&mut tally.lock().window);
+                let mut ms: Vec<f64> = window.iter().map(|(m, _)| *m).collect();
+                ms.sort_by(|a, b| a.total_cmp(b));
+                let fivexx = window.iter().filter(|(_, s)| s.starts_with('5')).count();
+                let failed = window.iter().filter(|(_, s)| s.as_str() != "200").count();
+                let line = json!({
+                    "t_s": started.elapsed().as_secs(),
+                    "requests": window.len(),
+                    "status_5xx": fivexx,
+                    "not_200": failed,
+                    "p50_ms": (pct(&ms, 0.5) * 10.0).round() / 10.0,
+                    "p99_ms": (pct(&ms, 0.99) * 10.0).round() / 10.0,
+                    "rss_mib": pid.and_then(rss_mib).map(|m| (m * 10.0).round() / 10.0),
+                });
+                println!("interval {line}");
+            }
+        }));
+    }
     if a.rate > 0.0 {
         // Open loop: arrivals at a fixed rate, however long answers take.
         let gap = Duration::from_secs_f64(1.0 / a.rate);

@@ -76,6 +76,10 @@ pub enum Error {
     /// The node is shutting down.
     #[error("the node is draining and takes no new requests")]
     Draining,
+    /// The edge produced no first token within `routing.edge_timeout_ms` (a routed request
+    /// then goes to the cloud; alone, only when the cloud fails too).
+    #[error("the edge produced no token within {ms} ms")]
+    FirstTokenTimeout { ms: u128 },
     /// The request ran past `limits.request_timeout_s`.
     #[error("the request did not finish within {0} s")]
     Timeout(u64),
@@ -111,7 +115,7 @@ impl Error {
             Overloaded { .. } | BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Upstream(_) => StatusCode::BAD_GATEWAY,
             NotReady { .. } | Draining | TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Timeout(_) | UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -142,6 +146,7 @@ impl Error {
             NotReady { .. } => "not_ready",
             Draining => "draining",
             Timeout(_) => "timeout",
+            FirstTokenTimeout { .. } => "first_token_timeout",
             Upstream(_) => "upstream_error",
             UpstreamTimeout(_) => "upstream_timeout",
             Internal(_) => "internal_error",

@@ -16,11 +16,26 @@ use crate::error::Error;
 use crate::runtime::OnExit;
 use crate::telemetry::metrics::METRICS;
 
+/// Why a batch got no answer. Every variant fails that batch's inputs only (500), and the
+/// worker goes on with the next batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BatchError {
+    /// The model reported an error (its forward pass, a missing head).
+    #[error("{0}")]
+    Model(String),
+    /// The model panicked inside the batch.
+    #[error("model panicked: {0}")]
+    Panicked(String),
+    /// The model answered for the wrong number of inputs.
+    #[error("model returned {got} rows for {inputs} inputs")]
+    RowCount { got: usize, inputs: usize },
+}
+
 /// A model that runs packed batches (implemented by the encoders).
 pub trait BatchModel: Send + 'static {
     /// One vector per input, in batch order: pooled embeddings (normalized where
     /// `normalize[i]`) or class logits.
-    fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, String>;
+    fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, BatchError>;
 }
 
 /// Starts the worker thread. It runs until `batches` closes.
@@ -67,9 +82,9 @@ fn run_batch(name: &str, model: &mut dyn BatchModel, jobs: Vec<Job>) {
     metrics.batch_tokens.with_label_values(&[name]).observe(packed.tokens() as f64);
     let outcome = match result {
         Ok(Ok(rows)) if rows.len() == jobs.len() => Ok(rows),
-        Ok(Ok(rows)) => Err(format!("model returned {} rows for {} inputs", rows.len(), jobs.len())),
+        Ok(Ok(rows)) => Err(BatchError::RowCount { got: rows.len(), inputs: jobs.len() }),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Err(format!("model panicked: {}", panic_message(&panic))),
+        Err(panic) => Err(BatchError::Panicked(panic_message(&panic))),
     };
     match outcome {
         Ok(rows) => {
@@ -108,9 +123,9 @@ mod tests {
     struct Flaky;
 
     impl BatchModel for Flaky {
-        fn run(&mut self, batch: &PackedBatch, _normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+        fn run(&mut self, batch: &PackedBatch, _normalize: &[bool]) -> Result<Vec<Vec<f32>>, BatchError> {
             match batch.ids.first() {
-                Some(13) => Err("unlucky input".into()),
+                Some(13) => Err(BatchError::Model("unlucky input".into())),
                 Some(66) => panic!("the model blew up"),
                 _ => Ok((0..batch.len()).map(|i| vec![(batch.cu_seqlens[i + 1] - batch.cu_seqlens[i]) as f32]).collect()),
             }
@@ -165,7 +180,7 @@ mod tests {
     fn the_exit_hook_runs_when_the_batches_end() {
         struct Idle;
         impl BatchModel for Idle {
-            fn run(&mut self, _: &PackedBatch, _: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+            fn run(&mut self, _: &PackedBatch, _: &[bool]) -> Result<Vec<Vec<f32>>, BatchError> {
                 Ok(vec![])
             }
         }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::batching::packed::PackedBatch;
 use crate::batching::queue::{BatchPolicy, Job, JobOutput};
-use crate::batching::worker::BatchModel;
+use crate::batching::worker::{BatchError, BatchModel};
 use crate::config::Pooling;
 use crate::error::Error;
 use crate::telemetry::metrics::METRICS;
@@ -153,10 +153,10 @@ fn pool(hidden: &candle_core::Tensor, batch: &PackedBatch, mode: Pooling, normal
 }
 
 impl BatchModel for EncoderModel {
-    fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+    fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, BatchError> {
         match &mut self.backend {
-            Backend::Native(bert) => Self::run_native(bert, &self.task, batch, normalize),
-            Backend::Candle(bert) => Self::run_candle(bert, &self.task, batch, normalize).map_err(|e| e.to_string()),
+            Backend::Native(bert) => Self::run_native(bert, &self.task, batch, normalize).map_err(BatchError::Model),
+            Backend::Candle(bert) => Self::run_candle(bert, &self.task, batch, normalize).map_err(|e| BatchError::Model(e.to_string())),
         }
     }
 }

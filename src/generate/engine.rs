@@ -56,23 +56,40 @@ pub struct GeneratorInfo {
     pub details: serde_json::Value,
 }
 
+/// Why an engine could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// The messages cannot be rendered with the model's chat template (the request's fault).
+    #[error("{0}")]
+    Template(String),
+    /// The tokenizer failed on the text.
+    #[error("tokenizer failed: {0}")]
+    Tokenizer(String),
+    /// The engine's thread is gone (the supervisor is reloading the model).
+    #[error("the engine has stopped")]
+    Stopped,
+    /// Anything else the engine reports.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A loaded text-generation model.
 pub trait Generator: Send + Sync + 'static {
     /// What this generator is.
     fn info(&self) -> GeneratorInfo;
 
     /// Renders chat messages with the model's chat template.
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String>;
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError>;
 
     /// Tokenizes prompt text exactly as the engine will see it.
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String>;
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError>;
 
     /// Starts generating after `prompt`. Stop sequences are passed as a hint (the caller
     /// matches them on the text itself); `max_tokens` fits the context (the caller checked).
-    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, String>;
+    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, EngineError>;
 
     /// Kills the engine's own thread as a bug would (`debug.fault_injection` only).
-    fn inject_fault(&self) -> Result<(), String> {
-        Err(format!("engine {} has no fault injection", self.info().engine))
+    fn inject_fault(&self) -> Result<(), EngineError> {
+        Err(EngineError::Failed(format!("engine {} has no fault injection", self.info().engine)))
     }
 }

@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::detok::Detokenizer;
-use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
+use super::engine::{EngineError, FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use super::sampling::{Sampler, SamplingParams};
 use super::template::{ChatMessage, ChatTemplate};
 use super::tokenizer::GgufTokenizer;
@@ -271,16 +271,16 @@ impl Generator for MistralGenerator {
         GeneratorInfo { engine: "mistralrs", context: self.context, details: self.details.clone() }
     }
 
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
-        self.template.render(messages)
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.template.render(messages).map_err(EngineError::Template)
     }
 
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.tokenizer.encode(text)
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer.encode(text).map_err(EngineError::Tokenizer)
     }
 
-    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, String> {
-        self.start_with(prompt, params, max_tokens, stop, None).map(|(s, _)| s)
+    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, EngineError> {
+        self.start_with(prompt, params, max_tokens, stop, None).map(|(s, _)| s).map_err(EngineError::Failed)
     }
 }
 

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::config::{LimitsConfig, ModelConfig};
 use crate::error::Error;
 use crate::telemetry::metrics::METRICS;
-use engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
+use engine::{EngineError, FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use sampling::SamplingParams;
 use stop::StopMatcher;
 use template::ChatMessage;
@@ -37,6 +37,16 @@ pub const DEFAULT_MAX_SEQUENCES: usize = 8;
 pub const DEFAULT_MAX_WAITING: usize = 32;
 /// Default `max_tokens` when a request names none.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+impl From<EngineError> for Error {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Template(message) => Error::field("messages", message),
+            EngineError::Stopped => Error::NotReady { message: "the model's engine is restarting".into(), retry_after_s: 1 },
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
 
 /// A prompt as a client sends it.
 #[derive(Debug, Clone)]
@@ -119,8 +129,16 @@ impl GenerateService {
     }
 
     /// Kills the engine's thread as a bug would (`debug.fault_injection`).
-    pub fn inject_fault(&self) -> Result<(), String> {
-        self.engine.inject_fault()
+    pub fn inject_fault(&self) -> Result<(), Error> {
+        self.engine.inject_fault().map_err(|e| self.engine_error(e))
+    }
+
+    /// An engine's error as the request meets it, naming the model.
+    fn engine_error(&self, e: EngineError) -> Error {
+        match e {
+            EngineError::Stopped => Error::NotReady { message: format!("model {} is restarting", self.name), retry_after_s: 1 },
+            other => Error::Internal(format!("model {}: {}", self.name, Error::from(other))),
+        }
     }
 
     /// Sequences running now.
@@ -147,9 +165,9 @@ impl GenerateService {
         let tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, Error> {
             let text = match input {
                 PromptInput::Text(t) => t,
-                PromptInput::Chat(messages) => engine.render_chat(&messages).map_err(|e| Error::field("messages", e))?,
+                PromptInput::Chat(messages) => engine.render_chat(&messages)?,
             };
-            engine.tokenize(&text).map_err(|e| Error::Internal(format!("tokenizer failed: {e}")))
+            Ok(engine.tokenize(&text)?)
         })
         .await
         .map_err(|_| Error::Internal("the tokenizer panicked".into()))??;
@@ -192,10 +210,7 @@ impl GenerateService {
         let permit = self.admit().instrument(tracing::info_span!("queue", model = %self.name)).await?;
         let prompt_tokens = prepared.tokens.len();
         METRICS.queue_seconds.with_label_values(&[self.name.as_str()]).observe(started.elapsed().as_secs_f64());
-        let stream = self
-            .engine
-            .start(prepared.tokens, sampling, prepared.max_tokens, &stop)
-            .map_err(|e| Error::Internal(format!("model {} could not start: {e}", self.name)))?;
+        let stream = self.engine.start(prepared.tokens, sampling, prepared.max_tokens, &stop).map_err(|e| self.engine_error(e))?;
         Ok(Generation {
             stream,
             matcher: StopMatcher::new(&stop),

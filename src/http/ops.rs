@@ -171,7 +171,7 @@ pub async fn debug_fault(
         .current_service()
         .ok_or_else(|| crate::error::Error::NotReady { message: format!("model {} is not running", req.model), retry_after_s: 1 })?;
     let g = service.generator(slot.name())?;
-    g.inject_fault().map_err(|e| crate::error::Error::field("model", e))?;
+    g.inject_fault()?;
     tracing::warn!(model = %req.model, "fault injected: the engine thread is told to die");
     Ok((StatusCode::ACCEPTED, Json(json!({"model": req.model, "fault": "engine thread killed"}))).into_response())
 }

@@ -204,7 +204,15 @@ async fn edge_confidence(node: &AppState, text: String) -> Result<f32, Error> {
 /// Only failures of capacity or health move a request to the other tier; a request that is
 /// itself wrong fails the same everywhere.
 fn fallback_worthy(e: &Error) -> bool {
-    matches!(e, Error::Overloaded { .. } | Error::NotReady { .. } | Error::Internal(_) | Error::ContextExceeded { .. } | Error::Timeout(_))
+    matches!(
+        e,
+        Error::Overloaded { .. }
+            | Error::NotReady { .. }
+            | Error::Internal(_)
+            | Error::ContextExceeded { .. }
+            | Error::Timeout(_)
+            | Error::FirstTokenTimeout { .. }
+    )
 }
 
 fn both_failed(edge: &Error, cloud: &Error) -> Error {
@@ -247,9 +255,7 @@ async fn run_edge(
     let prompt = PromptInput::Chat(edge.messages.clone());
     let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.sampling, prepared).await?;
     let first = match first_token_within {
-        Some(limit) => tokio::time::timeout(limit, generation.next())
-            .await
-            .map_err(|_| Error::Internal(format!("the edge produced no token within {} ms", limit.as_millis())))?,
+        Some(limit) => tokio::time::timeout(limit, generation.next()).await.map_err(|_| Error::FirstTokenTimeout { ms: limit.as_millis() })?,
         None => generation.next().await,
     };
     let first = match first {

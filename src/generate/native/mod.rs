@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::detok::Detokenizer;
-use super::engine::{FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
+use super::engine::{EngineError, FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use super::sampling::{Sampler, SamplingParams};
 use super::template::{ChatMessage, ChatTemplate};
 use super::tokenizer::GgufTokenizer;
@@ -126,28 +126,26 @@ impl Generator for NativeGenerator {
         GeneratorInfo { engine: "native", context: self.context, details: self.details.clone() }
     }
 
-    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
-        self.template.render(messages)
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        self.template.render(messages).map_err(EngineError::Template)
     }
 
-    fn tokenize(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.tokenizer.encode(text)
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer.encode(text).map_err(EngineError::Tokenizer)
     }
 
-    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, _stop: &[String]) -> Result<TokenStream, String> {
+    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, _stop: &[String]) -> Result<TokenStream, EngineError> {
         let mut sampler = Sampler::new(params);
         if params.ignore_eos {
             sampler.ban(&self.tokenizer.eos);
         }
         let (events, rx) = mpsc::unbounded_channel();
-        self.tx
-            .send(Command::Start(Box::new(NewSequence { prompt, sampler, max_tokens, events })))
-            .map_err(|_| "the engine thread has stopped".to_string())?;
+        self.tx.send(Command::Start(Box::new(NewSequence { prompt, sampler, max_tokens, events }))).map_err(|_| EngineError::Stopped)?;
         Ok(TokenStream { events: rx })
     }
 
-    fn inject_fault(&self) -> Result<(), String> {
-        self.tx.send(Command::Die).map_err(|_| "the engine thread has stopped".to_string())
+    fn inject_fault(&self) -> Result<(), EngineError> {
+        self.tx.send(Command::Die).map_err(|_| EngineError::Stopped)
     }
 }
 
