@@ -23,7 +23,7 @@ cargo build --release --bins --bench load -q
 "$CARGO_TARGET_DIR/release/edgenode" models fetch >/dev/null
 # Copies, so a build during the soak cannot replace what runs.
 cp "$CARGO_TARGET_DIR/release/edgenode" "$out/edgenode"
-load_bin="$(cargo bench -q --bench load --no-run --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)"
+load_bin="$(cargo bench -q --bench load --no-run --message-format=json 2>/dev/null | grep '"name":"load"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)"
 cp "$load_bin" "$out/load"
 bin="$out/edgenode"
 load() { "$out/load" "$@"; }
