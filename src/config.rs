@@ -716,11 +716,6 @@ impl Config {
         Ok(())
     }
 
-    /// The config file's text for this config (used by tests to compare with the shipped file).
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
-    }
-
     /// The model of this name, if served.
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)

@@ -83,7 +83,7 @@ impl PackedLinear {
             return;
         }
         let panels = self.panels.len() / (self.k * self.nr);
-        let out_ptr = Out(out.as_mut_ptr());
+        let out_ptr = super::Disjoint::new(out.as_mut_ptr()); // tasks write disjoint columns
         let run = |p: usize| {
             // SAFETY: panel p writes only columns p·nr..(p+1)·nr (clipped to n) of `out`,
             // which holds m × n values (asserted); panels are disjoint.
@@ -125,18 +125,6 @@ impl PackedLinear {
                 *out.add(r * self.n + col) = apply(e, acc);
             }
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint columns.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    fn get(&self) -> *mut f32 {
-        self.0
     }
 }
 

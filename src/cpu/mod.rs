@@ -35,6 +35,32 @@ impl Parallel for team::Team {
     }
 }
 
+/// A pointer into a buffer whose parts the tasks of one parallel region write: the one
+/// place the crate lets a raw pointer cross threads.
+///
+/// Whoever writes through it must write only its own part (rows, columns) while the region
+/// runs; the buffer outlives the region because `Parallel::for_each` returns only when
+/// every task is done. Each kernel that uses it is tested against its plain-Rust
+/// specification on random shapes, single- and multi-threaded.
+#[derive(Clone, Copy)]
+pub struct Disjoint<T>(*mut T);
+
+// SAFETY: see the type's contract: tasks write disjoint parts of a buffer that outlives them.
+unsafe impl<T: Send> Send for Disjoint<T> {}
+// SAFETY: as above; no two tasks touch the same element.
+unsafe impl<T: Send> Sync for Disjoint<T> {}
+
+impl<T> Disjoint<T> {
+    pub fn new(ptr: *mut T) -> Self {
+        Disjoint(ptr)
+    }
+
+    /// A method (not a field access) so closures capture the whole wrapper, not the pointer.
+    pub fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// rayon's global pool (tests, benches, and callers without a team).
 pub struct Rayon(pub usize);
 

@@ -24,7 +24,7 @@
 //! the block scale rounded to f16, Q8_1's block sum rounded through f16 — so the two
 //! engines' logits agree to float summation order.
 
-use super::Parallel;
+use super::{Disjoint, Parallel};
 
 /// Elements per quantization block.
 pub const QK: usize = 32;
@@ -192,11 +192,11 @@ impl QActs {
         self.s16.resize(rows * blocks * 2, 0.0);
         self.q.resize(rows * cols, 0);
         let ptrs = ActPtrs {
-            d: self.d.as_mut_ptr(),
-            s_q81: self.s_q81.as_mut_ptr(),
-            s: self.s.as_mut_ptr(),
-            s16: self.s16.as_mut_ptr(),
-            q: self.q.as_mut_ptr(),
+            d: Disjoint::new(self.d.as_mut_ptr()),
+            s_q81: Disjoint::new(self.s_q81.as_mut_ptr()),
+            s: Disjoint::new(self.s.as_mut_ptr()),
+            s16: Disjoint::new(self.s16.as_mut_ptr()),
+            q: Disjoint::new(self.q.as_mut_ptr()),
         };
         let tasks = if rows >= 4 { par.threads().min(rows) } else { 1 };
         let per = rows.div_ceil(tasks);
@@ -211,26 +211,23 @@ impl QActs {
 /// Raw views of `QActs`'s buffers, so row ranges can be filled by separate tasks.
 #[derive(Clone, Copy)]
 struct ActPtrs {
-    d: *mut f32,
-    s_q81: *mut f32,
-    s: *mut f32,
-    s16: *mut f32,
-    q: *mut i8,
+    d: Disjoint<f32>,
+    s_q81: Disjoint<f32>,
+    s: Disjoint<f32>,
+    s16: Disjoint<f32>,
+    q: Disjoint<i8>,
 }
-// SAFETY: tasks write disjoint row ranges.
-unsafe impl Send for ActPtrs {}
-unsafe impl Sync for ActPtrs {}
 
 impl ActPtrs {
     /// # Safety
     /// Rows `r0..r1` of every buffer exist and no one else touches them meanwhile.
     unsafe fn quantize_rows(&self, x: &[f32], r0: usize, r1: usize, blocks: usize) {
         let n = r1 - r0;
-        let d = std::slice::from_raw_parts_mut(self.d.add(r0 * blocks), n * blocks);
-        let s_q81 = std::slice::from_raw_parts_mut(self.s_q81.add(r0 * blocks), n * blocks);
-        let s = std::slice::from_raw_parts_mut(self.s.add(r0 * blocks), n * blocks);
-        let s16 = std::slice::from_raw_parts_mut(self.s16.add(r0 * blocks * 2), n * blocks * 2);
-        let q = std::slice::from_raw_parts_mut(self.q.add(r0 * blocks * QK), n * blocks * QK);
+        let d = std::slice::from_raw_parts_mut(self.d.get().add(r0 * blocks), n * blocks);
+        let s_q81 = std::slice::from_raw_parts_mut(self.s_q81.get().add(r0 * blocks), n * blocks);
+        let s = std::slice::from_raw_parts_mut(self.s.get().add(r0 * blocks), n * blocks);
+        let s16 = std::slice::from_raw_parts_mut(self.s16.get().add(r0 * blocks * 2), n * blocks * 2);
+        let q = std::slice::from_raw_parts_mut(self.q.get().add(r0 * blocks * QK), n * blocks * QK);
         quantize_blocks(x, &mut BlockOut { d, s_q81, s, s16, q });
     }
 }
@@ -562,19 +559,6 @@ fn f16_bits(lo: u8, hi: u8) -> f32 {
 /// Fewest output rows (weight rows) per parallel task.
 const MIN_ROWS_PER_TASK: usize = 32;
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes a disjoint set of output columns (its own weight rows).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method (not a field access) so closures capture the whole `Send` wrapper.
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out[r][n] = Σ_k x[r][k] · w[n][k]` for every activation row `r` and weight row `n`
 /// (`out` is `x.rows × w.rows`, row-major). `threads` > 1 splits the weight rows.
 pub fn qmatmul(w: &QMatrix, x: &QActs, out: &mut [f32], par: &dyn Parallel) {
@@ -606,7 +590,8 @@ pub fn qmatmul_columns(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], 
         "qmatmul: activations truncated"
     );
     // SAFETY: `col` is within `out` (asserted above).
-    let ptr = OutPtr(unsafe { out.as_mut_ptr().add(col) });
+    // Each task writes a disjoint set of output columns (its own weight rows).
+    let ptr = Disjoint::new(unsafe { out.as_mut_ptr().add(col) });
     // Enough tasks for the threads to balance, few enough that each is worth a dispatch.
     let tasks = (w.rows / MIN_ROWS_PER_TASK).clamp(1, par.threads() * 8);
     let per_task = groups.div_ceil(tasks);

@@ -13,8 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use super::json::JsonBody;
 use super::{inference_headers, AppState, Served};
@@ -109,7 +108,7 @@ async fn ready_encoder(node: &Node, slot: &ModelSlot) -> Result<Arc<EncoderServi
     Ok(slot.ready_service(node.ready_wait()).await?.encoder(slot.name())?.clone())
 }
 
-fn answer(body: Value, slot: &ModelSlot, encoded: &Encoded, workload: &'static str) -> Response {
+fn answer(body: impl Serialize, slot: &ModelSlot, encoded: &Encoded, workload: &'static str) -> Response {
     let mut response = Json(body).into_response();
     let input_tokens = encoded.tokens.iter().sum();
     record_tokens(&tracing::Span::current(), input_tokens, None);
@@ -139,7 +138,7 @@ pub async fn embed(State(node): State<AppState>, JsonBody(req): JsonBody<EmbedRe
     let encoder = ready_encoder(&node, slot).await?;
     let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
     let encoded = encoder.encode(texts, req.truncate, req.normalize).await?;
-    Ok(answer(json!(encoded.rows), slot, &encoded, "embed"))
+    Ok(answer(&encoded.rows, slot, &encoded, "embed"))
 }
 
 /// `POST /v1/embeddings` body (OpenAI).
@@ -182,7 +181,7 @@ pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): Json
     let texts = encoder.with_prompt(req.input.texts, req.prompt_name.as_deref())?;
     let encoded = encoder.encode(texts, req.truncate, true).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
-    let data: Vec<Value> = encoded
+    let data: Vec<EmbeddingItem> = encoded
         .rows
         .iter()
         .enumerate()
@@ -194,23 +193,55 @@ pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): Json
                 crate::encoder::pooling::l2_normalize(&mut v);
             }
             let embedding = match format {
-                EncodingFormat::Float => json!(v),
+                EncodingFormat::Float => Embedding::Float(v),
                 EncodingFormat::Base64 => {
                     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    Embedding::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
                 }
             };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+            EmbeddingItem { object: "embedding", index, embedding }
         })
         .collect();
     let tokens: usize = encoded.tokens.iter().sum();
-    let body = json!({
-        "object": "list",
-        "data": data,
-        "model": slot.name(),
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    });
-    Ok(answer(body, slot, &encoded, "embed"))
+    let body = EmbeddingList { object: "list", data, model: slot.name(), usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens } };
+    Ok(answer(&body, slot, &encoded, "embed"))
+}
+
+/// OpenAI's embeddings answer.
+#[derive(Debug, Serialize)]
+struct EmbeddingList<'a> {
+    object: &'static str,
+    data: Vec<EmbeddingItem>,
+    model: &'a str,
+    usage: EmbeddingUsage,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingItem {
+    object: &'static str,
+    index: usize,
+    embedding: Embedding,
+}
+
+/// A vector as floats, or as base64 of its little-endian f32 bytes (`encoding_format`).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Embedding {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: usize,
+    total_tokens: usize,
+}
+
+/// One label's score, as TEI answers `/classify` and `/predict`.
+#[derive(Debug, Serialize)]
+struct LabelScore {
+    label: String,
+    score: f32,
 }
 
 /// `POST /classify` and `/predict` body (TEI).
@@ -233,10 +264,11 @@ pub async fn classify(State(node): State<AppState>, JsonBody(req): JsonBody<Clas
     validated(&req.inputs, "inputs", &node)?;
     let service = slot.ready_service(node.ready_wait()).await?;
     let (scored, encoded) = service.classify(slot.name(), req.inputs.texts, req.truncate, req.raw_scores).await?;
-    let rows: Vec<Value> = scored
-        .into_iter()
-        .map(|row| json!(row.into_iter().map(|(label, score)| json!({"label": label, "score": score})).collect::<Vec<_>>()))
-        .collect();
-    let body = if req.inputs.single { rows.into_iter().next().unwrap_or(json!([])) } else { json!(rows) };
-    Ok(answer(body, slot, &encoded, "classify"))
+    let mut rows: Vec<Vec<LabelScore>> =
+        scored.into_iter().map(|row| row.into_iter().map(|(label, score)| LabelScore { label, score }).collect()).collect();
+    if req.inputs.single {
+        // A single string input answers with one flat list, as TEI does.
+        return Ok(answer(rows.pop().unwrap_or_default(), slot, &encoded, "classify"));
+    }
+    Ok(answer(&rows, slot, &encoded, "classify"))
 }

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::{self, Deserializer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::json::JsonBody;
@@ -384,7 +384,50 @@ pub(crate) struct ChatFormat {
     pub include_usage: bool,
 }
 
+/// OpenAI's `chat.completion` object: the whole answer of a non-streamed chat request.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChatCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [ChatChoice<'a>; 1],
+    usage: Usage,
+}
+
+#[derive(Debug, Serialize)]
+struct ChatChoice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    finish_reason: &'static str,
+    /// Always `null`: log probabilities are not produced.
+    logprobs: Option<()>,
+}
+
+#[derive(Debug, Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
 impl ChatFormat {
+    /// The non-streamed answer, for the local route and the routed edge alike.
+    pub(crate) fn completion<'a>(&'a self, text: &'a str, usage: Usage, reason: FinishReason) -> ChatCompletion<'a> {
+        ChatCompletion {
+            id: &self.id,
+            object: "chat.completion",
+            created: self.created,
+            model: &self.model,
+            choices: [ChatChoice {
+                index: 0,
+                message: AssistantMessage { role: "assistant", content: text },
+                finish_reason: reason.as_str(),
+                logprobs: None,
+            }],
+            usage,
+        }
+    }
+
     pub(crate) fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
         json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -412,11 +455,6 @@ impl PieceFormat for ChatFormat {
     }
 }
 
-/// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(node): State<AppState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, Error> {
-    chat_local(node, req).await
-}
-
 /// A chat request answered by the local model it names (or the first generate model).
 pub(crate) async fn chat_local(node: AppState, req: ChatRequest) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
@@ -434,12 +472,7 @@ pub(crate) async fn chat_local(node: AppState, req: ChatRequest) -> Result<Respo
         return Ok(stream_response_with_headers(&node, "/v1/chat/completions", slot, generation, vec![first], format, None));
     }
     let (text, usage, reason, generation) = collect(generation).await?;
-    let body = json!({
-        "id": format.id, "object": "chat.completion", "created": format.created, "model": format.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason.as_str(), "logprobs": null}],
-        "usage": usage,
-    });
-    Ok(headers(Json(body).into_response(), slot, &generation))
+    Ok(headers(Json(format.completion(&text, usage, reason)).into_response(), slot, &generation))
 }
 
 // ---------------------------------------------------------------- /v1/completions

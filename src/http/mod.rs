@@ -16,13 +16,14 @@ pub mod route;
 pub mod sse;
 pub mod stats;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
 use crate::error::Error;
@@ -35,33 +36,60 @@ use tracing::Instrument;
 /// The state handlers share.
 pub type AppState = Arc<Node>;
 
+/// What the envelope does around a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Platform probes: open unless `auth.protect_probes`; no span, timeout or metrics.
+    Probe,
+    /// The node's own state: behind the key; no span, timeout or metrics.
+    Ops,
+    /// Work for a model: behind the key, refused while draining, under the request
+    /// timeout, traced and measured. Unknown routes are treated as work.
+    Work,
+}
+
+/// Every route with its class: the one list of paths the node serves.
+fn routes(node: &Node) -> Vec<(&'static str, Class, MethodRouter<AppState>)> {
+    let mut routes = vec![
+        ("/livez", Class::Probe, get(ops::livez)),
+        ("/readyz", Class::Probe, get(ops::readyz)),
+        ("/metrics", Class::Probe, get(stats::metrics)),
+        ("/info", Class::Ops, get(ops::info)),
+        ("/v1/models", Class::Ops, get(ops::list_models)),
+        ("/stats", Class::Ops, get(stats::stats)),
+        ("/embed", Class::Work, post(embed::embed)),
+        ("/v1/embeddings", Class::Work, post(embed::openai_embeddings)),
+        ("/classify", Class::Work, post(embed::classify)),
+        ("/predict", Class::Work, post(embed::classify)),
+        ("/generate", Class::Work, post(generate::generate)),
+        ("/v1/chat/completions", Class::Work, post(route::chat)),
+        ("/route", Class::Work, post(route::route)),
+        ("/v1/completions", Class::Work, post(generate::completions)),
+    ];
+    if node.config.debug.fault_injection {
+        routes.push(("/debug/fault", Class::Work, post(ops::debug_fault)));
+    }
+    routes
+}
+
+/// The envelope's view of the routes: each matched path's class.
+type Classes = Arc<HashMap<&'static str, Class>>;
+
 /// Builds the router for a node.
 pub fn router(node: Arc<Node>) -> Router {
     let cors = cors_layer(&node.config.server.cors_origins);
     let mut app = Router::new();
-    if node.config.debug.fault_injection {
-        app = app.route("/debug/fault", post(ops::debug_fault));
+    let mut classes = HashMap::new();
+    for (path, class, handler) in routes(&node) {
+        classes.insert(path, class);
+        app = app.route(path, handler);
     }
     let app = app
-        .route("/livez", get(ops::livez))
-        .route("/readyz", get(ops::readyz))
-        .route("/info", get(ops::info))
-        .route("/v1/models", get(ops::list_models))
-        .route("/metrics", get(stats::metrics))
-        .route("/stats", get(stats::stats))
-        .route("/embed", post(embed::embed))
-        .route("/v1/embeddings", post(embed::openai_embeddings))
-        .route("/classify", post(embed::classify))
-        .route("/predict", post(embed::classify))
-        .route("/generate", post(generate::generate))
-        .route("/v1/chat/completions", post(route::chat))
-        .route("/route", post(route::route))
-        .route("/v1/completions", post(generate::completions))
         .fallback(unknown_route)
         .method_not_allowed_fallback(wrong_method)
         // `JsonBody` enforces `limits.max_body_bytes` itself (and drains what is over it).
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn_with_state(node.clone(), envelope))
+        .layer(middleware::from_fn_with_state((node.clone(), Arc::new(classes)), envelope))
         .with_state(node);
     match cors {
         Some(layer) => app.layer(layer),
@@ -101,12 +129,12 @@ async fn wrong_method(method: Method, uri: Uri) -> Error {
 /// Wraps every request: opens its span (continuing the caller's `traceparent`), records
 /// the body limit for error messages, refuses work while draining, enforces the request
 /// timeout on non-streaming answers, and records metrics and the latency profile.
-async fn envelope(State(node): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(json::BodyLimit(node.config.limits.max_body_bytes));
-    let path = req.uri().path().to_string();
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
-    let is_probe = matches!(path.as_str(), "/livez" | "/readyz" | "/metrics");
-    if node.keys.enabled() && (!is_probe || node.config.auth.protect_probes) {
+    let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
+    let class = matched.as_deref().and_then(|m| classes.get(m)).copied().unwrap_or(Class::Work);
+    let route = matched.unwrap_or_else(|| "unmatched".into());
+    if node.keys.enabled() && (class != Class::Probe || node.config.auth.protect_probes) {
         let authorization = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         // A browser's CORS preflight carries no credentials; the CORS layer answers it.
         if !node.keys.accepts(authorization) && req.method() != Method::OPTIONS {
@@ -115,8 +143,7 @@ async fn envelope(State(node): State<AppState>, mut req: Request, next: Next) ->
             return response;
         }
     }
-    let is_ops = is_probe || matches!(path.as_str(), "/info" | "/stats" | "/v1/models");
-    if is_ops {
+    if class != Class::Work {
         return next.run(req).await;
     }
     let span = request_span(req.method().as_str(), &route, req.headers());

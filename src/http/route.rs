@@ -301,12 +301,7 @@ async fn run_edge(
         prompt_tokens: usage.prompt_tokens as u64,
         completion_tokens: usage.completion_tokens as u64,
     });
-    let body = json!({
-        "id": format.id, "object": "chat.completion", "created": format.created, "model": format.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason.as_str(), "logprobs": null}],
-        "usage": usage,
-    });
-    Ok(super::generate::headers(Json(body).into_response(), &slot, &generation))
+    Ok(super::generate::headers(Json(format.completion(&text, usage, reason)).into_response(), &slot, &generation))
 }
 
 /// Sends the request to the upstream (as its model), passing a stream through chunk by chunk.

@@ -12,20 +12,7 @@ use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::math::swiglu;
 use crate::cpu::norm::{rms_norm, rms_norm_into};
 use crate::cpu::quant::{qmatmul, qmatmul_columns, Kernel, QActs, QMatrix};
-use crate::cpu::Parallel;
-
-/// Rows of the attention output, written by one task each.
-#[derive(Clone, Copy)]
-struct OutRows(*mut f32);
-// SAFETY: every task writes only its own row.
-unsafe impl Send for OutRows {}
-unsafe impl Sync for OutRows {}
-
-impl OutRows {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
+use crate::cpu::{Disjoint, Parallel};
 
 thread_local! {
     /// Attention scores of one query row, per thread, reused.
@@ -280,7 +267,8 @@ impl LlamaWeights {
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let qkv = &s.qkv;
-        let out_ptr = OutRows(s.attn.as_mut_ptr());
+        // Rows of the attention output, written by one task each.
+        let out_ptr = Disjoint::new(s.attn.as_mut_ptr());
         let work = |r: usize| {
             // SAFETY: row r's output is its own q_w-wide slice of `attn` (sized by `step`).
             let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * q_w), q_w) };
