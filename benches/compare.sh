@@ -6,7 +6,8 @@
 #   benches/compare.sh [embed] [generate] [card]
 #
 #   embed     the default MiniLM against sentence-transformers on the same folder
-#   generate  the default SmolLM2 (Q4_1) against llama.cpp on the same file
+#   generate  the default SmolLM2 (Q4_1) against llama.cpp on the same file, and the cost of
+#             constrained decoding (a JSON schema) against our own unconstrained decode
 #   card      the card's models at their real size, on shape-faithful stand-ins written by
 #             scripts/standins.py (cached in ~/.cache/edgenode/standins): TinyLlama-1.1B-
 #             shaped Q4_K_M and Q8_0 (22 layers) against llama.cpp on the same files, with a
@@ -38,7 +39,7 @@ for w in "${what[@]}"; do
       bench embed | tee "$out/edge-embed.txt" ;;
     generate)
       "$py" benches/baselines/llama_cpp_bench.py models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --template chatml --threads "$threads" | tee "$out/llama.txt"
-      bench generate | tee "$out/edge-generate.txt" ;;
+      bench generate structured | tee "$out/edge-generate.txt" ;;
     card)
       standins="${EDGENODE_STANDINS:-$HOME/.cache/edgenode/standins}"
       for mix in q4_k_m q8_0; do
@@ -114,6 +115,10 @@ bw = kv("bandwidth.txt").get("read_gb_per_s")
 generate_rows(kv("llama-q4_k_m.txt"), kv("edge-q4_k_m.txt", "edgenode generate"), "TinyLlama-shaped Q4_K_M", bw)
 generate_rows(kv("llama-q8_0.txt"), kv("edge-q8_0.txt", "edgenode generate"), "TinyLlama-shaped Q8_0", bw)
 embed_rows(kv("st-bge.txt"), kv("edge-bge.txt", "edgenode embed"), "bge-small-shaped")
+js = kv("edge-generate.txt", "edgenode structured")
+if js:
+    print(f"| SmolLM2-135M Q4_1 decode held to a JSON schema (`response_format`), tokens/s | {js['json_schema_decode_tok_per_s']:.1f} | "
+          f"edgenode unconstrained {js['decode_tok_per_s']:.1f} | {js['json_schema_decode_tok_per_s']/js['decode_tok_per_s']:.2f}× ({js['slowdown_pct']:.1f}% slower) |")
 for name, label in [("edge-embed.txt", "both default models, embed run"), ("edge-generate.txt", "both default models, generate run"),
                     ("edge-q4_k_m.txt", "TinyLlama-shaped Q4_K_M and MiniLM")]:
     mem = kv(name, "edgenode memory")

@@ -2,14 +2,15 @@
 //! way a client sees it. `benches/compare.sh` runs it beside the baselines (sentence-
 //! transformers, llama.cpp) on the same machine and prints the ratios.
 //!
-//!     cargo bench --bench edge -- [embed] [generate] [bandwidth] [--config FILE]
+//!     cargo bench --bench edge -- [embed] [generate] [structured] [bandwidth] [--config FILE]
 //!         [--model NAME] [--embed-model NAME] [--template chatml|zephyr] [--long-repeats N]
 //!
 //! `--model` is the generate model (default `smollm2`), `--template` the chat template its
 //! prompts are written in (benches/prompts.json, shared with the llama.cpp baseline), and
 //! `--long-repeats` the length of the prompt-processing prompt. `bandwidth` measures this
 //! machine's memory read bandwidth with a streaming read (what decode at this size is bound
-//! by). Prints one `key=value` line per measurement (machine-readable).
+//! by). `structured` measures the decode cost of `response_format` (a JSON schema) against
+//! the same chat unconstrained. Prints one `key=value` line per measurement (machine-readable).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -147,9 +148,15 @@ fn bench_embed(d: &Daemon, args: &Args) {
 /// Streams one completion (`/v1/completions`, the same raw prompts the llama.cpp baseline
 /// evaluates); returns (time to first token, decode tokens/s after it, tokens).
 fn stream_completion(addr: &str, body: &Value) -> (f64, f64, usize) {
+    stream_answer(addr, "/v1/completions", body)
+}
+
+/// `stream_completion` for a route: `/v1/completions` (text chunks) or
+/// `/v1/chat/completions` (delta chunks).
+fn stream_answer(addr: &str, route: &str, body: &Value) -> (f64, f64, usize) {
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(600)).build().unwrap();
     let t0 = Instant::now();
-    let r = client.post(format!("http://{addr}/v1/completions")).json(body).send().unwrap();
+    let r = client.post(format!("http://{addr}{route}")).json(body).send().unwrap();
     assert_eq!(r.status(), 200);
     let mut first = None;
     let mut last = t0;
@@ -161,7 +168,8 @@ fn stream_completion(addr: &str, body: &Value) -> (f64, f64, usize) {
             break;
         }
         let v: Value = serde_json::from_str(data).unwrap();
-        if v["choices"][0]["text"].as_str().is_some_and(|c| !c.is_empty()) {
+        let choice = &v["choices"][0];
+        if choice["text"].as_str().or(choice["delta"]["content"].as_str()).is_some_and(|c| !c.is_empty()) {
             let now = Instant::now();
             first.get_or_insert(now);
             last = now;
@@ -241,6 +249,36 @@ fn bench_generate(d: &Daemon, args: &Args) {
     );
 }
 
+/// What constrained decoding costs per token: decode tokens/s of a chat answer held to a
+/// JSON schema (40 short words, so the answer is long) against the same prompt
+/// unconstrained, alternating, best of three each.
+fn bench_structured(d: &Daemon, args: &Args) {
+    let model = args.model.as_str();
+    let messages = json!([{"role": "user", "content": "List forty short English words as a JSON object with a words array."}]);
+    let plain = json!({"model": model, "messages": messages, "stream": true, "stream_options": {"include_usage": true},
+                       "temperature": 0, "max_tokens": 200, "ignore_eos": true});
+    let schema = json!({"type": "object", "properties": {"words": {"type": "array", "minItems": 40, "maxItems": 40,
+                        "items": {"type": "string", "minLength": 2, "maxLength": 8}}}, "required": ["words"], "additionalProperties": false});
+    let constrained = json!({"model": model, "messages": messages, "stream": true, "stream_options": {"include_usage": true},
+                             "temperature": 0, "max_tokens": 600,
+                             "response_format": {"type": "json_schema", "json_schema": {"name": "words", "schema": schema}}});
+    stream_answer(&d.addr, "/v1/chat/completions", &constrained);
+    let (mut free, mut held, mut held_tokens) = (0f64, 0f64, 0);
+    for _ in 0..3 {
+        let (_, rate, _) = stream_answer(&d.addr, "/v1/chat/completions", &plain);
+        free = free.max(rate);
+        let (_, rate, tokens) = stream_answer(&d.addr, "/v1/chat/completions", &constrained);
+        eprintln!("structured: plain {free:.2} constrained {rate:.2} ({tokens} tokens)");
+        held = held.max(rate);
+        held_tokens = tokens;
+    }
+    println!(
+        "edgenode structured: decode_tok_per_s={free:.2} json_schema_decode_tok_per_s={held:.2} json_schema_tokens={held_tokens} \
+         slowdown_pct={:.1}",
+        (1.0 - held / free) * 100.0
+    );
+}
+
 /// This machine's memory read bandwidth: every core summing its share of a 2 GiB buffer
 /// (far larger than any cache), best of 5. Decode at TinyLlama's size reads every weight
 /// once per token, so tokens/s × bytes per token against this says how close to the
@@ -286,7 +324,7 @@ fn main() {
         template: flag("--template").unwrap_or_else(|| "chatml".into()),
         long_repeats: flag("--long-repeats").map(|n| n.parse().expect("--long-repeats N")).unwrap_or(60),
     };
-    let wanted: Vec<&str> = argv.iter().map(String::as_str).filter(|a| ["embed", "generate", "bandwidth"].contains(a)).collect();
+    let wanted: Vec<&str> = argv.iter().map(String::as_str).filter(|a| ["embed", "generate", "structured", "bandwidth"].contains(a)).collect();
     let all = wanted.is_empty();
     if wanted.contains(&"bandwidth") {
         bench_bandwidth();
@@ -300,6 +338,9 @@ fn main() {
     }
     if all || wanted.contains(&"generate") {
         bench_generate(&d, &args);
+    }
+    if all || wanted.contains(&"structured") {
+        bench_structured(&d, &args);
     }
     // The daemon's peak resident memory over the whole run (Linux).
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())) {

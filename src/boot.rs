@@ -16,7 +16,7 @@ use crate::batching::worker::spawn_worker;
 use crate::config::{Engine, ModelConfig, ModelKind, Pooling};
 use crate::encoder::files::EncoderFiles;
 use crate::encoder::prototype::{PrototypeClassifier, DEFAULT_TEMPERATURE};
-use crate::encoder::tokenize::InputTokenizer;
+use crate::encoder::tokenize::{InputTokenizer, Truncation};
 use crate::encoder::{self, EncoderModel, EncoderService, EncoderTask};
 use crate::generate::engine::Generator;
 use crate::generate::native::NativeGenerator;
@@ -321,11 +321,11 @@ async fn compile_kernels(slot: &Arc<ModelSlot>, device: &Device) -> Result<(), S
 /// Runs the shapes traffic will use through the real queue: one single short input, and
 /// one batch as large as the token budget allows (within the admission limit).
 async fn warm_encoder(service: &EncoderService, policy: BatchPolicy) -> Result<(), String> {
-    service.encode(vec!["warm-up".into()], true, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
+    service.encode(vec!["warm-up".into()], Truncation::Right, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
     let max = service.tokenizer.max_tokens;
     let inputs = (policy.max_batch_tokens / max.max(1)).clamp(1, policy.max_batch_requests.min(service.max_in_flight()));
     let long = "edge ".repeat(max);
-    service.encode_internal(vec![long; inputs], true, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
+    service.encode_internal(vec![long; inputs], Truncation::Right, true).await.map_err(|e| format!("warm-up failed: {e}"))?;
     Ok(())
 }
 

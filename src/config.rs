@@ -131,7 +131,9 @@ pub struct RuntimeConfig {
 pub struct LimitsConfig {
     /// Largest request body, in bytes (413 above it).
     pub max_body_bytes: usize,
-    /// Most inputs in one embed or classify request (413 above it).
+    /// Most inputs in one embed or classify request (413 on OpenAI's routes, 422 on TEI's,
+    /// above it). A large request is answered 64 inputs at a time, so it holds no more of a
+    /// model than a small one.
     pub max_inputs: usize,
     /// Most characters in one input, checked before tokenizing (413 above it).
     pub max_input_chars: usize,
@@ -139,6 +141,10 @@ pub struct LimitsConfig {
     pub request_timeout_s: u64,
     /// Most tokens in one embed or classify request, all inputs together (413 above it).
     pub max_request_tokens: usize,
+    /// What an embed or classify request that does not say (`truncate` absent or null)
+    /// gets for an input over the model's token limit: cut (true, TEI's default since 1.9)
+    /// or refused with 422 naming it (false).
+    pub auto_truncate: bool,
     /// Largest `max_tokens` a generation request may ask for (400 above it).
     pub max_tokens: usize,
     /// Most open client connections; a connection over it gets 503 and is closed.
@@ -511,11 +517,15 @@ impl Default for AuthConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_body_bytes: 2 * 1024 * 1024,
-            max_inputs: 64,
+            // 2,048 inputs of a few thousand characters.
+            max_body_bytes: 8 * 1024 * 1024,
+            // OpenAI's limit for one embeddings request (LangChain sends 1,000 by default).
+            max_inputs: 2048,
             max_input_chars: 100_000,
             request_timeout_s: 60,
-            max_request_tokens: 16384,
+            // 2,048 inputs of 128 tokens: what the ids and vectors of one request may hold.
+            max_request_tokens: 262_144,
+            auto_truncate: true,
             max_tokens: 4096,
             max_connections: 1024,
         }

@@ -109,9 +109,11 @@ impl Error {
             UnknownModel { .. } | UnknownRoute { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | TooManyInputs { .. } | InputTooManyChars { .. } | RequestTooManyTokens { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            MaxTokensTooLarge { .. } => StatusCode::BAD_REQUEST,
+            // OpenAI's status for a prompt over the context: SDKs raise `BadRequestError` and
+            // gateways key their context-window fallbacks on it.
+            MaxTokensTooLarge { .. } | ContextExceeded { .. } => StatusCode::BAD_REQUEST,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            InputTooLong { .. } | ContextExceeded { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            InputTooLong { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Overloaded { .. } | BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
             Upstream(_) => StatusCode::BAD_GATEWAY,
             NotReady { .. } | Draining | TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -181,6 +183,34 @@ impl Error {
         }
     }
 
+    /// text-embeddings-inference's status and body for this error, on its routes:
+    /// `{"error": message, "error_type": "Validation" | "Empty" | "Overloaded" | "Unhealthy"
+    /// | "Backend" | "Tokenizer"}` with TEI 1.9's statuses (validation 422, empty 400,
+    /// overload 429, unhealthy 503, a failed model 424). What TEI has no type for keeps
+    /// our status, with the closest type.
+    pub fn tei(&self) -> (StatusCode, serde_json::Value) {
+        use Error::*;
+        let (status, kind) = match self {
+            EmptyInput(_) => (StatusCode::BAD_REQUEST, "Empty"),
+            InvalidField { .. } | MissingField(_) | TooManyInputs { .. } | InputTooManyChars { .. } | InputTooLong { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "Validation")
+            }
+            RequestTooManyTokens { .. } | MaxTokensTooLarge { .. } | ContextExceeded { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
+            Overloaded { .. } | BudgetExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
+            NotReady { .. } | Draining | TooManyConnections(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
+            Internal(_) | Upstream(_) => (StatusCode::FAILED_DEPENDENCY, "Backend"),
+            Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "Backend"),
+            InvalidJson(_)
+            | BodyTooLarge { .. }
+            | UnsupportedMediaType(_)
+            | UnknownModel { .. }
+            | UnknownRoute { .. }
+            | MethodNotAllowed { .. }
+            | Unauthorized => (self.status(), "Validation"),
+        };
+        (status, json!({"error": self.to_string(), "error_type": kind}))
+    }
+
     /// The JSON body for this error (also used inside SSE streams, where no status can change).
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {
@@ -204,6 +234,8 @@ impl IntoResponse for Error {
             }
         }
         response.extensions_mut().insert(ErrorCode(self.code()));
+        // The error itself, for a route whose dialect renders errors its own way.
+        response.extensions_mut().insert(self);
         response
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::encoder::bert::class_scores;
 use crate::encoder::prototype::{sort_scores, PrototypeClassifier};
+use crate::encoder::tokenize::{Text, Truncation};
 use crate::encoder::{Encoded, EncoderService, EncoderTask};
 use crate::error::Error;
 use crate::generate::GenerateService;
@@ -42,14 +43,28 @@ impl Service {
 
     /// Scores each text against the model's labels: a sequence-classification head's
     /// probabilities (or logits, `raw`), or a prototype classifier's.
-    pub async fn classify(&self, name: &str, texts: Vec<String>, truncate: bool, raw: bool) -> Result<(Scored, Encoded), Error> {
+    /// Sentence pairs (`Text::Pair`) need a model that reads them: a sequence classifier
+    /// (a cross-encoder); a prototype classifier refuses them by name.
+    pub async fn classify(&self, name: &str, texts: Vec<Text>, truncate: Truncation, raw: bool) -> Result<(Scored, Encoded), Error> {
         match self {
-            Service::Prototype(p) => p.classify(texts, truncate, raw).await,
+            Service::Prototype(p) => {
+                let singles = texts
+                    .into_iter()
+                    .map(|t| match t {
+                        Text::One(s) => Ok(s),
+                        Text::Pair(..) => Err(Error::field(
+                            "inputs",
+                            format!("model {name} is a prototype classifier: sentence pairs need a cross-encoder (a BertForSequenceClassification folder)"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                p.classify(singles, truncate, raw).await
+            }
             Service::Encoder(e) => {
                 let EncoderTask::Classify { labels, multi_label } = &e.task else {
                     return Err(Error::Internal(format!("model {name} has no classifier head")));
                 };
-                let encoded = e.encode(texts, truncate, false).await?;
+                let encoded = e.encode_texts(texts, truncate).await?;
                 let scores = class_scores(&encoded.rows.concat(), labels.len(), *multi_label, raw);
                 let scored = scores.into_iter().map(|row| sort_scores(labels.iter().cloned().zip(row).collect())).collect();
                 Ok((scored, encoded))

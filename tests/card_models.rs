@@ -124,17 +124,16 @@ fn card_models_serve_like_their_references() {
             assert!(c >= 0.9999, "{name} with the query prompt: cosine {c} for {:?}", row["text"]);
         }
         let (status, body) = post_json(&d, "/embed", &json!({"inputs": "hi", "model": name, "prompt_name": "passage"}));
-        assert_error(status, &body, 400, "invalid_field");
-        assert_eq!(body["error"]["param"], "prompt_name", "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains("document, query"), "{body}");
+        let message = assert_tei_error(status, &body, 422, "Validation");
+        assert!(message.starts_with("prompt_name:") && message.contains("document, query"), "{body}");
 
-        // Past 512 tokens: refused by name without truncate, cut at 512 as
-        // sentence-transformers cuts it with.
+        // Past 512 tokens: refused by name with "truncate": false, cut at 512 as
+        // sentence-transformers cuts it otherwise (TEI's default).
         let long = &long[0];
-        let (status, body) = post_json(&d, "/embed", &json!({"inputs": long["text"], "model": name}));
-        assert_error(status, &body, 422, "input_too_long");
-        assert!(body["error"]["message"].as_str().unwrap().contains("the limit is 512"), "{body}");
-        let (status, body) = post_json(&d, "/v1/embeddings", &json!({"input": long["text"], "model": name, "truncate": true}));
+        let (status, body) = post_json(&d, "/embed", &json!({"inputs": long["text"], "model": name, "truncate": false}));
+        let message = assert_tei_error(status, &body, 422, "Validation");
+        assert!(message.contains("the limit is 512"), "{body}");
+        let (status, body) = post_json(&d, "/v1/embeddings", &json!({"input": long["text"], "model": name}));
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["usage"]["prompt_tokens"], long["tokens"], "{body}");
         assert_eq!(long["tokens"], 512);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use edgenode::config::{Config, ModelKind, ENV_PREFIX};
-use edgenode::encoder::DEFAULT_MAX_CONCURRENT_INPUTS;
+use edgenode::encoder::{DEFAULT_MAX_CONCURRENT_INPUTS, INPUTS_PER_CHUNK};
 use edgenode::generate::{DEFAULT_MAX_SEQUENCES, DEFAULT_MAX_WAITING};
 use figment::providers::Serialized;
 use figment::Figment;
@@ -130,7 +130,7 @@ fn admission() -> (usize, usize, usize) {
     let config = Config::default();
     let encoders = config.models.iter().filter(|m| matches!(m.kind, ModelKind::Embed | ModelKind::Classify));
     let full_requests = encoders
-        .map(|m| m.max_concurrent_inputs.unwrap_or(DEFAULT_MAX_CONCURRENT_INPUTS) / config.limits.max_inputs)
+        .map(|m| m.max_concurrent_inputs.unwrap_or(DEFAULT_MAX_CONCURRENT_INPUTS) / config.limits.max_inputs.min(INPUTS_PER_CHUNK))
         .min()
         .expect("the default config serves an embed model");
     let generators: Vec<_> = config.models.iter().filter(|m| m.kind == ModelKind::Generate).collect();
@@ -235,7 +235,7 @@ fn fly_concurrency_limits_follow_edgenodes_admission_limits() {
         assert_eq!(soft, running as u64, "{file}: soft_limit = the generation requests one node runs at once (max_concurrent_sequences)");
         assert_eq!(
             hard, hard_expected,
-            "{file}: hard_limit = min(max_concurrent_inputs / limits.max_inputs = {full_embed_requests}, \
+            "{file}: hard_limit = min(max_concurrent_inputs / min(limits.max_inputs, INPUTS_PER_CHUNK) = {full_embed_requests}, \
              max_concurrent_sequences + max_waiting = {admitted}): more and edgenode answers 429, fewer and it idles"
         );
     }

@@ -48,6 +48,10 @@ labels = {{ edge = ["What is the capital of France?", "Hi there!", "Convert 5 ki
 name = "tiny-classifier"
 kind = "classify"
 max_concurrent_inputs = 4
+
+[[models]]
+name = "tiny-cross-encoder"
+kind = "classify"
 "#,
         models = models_dir().display().to_string(),
         manifest = fixture("manifest.toml").display().to_string(),
@@ -172,31 +176,37 @@ fn openai_embeddings_shapes() {
 #[test]
 fn bad_inputs_get_clear_errors_and_hold_nothing() {
     let d = start();
+    // TEI's routes answer in TEI's shape...
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": ""}));
-    assert_error(s, &b, 400, "empty_input");
+    assert_tei_error(s, &b, 400, "Empty");
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": []}));
-    assert_error(s, &b, 400, "empty_input");
-    let (s, b) = post_json(&d, "/embed", &json!({"inputs": ["ok", 5]}));
-    assert_error(s, &b, 400, "invalid_field");
-    assert!(b["error"]["message"].as_str().unwrap().starts_with("inputs[1]"), "{b}");
+    assert_tei_error(s, &b, 400, "Empty");
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": ["ok", true]}));
+    assert!(assert_tei_error(s, &b, 422, "Validation").starts_with("inputs"), "{b}");
     let many: Vec<String> = (0..129).map(|i| format!("text {i}")).collect();
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": many}));
-    assert_error(s, &b, 413, "too_many_inputs");
+    assert!(assert_tei_error(s, &b, 422, "Validation").contains("limit is 128"), "{b}");
     let long = "word ".repeat(400);
-    let (s, b) = post_json(&d, "/embed", &json!({"inputs": ["short", long]}));
-    assert_error(s, &b, 422, "input_too_long");
-    let msg = b["error"]["message"].as_str().unwrap();
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": ["short", long], "truncate": false}));
+    let msg = assert_tei_error(s, &b, 422, "Validation");
     assert!(msg.contains("input 1") && msg.contains("402 tokens") && msg.contains("256"), "{msg}");
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": "hi", "model": "nope"}));
-    assert_error(s, &b, 404, "model_not_found");
-    assert!(b["error"]["message"].as_str().unwrap().contains("minilm, minilm-candle, minilm-cls"), "{b}");
-
-    // The classifier admits at most 4 inputs in flight: a 4-input request still fits after
-    // every refusal above and below, so nothing was left holding a slot.
-    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "d", "e"], "model": "tiny-classifier"}));
+    assert!(assert_tei_error(s, &b, 404, "Validation").contains("minilm, minilm-candle, minilm-cls"), "{b}");
+    // ...OpenAI's in OpenAI's.
+    let (s, b) = post_json(&d, "/v1/embeddings", &json!({"input": ["ok", true]}));
+    assert_error(s, &b, 400, "invalid_field");
+    let (s, b) = post_json(&d, "/v1/embeddings", &json!({"input": many}));
     assert_error(s, &b, 413, "too_many_inputs");
-    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "word ".repeat(100)], "model": "tiny-classifier"}));
+    let (s, b) = post_json(&d, "/v1/embeddings", &json!({"input": ["short", "word ".repeat(400)], "truncate": false}));
     assert_error(s, &b, 422, "input_too_long");
+
+    // The classifier admits at most 4 inputs in flight: a 5-input request is answered 4 at a
+    // time, and a 4-input request still fits after every refusal above and below, so
+    // nothing was left holding a slot.
+    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "d", "e"], "model": "tiny-classifier"}));
+    assert_eq!((s, b.as_array().map(Vec::len)), (200, Some(5)), "{b}");
+    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "word ".repeat(100)], "model": "tiny-classifier", "truncate": false}));
+    assert_tei_error(s, &b, 422, "Validation");
     let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c", "d"], "model": "tiny-classifier"}));
     assert_eq!(s, 200, "{b}");
     let (_, info) = get_json(&d, "/info");
@@ -228,6 +238,61 @@ fn sequence_classifier_matches_transformers() {
             }
         }
     }
+}
+
+/// A cross-encoder (a sequence classifier with one label) scores sentence pairs: TEI's
+/// `/rerank` and pairs on `/predict`, against sentence-transformers' own `CrossEncoder` on
+/// the same files (`make_tiny_cross_encoder.py`), truncation of a long pair included.
+#[test]
+fn cross_encoder_pairs_and_rerank_match_sentence_transformers() {
+    let d = start();
+    let f: Value = serde_json::from_slice(&std::fs::read(fixture("tiny_cross_encoder_scores.json")).unwrap()).unwrap();
+    let (query, passages) = (f["query"].as_str().unwrap(), f["passages"].as_array().unwrap());
+    let close = |a: f64, b: &Value, what: &str| assert!((a - b.as_f64().unwrap()).abs() < 1e-4, "{what}: ours {a}, sentence-transformers {b}");
+
+    // /rerank: the only one-label classify model is the default re-ranker.
+    let (s, ranked) = post_json(&d, "/rerank", &json!({"query": query, "texts": passages}));
+    assert_eq!(s, 200, "{ranked}");
+    let ranked = ranked.as_array().unwrap();
+    let want = f["rank"].as_array().unwrap();
+    assert_eq!(ranked.iter().map(|r| r["index"].clone()).collect::<Vec<_>>(), want.iter().map(|r| r["index"].clone()).collect::<Vec<_>>());
+    for (got, want) in ranked.iter().zip(want) {
+        close(got["score"].as_f64().unwrap(), &want["score"], "rank");
+        assert!(got.get("text").is_none(), "text only with return_text: {got}");
+    }
+    let (_, raw) = post_json(&d, "/rerank", &json!({"query": query, "texts": passages, "raw_scores": true, "return_text": true}));
+    for r in raw.as_array().unwrap() {
+        let i = r["index"].as_u64().unwrap() as usize;
+        close(r["score"].as_f64().unwrap(), &f["logits"][i], "raw logit");
+        assert_eq!(r["text"], passages[i]);
+    }
+
+    // /predict: a list of pairs answers per pair; ["q", "p"] is one pair, answered flat.
+    let pairs: Vec<Value> = passages.iter().map(|p| json!([query, p])).collect();
+    let (s, batch) = post_json(&d, "/predict", &json!({"inputs": pairs, "model": "tiny-cross-encoder"}));
+    assert_eq!(s, 200, "{batch}");
+    for (i, row) in batch.as_array().unwrap().iter().enumerate() {
+        close(row[0]["score"].as_f64().unwrap(), &f["scores"][i], "predict pair");
+    }
+    let (_, one) = post_json(&d, "/predict", &json!({"inputs": [query, passages[3]], "model": "tiny-cross-encoder", "raw_scores": true}));
+    close(one[0]["score"].as_f64().unwrap(), &f["logits"][3], "one pair");
+
+    // The last pair is over 64 tokens: cut longest first, as transformers cuts it, or refused.
+    let last = passages.len() - 1;
+    let (s, b) = post_json(&d, "/rerank", &json!({"query": query, "texts": [passages[last]], "truncate": false}));
+    assert!(assert_tei_error(s, &b, 422, "Validation").contains("the limit is 64"), "{b}");
+    // Refusals name what is wrong.
+    let (s, b) = post_json(&d, "/rerank", &json!({"query": query, "texts": []}));
+    assert_tei_error(s, &b, 400, "Empty");
+    let (s, b) = post_json(&d, "/rerank", &json!({"query": query, "texts": ["a"], "model": "tiny-classifier"}));
+    assert!(assert_tei_error(s, &b, 422, "Validation").contains("3 labels"), "{b}");
+    let (s, b) = post_json(&d, "/predict", &json!({"inputs": [["a", "b"]], "model": "router"}));
+    assert!(assert_tei_error(s, &b, 422, "Validation").contains("cross-encoder"), "{b}");
+    let (s, b) = post_json(&d, "/predict", &json!({"inputs": ["a", "b", "c"], "model": "tiny-cross-encoder"}));
+    assert!(assert_tei_error(s, &b, 422, "Validation").contains("list of lists"), "{b}");
+    // Our /classify reads a list of strings as a batch, as before.
+    let (s, b) = post_json(&d, "/classify", &json!({"inputs": ["a", "b", "c"], "model": "tiny-classifier"}));
+    assert_eq!((s, b.as_array().map(Vec::len)), (200, Some(3)), "{b}");
 }
 
 #[test]

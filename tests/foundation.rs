@@ -154,31 +154,42 @@ fn every_error_is_json() {
     let d = Daemon::start(Options { config: Some(NO_MODELS.into()), ..Default::default() });
     d.wait_ready(Duration::from_secs(30));
     let c = client();
+    let big = format!("{{\"input\": \"{}\"}}", "a".repeat(9 * 1024 * 1024));
 
-    let r = c.post(d.url("/embed")).header("content-type", "application/json").body("{\"inputs\": [").send().unwrap();
-    let status = r.status().as_u16();
-    let body: serde_json::Value = r.json().unwrap();
+    // OpenAI's shape on OpenAI's routes (and ours).
+    let send = |path: &str, content_type: &str, body: String| {
+        let r = c.post(d.url(path)).header("content-type", content_type).body(body).send().unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    let (status, body) = send("/v1/embeddings", "application/json", "{\"input\": [".into());
     assert_error(status, &body, 400, "invalid_json");
-
     let (status, body) = get_json(&d, "/no/such/route");
     assert_error(status, &body, 404, "not_found");
-
-    let r = c.get(d.url("/embed")).send().unwrap();
+    let r = c.get(d.url("/v1/embeddings")).send().unwrap();
     let status = r.status().as_u16();
     assert_error(status, &r.json().unwrap(), 405, "method_not_allowed");
-
-    let big = format!("{{\"inputs\": \"{}\"}}", "a".repeat(3 * 1024 * 1024));
-    let r = c.post(d.url("/embed")).header("content-type", "application/json").body(big).send().unwrap();
-    let status = r.status().as_u16();
-    assert_error(status, &r.json().unwrap(), 413, "body_too_large");
-
-    let r = c.post(d.url("/embed")).header("content-type", "text/plain").body("hello").send().unwrap();
-    let status = r.status().as_u16();
-    assert_error(status, &r.json().unwrap(), 415, "unsupported_media_type");
-
+    let (status, body) = send("/v1/embeddings", "application/json", big.clone());
+    assert_error(status, &body, 413, "body_too_large");
+    let (status, body) = send("/v1/embeddings", "text/plain", "hello".into());
+    assert_error(status, &body, 415, "unsupported_media_type");
+    let (status, body) = send("/v1/embeddings", "application/json", "{\"input\": \"hi\", \"frobnicate\": 1}".into());
+    assert_error(status, &body, 400, "invalid_field");
+    assert_eq!(body["error"]["param"], "frobnicate", "an unknown field is named: {body}");
     // No embed model is served: the 404 says so and lists what is.
-    let (status, body) = post_json(&d, "/embed", &json!({"inputs": "hi"}));
+    let (status, body) = post_json(&d, "/v1/embeddings", &json!({"input": "hi"}));
     assert_error(status, &body, 404, "model_not_found");
+
+    // TEI's shape on TEI's routes: {"error", "error_type"}, TEI 1.9's statuses.
+    let tei = |(status, body): (u16, serde_json::Value), want: u16, kind: &str| {
+        assert_eq!(status, want, "{body}");
+        assert_eq!(body["error_type"], kind, "{body}");
+        assert!(body["error"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    };
+    tei(send("/embed", "application/json", "{\"inputs\": [".into()), 400, "Validation");
+    tei(send("/embed", "application/json", big.replace("\"input\"", "\"inputs\"")), 413, "Validation");
+    tei(send("/embed", "text/plain", "hello".into()), 415, "Validation");
+    tei(send("/embed", "application/json", "{\"inputs\": \"hi\", \"frobnicate\": 1}".into()), 422, "Validation");
+    tei(post_json(&d, "/embed", &json!({"inputs": "hi"})), 404, "Validation");
 }
 
 #[test]

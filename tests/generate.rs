@@ -197,9 +197,9 @@ fn bad_generation_requests_name_the_field(engine: &str) {
         (json!({"model": "smollm2", "messages": [{"role": "robot", "content": "hi"}]}), 400, "invalid_field"),
         (json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}), 400, "invalid_field"),
         (json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}), 400, "invalid_field"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}), 422, "context_length_exceeded"),
+        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}), 400, "context_length_exceeded"),
         (json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), 400, "invalid_field"),
-        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "word ".repeat(100)}]}), 422, "context_length_exceeded"),
+        (json!({"model": "smollm2", "messages": [{"role": "user", "content": "word ".repeat(100)}]}), 400, "context_length_exceeded"),
         (json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), 404, "model_not_found"),
     ];
     for (body, status, code) in cases {

@@ -76,7 +76,7 @@ fn a_request_sent_during_warm_up_is_answered_after_ready() {
 #[test]
 fn a_request_that_outwaits_ready_wait_gets_503_with_retry_after() {
     let d = Daemon::start(Options { config: Some(format!("{MINILM_ONLY}\n[server]\nready_wait_s = 0\n")), ..Default::default() });
-    let r = client().post(d.url("/embed")).json(&json!({"inputs": "too early"})).send().unwrap();
+    let r = client().post(d.url("/v1/embeddings")).json(&json!({"input": "too early"})).send().unwrap();
     if r.status() == 503 {
         assert!(r.headers().get("retry-after").is_some());
         let body: Value = r.json().unwrap();

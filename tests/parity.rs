@@ -19,7 +19,7 @@ use common::*;
 use edgenode::generate::engine::{GenEvent, Generator};
 use edgenode::generate::mistral::{MistralGenerator, ModelFiles};
 use edgenode::generate::native::NativeGenerator;
-use edgenode::generate::sampling::SamplingParams;
+use edgenode::generate::sampling::{Sampler, SamplingParams};
 use edgenode::generate::template::ChatMessage;
 
 const PROMPTS: &[&str] = &[
@@ -30,7 +30,7 @@ const PROMPTS: &[&str] = &[
 ];
 
 async fn greedy(engine: &dyn Generator, prompt: Vec<u32>, tokens: usize) -> String {
-    let mut stream = engine.start(prompt, SamplingParams::greedy(), tokens, &[]).unwrap();
+    let mut stream = engine.start(prompt, Sampler::new(SamplingParams::greedy()), tokens, &[]).unwrap();
     let mut text = String::new();
     while let Some(e) = stream.events.recv().await {
         match e {

@@ -74,38 +74,39 @@ fn every_bad_input_gets_its_documented_status_and_the_node_serves_on() {
     d.wait_ready(Duration::from_secs(180));
     let before_ms = embed_ms(&d);
     let j = |v: Value| serde_json::to_vec(&v).unwrap();
-    let nested = format!("{{\"inputs\": {}\"x\"{}}}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes();
+    let nested = format!("{{\"input\": {}\"x\"{}}}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes();
     let nested_any =
         format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"stop\": {}\"x\"{}}}", "[".repeat(10_000), "]".repeat(10_000))
             .into_bytes();
     type Row<'a> = (&'a str, &'a str, &'a str, &'a str, Vec<u8>, u16, &'a str);
     let rows: Vec<Row> = vec![
         // (what, method, path, content type, body, status, code)
-        ("malformed JSON", "POST", "/embed", "application/json", b"{\"inputs\": ".to_vec(), 400, "invalid_json"),
-        ("invalid UTF-8", "POST", "/embed", "application/json", b"{\"inputs\": \"\xff\xfe\"}".to_vec(), 400, "invalid_json"),
-        ("empty body", "POST", "/embed", "application/json", vec![], 400, "invalid_json"),
-        ("deeply nested JSON where strings belong", "POST", "/embed", "application/json", nested, 400, "invalid_field"),
+        ("malformed JSON", "POST", "/v1/embeddings", "application/json", b"{\"input\": ".to_vec(), 400, "invalid_json"),
+        ("invalid UTF-8", "POST", "/v1/embeddings", "application/json", b"{\"input\": \"\xff\xfe\"}".to_vec(), 400, "invalid_json"),
+        ("empty body", "POST", "/v1/embeddings", "application/json", vec![], 400, "invalid_json"),
+        ("deeply nested JSON where strings belong", "POST", "/v1/embeddings", "application/json", nested, 400, "invalid_json"),
         ("deeply nested JSON where any JSON goes", "POST", "/v1/chat/completions", "application/json", nested_any, 400, "invalid_json"),
-        ("numbers where strings belong", "POST", "/embed", "application/json", j(json!({"inputs": [1, 2]})), 400, "invalid_field"),
-        ("inputs: []", "POST", "/embed", "application/json", j(json!({"inputs": []})), 400, "empty_input"),
+        ("token ids where text belongs", "POST", "/v1/embeddings", "application/json", j(json!({"input": [1, 2]})), 400, "invalid_field"),
+        ("input: []", "POST", "/v1/embeddings", "application/json", j(json!({"input": []})), 400, "empty_input"),
         ("an empty string", "POST", "/v1/embeddings", "application/json", j(json!({"input": ""})), 400, "empty_input"),
-        ("missing field", "POST", "/embed", "application/json", j(json!({"text": "hi"})), 400, "missing_field"),
-        ("10,000 inputs", "POST", "/embed", "application/json", j(json!({"inputs": vec!["x"; 10_000]})), 413, "too_many_inputs"),
+        ("missing field", "POST", "/v1/embeddings", "application/json", j(json!({})), 400, "missing_field"),
+        ("an unknown field", "POST", "/v1/embeddings", "application/json", j(json!({"text": "hi"})), 400, "invalid_field"),
+        ("10,000 inputs", "POST", "/v1/embeddings", "application/json", j(json!({"input": vec!["x"; 10_000]})), 413, "too_many_inputs"),
         (
             "1,000,000 characters with truncate",
             "POST",
-            "/embed",
+            "/v1/embeddings",
             "application/json",
-            j(json!({"inputs": "a".repeat(1_000_000), "truncate": true})),
+            j(json!({"input": "a".repeat(1_000_000), "truncate": true})),
             413,
             "input_too_many_chars",
         ),
         (
             "over the token limit without truncate",
             "POST",
-            "/embed",
+            "/v1/embeddings",
             "application/json",
-            j(json!({"inputs": "word ".repeat(1000)})),
+            j(json!({"input": "word ".repeat(1000), "truncate": false})),
             422,
             "input_too_long",
         ),
@@ -138,10 +139,10 @@ fn every_bad_input_gets_its_documented_status_and_the_node_serves_on() {
             "invalid_field",
         ),
         ("no messages", "POST", "/v1/chat/completions", "application/json", j(json!({"messages": []})), 400, "empty_input"),
-        ("unknown model", "POST", "/embed", "application/json", j(json!({"inputs": "hi", "model": "gpt-17"})), 404, "model_not_found"),
-        ("wrong content type", "POST", "/embed", "text/plain", b"inputs=hi".to_vec(), 415, "unsupported_media_type"),
+        ("unknown model", "POST", "/v1/embeddings", "application/json", j(json!({"input": "hi", "model": "gpt-17"})), 404, "model_not_found"),
+        ("wrong content type", "POST", "/v1/embeddings", "text/plain", b"input=hi".to_vec(), 415, "unsupported_media_type"),
         ("unknown route", "POST", "/v2/embed", "application/json", j(json!({})), 404, "not_found"),
-        ("wrong method", "GET", "/embed", "", vec![], 405, "method_not_allowed"),
+        ("wrong method", "GET", "/v1/embeddings", "", vec![], 405, "method_not_allowed"),
     ];
     for (what, method, path, ct, body, status, code) in rows {
         let (s, b) = raw(&d, method, path, ct, body);
@@ -149,16 +150,38 @@ fn every_bad_input_gets_its_documented_status_and_the_node_serves_on() {
         assert_eq!(b["error"]["code"], code, "{what}: {b}");
         assert!(b["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {b}");
     }
+    // TEI's routes, the same mistakes, in TEI's shape and statuses.
+    let tei_rows: Vec<Row> = vec![
+        ("malformed JSON", "POST", "/embed", "application/json", b"{\"inputs\": ".to_vec(), 400, "Validation"),
+        ("inputs: []", "POST", "/embed", "application/json", j(json!({"inputs": []})), 400, "Empty"),
+        ("missing field", "POST", "/embed", "application/json", j(json!({})), 422, "Validation"),
+        ("10,000 inputs", "POST", "/embed", "application/json", j(json!({"inputs": vec!["x"; 10_000]})), 422, "Validation"),
+        (
+            "over the token limit",
+            "POST",
+            "/embed",
+            "application/json",
+            j(json!({"inputs": "word ".repeat(1000), "truncate": false})),
+            422,
+            "Validation",
+        ),
+        ("wrong content type", "POST", "/embed", "text/plain", b"inputs=hi".to_vec(), 415, "Validation"),
+        ("wrong method", "GET", "/embed", "", vec![], 405, "Validation"),
+    ];
+    for (what, method, path, ct, body, status, kind) in tei_rows {
+        let (s, b) = raw(&d, method, path, ct, body);
+        assert_eq!((s, b["error_type"].as_str()), (status, Some(kind)), "{what}: {b}");
+    }
     // NUL bytes are text like any other: embedded, not refused.
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": "before\u{0000}after"}));
     assert_eq!(s, 200, "{b}");
 
     // A 100 MB string is refused by size without being kept: the process does not grow by it.
     let rss_before = rss(&d);
-    let mut huge = b"{\"inputs\": \"".to_vec();
+    let mut huge = b"{\"input\": \"".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 100 * 1024 * 1024));
     huge.extend(b"\"}");
-    let (s, b) = raw(&d, "POST", "/embed", "application/json", huge);
+    let (s, b) = raw(&d, "POST", "/v1/embeddings", "application/json", huge);
     assert_eq!((s, b["error"]["code"].as_str()), (413, Some("body_too_large")), "{b}");
     let grew = rss(&d) - rss_before;
     assert!(grew < 32.0 * 1024.0 * 1024.0, "RSS grew by {:.0} MiB", grew / 1048576.0);
@@ -310,8 +333,10 @@ fn damaged_files_are_refused_by_name_while_the_rest_serves() {
     let err = body["models"]["minilm"]["error"].as_str().unwrap();
     assert!(err.contains("model.safetensors") && err.contains("53aa51172d142c89"), "names the file and its digest: {err}");
     assert_eq!(post_json(&d, "/generate", &json!({"prompt": "Hi", "max_tokens": 2})).0, 200, "the other model serves");
-    let (s, b) = post_json(&d, "/embed", &json!({"inputs": "hi"}));
+    let (s, b) = post_json(&d, "/v1/embeddings", &json!({"input": "hi"}));
     assert_error(s, &b, 503, "not_ready");
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": "hi"}));
+    assert_tei_error(s, &b, 503, "Unhealthy");
     drop(d);
 
     // A missing tokenizer.json.
@@ -339,11 +364,14 @@ fn api_keys_cors_and_probes() {
     d.wait_ready(Duration::from_secs(120));
     let c = client();
     let body = json!({"inputs": "secret"});
-    let r = c.post(d.url("/embed")).json(&body).send().unwrap();
+    let r = c.post(d.url("/v1/embeddings")).json(&json!({"input": "secret"})).send().unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
     let b: Value = r.json().unwrap();
     assert_eq!(b["error"]["code"], "invalid_api_key");
+    let r = c.post(d.url("/embed")).json(&body).send().unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer", "TEI's shape keeps the headers");
     let r = c.post(d.url("/embed")).bearer_auth("sk-edge-test-7f3a9c21d5").json(&body).send().unwrap();
     assert_eq!(r.status(), 401, "a wrong key");
     let r = c.post(d.url("/embed")).bearer_auth(key).json(&body).send().unwrap();
@@ -379,9 +407,11 @@ fn token_and_connection_limits_have_their_own_errors() {
     let config = "[limits]\nmax_request_tokens = 50\nmax_connections = 3\n\n[[models]]\nname = \"minilm\"\nkind = \"embed\"\n";
     let d = Daemon::start(Options { config: Some(config.into()), ..Default::default() });
     d.wait_ready(Duration::from_secs(120));
-    let (s, b) = post_json(&d, "/embed", &json!({"inputs": vec!["ten words in this sentence make it long enough now"; 5]}));
+    let (s, b) = post_json(&d, "/v1/embeddings", &json!({"input": vec!["ten words in this sentence make it long enough now"; 5]}));
     assert_error(s, &b, 413, "request_too_many_tokens");
     assert!(b["error"]["message"].as_str().unwrap().contains("limit is 50"), "{b}");
+    let (s, b) = post_json(&d, "/embed", &json!({"inputs": vec!["ten words in this sentence make it long enough now"; 5]}));
+    assert!(assert_tei_error(s, &b, 422, "Validation").contains("limit is 50"), "{b}");
 
     // Three idle connections fill the limit; the fourth is told why and closed. (First let
     // the connections of the requests above finish closing: each client closes its own

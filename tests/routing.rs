@@ -168,6 +168,41 @@ fn auto_routes_by_confidence_and_the_ledger_matches_the_usage_seen() {
     assert_eq!(generated_count(&cloud), 2);
 }
 
+/// What the local model cannot do (tools, several choices, tool turns) is never answered at
+/// the edge as something else: named locally it is a 400 naming the field; with `auto` it
+/// goes to the cloud, with the field in the route reason, even for a short, confident
+/// prompt. (B, the "cloud" here, is an edgenode too, so it refuses tools in turn: the point
+/// is where A sent the request and why.)
+#[test]
+fn requests_the_edge_cannot_honour_go_to_the_cloud_with_the_field_named() {
+    let cloud = start_cloud(None);
+    let edge = start_edge(&cloud, "", "");
+    let tools = json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]);
+    let cases = [
+        (json!({"tools": tools}), "tools"),
+        (json!({"n": 2}), "n"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"messages": [{"role": "user", "content": SHORT}, {"role": "tool", "content": "18C", "tool_call_id": "c1"}]}), "messages"),
+    ];
+    for (extra, field) in cases {
+        let (s, route, reason, body) = send(&edge, &auto(SHORT, extra.clone()));
+        assert_eq!(route, "cloud", "{extra}: {body}");
+        assert_eq!(reason, format!("edge_unsupported: {field}"), "{extra}");
+        assert_eq!(s, 400, "B refuses it as A would have: {body}");
+        let (_, decision) = post_json(&edge, "/route", &auto(SHORT, extra.clone()));
+        assert_eq!((decision["tier"].as_str(), decision["fits_edge"].as_bool()), (Some("cloud"), Some(false)), "{decision}");
+        // Named locally: the 400 names the field.
+        let mut local = auto(SHORT, extra);
+        local["model"] = json!("smollm2");
+        let (s, route, _, body) = send(&edge, &local);
+        assert_eq!((s, route.as_str()), (400, ""), "{body}");
+        assert!(body["error"]["param"].as_str().unwrap().starts_with(field), "{body}");
+    }
+    // The same short prompt without them stays at the edge.
+    let (s, route, _, _) = send(&edge, &auto(SHORT, json!({})));
+    assert_eq!((s, route.as_str()), (200, "edge"));
+}
+
 #[test]
 fn local_overload_sends_the_next_auto_request_to_the_cloud() {
     let cloud = start_cloud(None);

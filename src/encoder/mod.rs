@@ -30,7 +30,7 @@ use crate::telemetry::metrics::METRICS;
 use bert::Bert;
 use cpu_bert::CpuBert;
 use files::{EncoderFiles, Prompts};
-use tokenize::{InputTokenizer, TokenizerPool};
+use tokenize::{InputTokenizer, Text, TokenizerPool, Tokens, Truncation};
 
 /// What an encoder model produces.
 #[derive(Debug, Clone)]
@@ -257,62 +257,87 @@ impl EncoderService {
         self.max_in_flight - self.admission.available_permits()
     }
 
-    /// Admits, tokenizes, queues and awaits `texts`. Dropping the future (a client that
-    /// disconnected) releases its admission at once and its queued inputs are skipped.
-    pub async fn encode(&self, texts: Vec<String>, truncate: bool, normalize: bool) -> Result<Encoded, Error> {
-        self.encode_within(texts, truncate, normalize, self.max_request_tokens).await
+    /// Encodes `texts` (pooled, optionally normalized), in input order. A request of many
+    /// inputs is tokenized and checked whole (`limits.max_request_tokens`, 413), then
+    /// admitted and queued `INPUTS_PER_CHUNK` inputs at a time, so that one client's 2,048
+    /// inputs hold no more of the model's admission than a request of 64 and others'
+    /// requests interleave with it in the batches.
+    pub async fn encode(&self, texts: Vec<String>, truncation: Truncation, normalize: bool) -> Result<Encoded, Error> {
+        self.encode_within(texts.into_iter().map(Text::One).collect(), truncation, normalize, self.max_request_tokens).await
+    }
+
+    /// `encode` for texts and sentence pairs (a cross-encoder's inputs), not normalized.
+    pub async fn encode_texts(&self, texts: Vec<Text>, truncation: Truncation) -> Result<Encoded, Error> {
+        self.encode_within(texts, truncation, false, self.max_request_tokens).await
     }
 
     /// `encode` for the node's own work (warm-up at the batch budget), which is not a client
     /// request and so not bound by `limits.max_request_tokens`.
-    pub async fn encode_internal(&self, texts: Vec<String>, truncate: bool, normalize: bool) -> Result<Encoded, Error> {
-        self.encode_within(texts, truncate, normalize, usize::MAX).await
+    pub async fn encode_internal(&self, texts: Vec<String>, truncation: Truncation, normalize: bool) -> Result<Encoded, Error> {
+        self.encode_within(texts.into_iter().map(Text::One).collect(), truncation, normalize, usize::MAX).await
     }
 
-    async fn encode_within(&self, texts: Vec<String>, truncate: bool, normalize: bool, max_request_tokens: usize) -> Result<Encoded, Error> {
+    async fn encode_within(&self, texts: Vec<Text>, truncation: Truncation, normalize: bool, max_request_tokens: usize) -> Result<Encoded, Error> {
         let n = texts.len();
-        // A request larger than the whole admission budget could never be admitted.
-        let permits = u32::try_from(n).ok().filter(|&p| p as usize <= self.max_in_flight).ok_or(Error::TooManyInputs {
-            field: "inputs".into(),
-            count: n,
-            limit: self.max_in_flight,
-        })?;
-        let _admitted = self.admission.clone().try_acquire_many_owned(permits).map_err(|_| Error::Overloaded {
-            what: format!("model {} (inputs in flight)", self.name),
-            limit: self.max_in_flight,
-            retry_after_s: 1,
-        })?;
         let started = Instant::now();
         let tokens =
-            self.pool.encode(self.tokenizer.clone(), Arc::new(texts), truncate).instrument(tracing::info_span!("tokenize", inputs = n)).await?;
+            self.pool.encode(self.tokenizer.clone(), Arc::new(texts), truncation).instrument(tracing::info_span!("tokenize", inputs = n)).await?;
         let tokenize_s = started.elapsed().as_secs_f64();
         let total: usize = tokens.iter().map(|t| t.ids.len()).sum();
         if total > max_request_tokens {
             return Err(Error::RequestTooManyTokens { tokens: total, limit: max_request_tokens });
         }
+        let chunk = INPUTS_PER_CHUNK.min(self.max_in_flight).max(1);
+        let mut out = Encoded { rows: Vec::with_capacity(n), tokens: Vec::with_capacity(n), queue_s: 0.0, compute_s: 0.0, tokenize_s };
+        let mut tokens = tokens.into_iter();
+        for first in std::iter::once(true).chain(std::iter::repeat(false)) {
+            let part: Vec<Tokens> = tokens.by_ref().take(chunk).collect();
+            if part.is_empty() {
+                break;
+            }
+            self.encode_chunk(part, normalize, first, &mut out).await?;
+        }
+        METRICS.tokens.with_label_values(&[self.name.as_str(), "input"]).inc_by(out.tokens.iter().sum::<usize>() as u64);
+        Ok(out)
+    }
+
+    /// Admits one chunk of a request's inputs and waits for their vectors. The first chunk is
+    /// refused at once when the model is full (429); later ones wait their turn, since the
+    /// request is already being answered (the request timeout bounds the wait).
+    async fn encode_chunk(&self, part: Vec<Tokens>, normalize: bool, first: bool, out: &mut Encoded) -> Result<(), Error> {
+        let permits = part.len() as u32;
+        let _admitted = if first {
+            self.admission.clone().try_acquire_many_owned(permits).map_err(|_| Error::Overloaded {
+                what: format!("model {} (inputs in flight)", self.name),
+                limit: self.max_in_flight,
+                retry_after_s: 1,
+            })?
+        } else {
+            self.admission.clone().acquire_many_owned(permits).await.map_err(|_| Error::Internal("the admission semaphore is closed".into()))?
+        };
         let span = tracing::Span::current();
-        let mut replies = Vec::with_capacity(n);
-        let mut counts = Vec::with_capacity(n);
-        for t in tokens {
+        let mut replies = Vec::with_capacity(part.len());
+        for t in part {
             let (tx, rx) = oneshot::channel();
-            counts.push(t.ids.len());
+            out.tokens.push(t.ids.len());
             let queue_span = tracing::info_span!(parent: &span, "queue", model = %self.name, tokens = t.ids.len());
             let job = Job { ids: t.ids, type_ids: t.type_ids, normalize, enqueued: Instant::now(), reply: tx, span: span.clone(), queue_span };
             self.jobs.send(job).map_err(|_| Error::NotReady { message: format!("model {} is restarting", self.name), retry_after_s: 2 })?;
             replies.push(rx);
         }
-        let mut rows = Vec::with_capacity(n);
-        let (mut queue_s, mut compute_s) = (0f64, 0f64);
         for rx in replies {
-            let out: JobOutput = rx.await.map_err(|_| Error::Internal(format!("model {} dropped the input", self.name)))??;
-            queue_s = queue_s.max(out.queue_s);
-            compute_s = compute_s.max(out.compute_s);
-            rows.push(out.values);
+            let done: JobOutput = rx.await.map_err(|_| Error::Internal(format!("model {} dropped the input", self.name)))??;
+            out.queue_s = out.queue_s.max(done.queue_s);
+            out.compute_s = out.compute_s.max(done.compute_s);
+            out.rows.push(done.values);
         }
-        METRICS.tokens.with_label_values(&[self.name.as_str(), "input"]).inc_by(counts.iter().sum::<usize>() as u64);
-        Ok(Encoded { rows, tokens: counts, queue_s, compute_s, tokenize_s })
+        Ok(())
     }
 }
+
+/// Most inputs of one request admitted and queued at once; a larger request is answered
+/// chunk by chunk (see `EncoderService::encode`).
+pub const INPUTS_PER_CHUNK: usize = 64;
 
 /// Default batch limits for an encoder when its config does not set them.
 pub fn batch_policy(max_batch_tokens: Option<usize>, max_batch_requests: Option<usize>) -> BatchPolicy {

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::tokenize::Truncation;
 use super::{Encoded, EncoderService};
 use crate::error::Error;
 
@@ -43,7 +44,7 @@ impl PrototypeClassifier {
             // One chunk at a time keeps warm-up within the embedder's admission limit.
             let mut sum = vec![0f32; embedder.dims];
             for chunk in texts.chunks(32) {
-                let out = embedder.encode_internal(chunk.to_vec(), true, true).await.map_err(|e| e.to_string())?;
+                let out = embedder.encode_internal(chunk.to_vec(), Truncation::Right, true).await.map_err(|e| e.to_string())?;
                 for row in out.rows {
                     sum.iter_mut().zip(row).for_each(|(s, x)| *s += x);
                 }
@@ -57,7 +58,7 @@ impl PrototypeClassifier {
 
     /// Per input, `(label, score)` sorted by score descending: softmax over cosine similarity
     /// divided by the temperature, or the cosine similarities themselves when `raw`.
-    pub async fn classify(&self, texts: Vec<String>, truncate: bool, raw: bool) -> Result<(Vec<Vec<(String, f32)>>, Encoded), Error> {
+    pub async fn classify(&self, texts: Vec<String>, truncate: Truncation, raw: bool) -> Result<(Vec<Vec<(String, f32)>>, Encoded), Error> {
         let encoded = self.embedder.encode(texts, truncate, true).await?;
         let scored = encoded.rows.iter().map(|v| self.score(v, raw)).collect();
         Ok((scored, encoded))

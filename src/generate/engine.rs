@@ -5,7 +5,10 @@
 
 use tokio::sync::mpsc;
 
-use super::sampling::SamplingParams;
+use std::sync::Arc;
+
+use super::constrain::TokenTable;
+use super::sampling::{Sampler, TokenLogprob};
 use super::template::ChatMessage;
 
 /// Why a sequence ended.
@@ -31,8 +34,9 @@ impl FinishReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
     /// The next piece of text (one token's worth, or more once bytes form whole characters);
-    /// `tokens` counts the tokens generated so far.
-    Text { text: String, tokens: usize },
+    /// `tokens` counts the tokens generated so far; `logprobs` has an entry per token
+    /// behind this text when the request asked for them.
+    Text { text: String, tokens: usize, logprobs: Vec<TokenLogprob> },
     /// The sequence ended; `completion_tokens` counts every generated token, EOS included.
     Done { reason: FinishReason, completion_tokens: usize },
     /// The engine failed this sequence.
@@ -54,6 +58,8 @@ pub struct GeneratorInfo {
     pub context: usize,
     /// Layers, vocabulary and similar, for `/info`.
     pub details: serde_json::Value,
+    /// The chat template renders tool definitions.
+    pub template_tools: bool,
 }
 
 /// Why an engine could not do what was asked.
@@ -84,9 +90,24 @@ pub trait Generator: Send + Sync + 'static {
     /// Tokenizes prompt text exactly as the engine will see it.
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError>;
 
-    /// Starts generating after `prompt`. Stop sequences are passed as a hint (the caller
-    /// matches them on the text itself); `max_tokens` fits the context (the caller checked).
-    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, EngineError>;
+    /// The tokens of `text` alone: no BOS or EOS added (llama.cpp's `/tokenize` default).
+    fn tokenize_plain(&self, text: &str) -> Result<Vec<u32>, EngineError>;
+
+    /// The text of `ids`, special tokens left out.
+    fn detokenize(&self, ids: &[u32]) -> String;
+
+    /// Every token's bytes, with the grammar engine built over them (constrained decoding,
+    /// log-probabilities).
+    fn token_table(&self) -> Arc<TokenTable>;
+
+    /// The tokens that end a sequence.
+    fn eos_tokens(&self) -> Vec<u32>;
+
+    /// Starts generating after `prompt`, picking tokens with `sampler` (which already
+    /// holds the request's seed, penalties, bias and grammar). Stop sequences are passed as
+    /// a hint (the caller matches them on the text itself); `max_tokens` fits the context
+    /// (the caller checked).
+    fn start(&self, prompt: Vec<u32>, sampler: Sampler, max_tokens: usize, stop: &[String]) -> Result<TokenStream, EngineError>;
 
     /// Kills the engine's own thread as a bug would (`debug.fault_injection` only).
     fn inject_fault(&self) -> Result<(), EngineError> {

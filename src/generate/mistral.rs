@@ -32,6 +32,7 @@ use mistralrs::{
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+use super::constrain::TokenTable;
 use super::detok::Detokenizer;
 use super::engine::{EngineError, FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
 use super::sampling::{Sampler, SamplingParams};
@@ -46,6 +47,7 @@ pub struct MistralGenerator {
     /// (eight concurrent greedy chats came back mixed), so sequences take turns.
     turns: Arc<tokio::sync::Semaphore>,
     tokenizer: Arc<Vocabulary>,
+    table: Arc<TokenTable>,
     template: ChatTemplate,
     context: usize,
     eos: Arc<Vec<u32>>,
@@ -80,6 +82,20 @@ impl Vocabulary {
         match self {
             Vocabulary::Gguf(t) => t.vocab_size(),
             Vocabulary::Hf(t) => t.get_vocab_size(true),
+        }
+    }
+
+    /// Every token's bytes: ours for a GGUF; for a `tokenizer.json`, llguidance's reading
+    /// of it (guarded: it asserts on vocabularies it does not expect).
+    fn token_bytes(&self) -> Result<Vec<Vec<u8>>, String> {
+        match self {
+            Vocabulary::Gguf(t) => Ok(t.token_bytes().to_vec()),
+            Vocabulary::Hf(t) => {
+                let json: serde_json::Value = serde_json::from_str(&t.to_string(false).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+                std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(&json))
+                    .map_err(|_| "the tokenizer's vocabulary cannot be read as bytes".to_string())?
+                    .map_err(|e| format!("the tokenizer's vocabulary cannot be read as bytes: {e}"))
+            }
         }
     }
 }
@@ -210,6 +226,7 @@ impl MistralGenerator {
             });
             (Arc::new(tokenizer), template, md.max_seq_len, eos, details)
         };
+        let table = TokenTable::new(&tokenizer.token_bytes()?, &eos)?;
         let sequences = NonZeroUsize::new(max_sequences.max(1)).ok_or("max sequences must be positive")?;
         let runner =
             MistralRsBuilder::new(pipeline, SchedulerConfig::DefaultScheduler { method: DefaultSchedulerMethod::Fixed(sequences) }, false, None)
@@ -226,6 +243,7 @@ impl MistralGenerator {
             runner,
             turns: Arc::new(tokio::sync::Semaphore::new(turns)),
             tokenizer,
+            table,
             template,
             context,
             eos: Arc::new(eos),
@@ -238,6 +256,7 @@ impl MistralGenerator {
 /// one-hot distribution (its own sampling is greedy), and every call is counted.
 struct SeededPick {
     sampler: Mutex<Sampler>,
+    eos: Arc<Vec<u32>>,
     generated: AtomicUsize,
     last: AtomicU32,
     /// Every token picked, in order: the text is made from these by our own detokenizer,
@@ -254,7 +273,14 @@ impl mistralrs::CustomLogitsProcessor for SeededPick {
         if let Some(slot) = &self.capture {
             slot.lock().get_or_insert_with(|| values.clone());
         }
-        let pick = self.sampler.lock().sample(&values);
+        let pick = {
+            let mut sampler = self.sampler.lock();
+            let pick = sampler.sample(&values);
+            if self.eos.contains(&pick) {
+                sampler.drop_last_logprob();
+            }
+            pick
+        };
         self.picks.lock().push(pick);
         self.generated.fetch_add(1, Ordering::SeqCst);
         self.last.store(pick, Ordering::SeqCst);
@@ -268,7 +294,7 @@ impl mistralrs::CustomLogitsProcessor for SeededPick {
 
 impl Generator for MistralGenerator {
     fn info(&self) -> GeneratorInfo {
-        GeneratorInfo { engine: "mistralrs", context: self.context, details: self.details.clone() }
+        GeneratorInfo { engine: "mistralrs", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools }
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
@@ -279,8 +305,28 @@ impl Generator for MistralGenerator {
         self.tokenizer.encode(text).map_err(EngineError::Tokenizer)
     }
 
-    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, stop: &[String]) -> Result<TokenStream, EngineError> {
-        self.start_with(prompt, params, max_tokens, stop, None).map(|(s, _)| s).map_err(EngineError::Failed)
+    fn tokenize_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        match &*self.tokenizer {
+            Vocabulary::Gguf(t) => t.encode_plain(text),
+            Vocabulary::Hf(t) => t.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string()),
+        }
+        .map_err(EngineError::Tokenizer)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids)
+    }
+
+    fn token_table(&self) -> Arc<TokenTable> {
+        self.table.clone()
+    }
+
+    fn eos_tokens(&self) -> Vec<u32> {
+        self.eos.to_vec()
+    }
+
+    fn start(&self, prompt: Vec<u32>, sampler: Sampler, max_tokens: usize, stop: &[String]) -> Result<TokenStream, EngineError> {
+        self.start_with(prompt, sampler, max_tokens, stop, None).map(|(s, _)| s).map_err(EngineError::Failed)
     }
 }
 
@@ -288,7 +334,7 @@ impl MistralGenerator {
     /// The logits mistral.rs computes for the token after `prompt` (the parity test compares
     /// them with our engine's on the same weights).
     pub async fn next_token_logits(&self, prompt: Vec<u32>) -> Result<Vec<f32>, String> {
-        let (mut stream, pick) = self.start_with(prompt, SamplingParams::greedy(), 1, &[], Some(Mutex::new(None)))?;
+        let (mut stream, pick) = self.start_with(prompt, Sampler::new(SamplingParams::greedy()), 1, &[], Some(Mutex::new(None)))?;
         while let Some(e) = stream.events.recv().await {
             if let GenEvent::Failed(m) = e {
                 return Err(m);
@@ -301,17 +347,17 @@ impl MistralGenerator {
     fn start_with(
         &self,
         prompt: Vec<u32>,
-        params: SamplingParams,
+        mut sampler: Sampler,
         max_tokens: usize,
         stop: &[String],
         capture: Option<Mutex<Option<Vec<f32>>>>,
     ) -> Result<(TokenStream, Arc<SeededPick>), String> {
-        let mut sampler = Sampler::new(params);
-        if params.ignore_eos {
+        if sampler.params().ignore_eos {
             sampler.ban(&self.eos);
         }
         let pick = Arc::new(SeededPick {
             sampler: Mutex::new(sampler),
+            eos: self.eos.clone(),
             generated: AtomicUsize::new(0),
             last: AtomicU32::new(u32::MAX),
             picks: Mutex::new(Vec::new()),
@@ -393,7 +439,8 @@ impl MistralGenerator {
                         _ => true,
                     };
                     if let (Some(text), tokens) = text_now(&mut detok, done) {
-                        if out.send(GenEvent::Text { text, tokens }).is_err() {
+                        let logprobs = pick.sampler.lock().take_logprobs();
+                        if out.send(GenEvent::Text { text, tokens, logprobs }).is_err() {
                             return;
                         }
                     }

@@ -7,6 +7,7 @@
 //! sequence slot: dropping it — a client that went away — frees the slot and cancels the
 //! sequence in the engine within one decode step.
 
+pub mod constrain;
 pub mod detok;
 pub mod engine;
 pub mod mistral;
@@ -26,8 +27,9 @@ use tracing::Instrument;
 use crate::config::{LimitsConfig, ModelConfig};
 use crate::error::Error;
 use crate::telemetry::metrics::METRICS;
+use constrain::Grammar;
 use engine::{EngineError, FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
-use sampling::SamplingParams;
+use sampling::{Sampler, SamplingParams, TokenLogprob};
 use stop::StopMatcher;
 use template::ChatMessage;
 
@@ -64,10 +66,33 @@ pub struct Prepared {
     pub max_tokens: usize,
 }
 
+/// How a request wants its tokens chosen: the sampling parameters and what shapes them.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    pub params: SamplingParams,
+    /// `logit_bias`: (token, bias) pairs added to the logits.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// `Some(k)`: report each token's log-probability and its `k` most likely alternatives.
+    pub logprobs: Option<usize>,
+    /// Output constrained to this grammar (`response_format`).
+    pub grammar: Option<Grammar>,
+}
+
+impl Decoding {
+    /// Just sampling parameters, nothing else.
+    pub fn new(params: SamplingParams) -> Self {
+        Decoding { params, logit_bias: Vec::new(), logprobs: None, grammar: None }
+    }
+}
+
 /// What a generation yields, in order: text pieces, then one `Done` (or an `Error`).
 #[derive(Debug)]
 pub enum Piece {
-    Text(String),
+    /// Text, with the log-probabilities of the tokens behind it when they were asked for.
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done(Usage, FinishReason),
     Error(Error),
 }
@@ -126,6 +151,26 @@ impl GenerateService {
             timeout: Duration::from_secs(limits.request_timeout_s),
             max_tokens_limit: limits.max_tokens,
         }
+    }
+
+    /// The tokens of `text`: with BOS/EOS as prompts get them (`add_special`), or alone.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, Error> {
+        let out = if add_special { self.engine.tokenize(text) } else { self.engine.tokenize_plain(text) };
+        out.map_err(|e| Error::field("content", e.to_string()))
+    }
+
+    /// The text of token ids (special tokens left out); ids outside the vocabulary are a 400.
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, Error> {
+        let vocab = self.engine.token_table().len();
+        if let Some(i) = ids.iter().position(|&t| t as usize >= vocab) {
+            return Err(Error::field(format!("tokens[{i}]"), format!("{} is not in the vocabulary of model {} ({vocab} tokens)", ids[i], self.name)));
+        }
+        Ok(self.engine.detokenize(ids))
+    }
+
+    /// A token's text as the vocabulary writes it (a special token's name).
+    pub fn piece(&self, id: u32) -> String {
+        String::from_utf8_lossy(self.engine.token_table().bytes(id)).into_owned()
     }
 
     /// Kills the engine's thread as a bug would (`debug.fault_injection`).
@@ -204,13 +249,40 @@ impl GenerateService {
         Ok(Prepared { tokens, max_tokens })
     }
 
+    /// The request's sampler: its `logit_bias` checked against the vocabulary and its
+    /// grammar compiled (both the request's fault when wrong: 400 naming the field).
+    pub async fn sampler(&self, decoding: Decoding) -> Result<Sampler, Error> {
+        let table = self.engine.token_table();
+        let Decoding { params, logit_bias, logprobs, grammar } = decoding;
+        if let Some(&(t, _)) = logit_bias.iter().find(|(t, _)| *t as usize >= table.len()) {
+            return Err(Error::field("logit_bias", format!("token {t} is not in the vocabulary of model {} ({} tokens)", self.name, table.len())));
+        }
+        if grammar.is_some() && params.ignore_eos {
+            return Err(Error::field("ignore_eos", "cannot be combined with response_format (the grammar ends the sequence)"));
+        }
+        let mut sampler = Sampler::new(params);
+        sampler.bias(logit_bias);
+        if let Some(top) = logprobs {
+            sampler.report_logprobs(top, table.clone());
+        }
+        if let Some(grammar) = grammar {
+            let constraint = tokio::task::spawn_blocking(move || table.compile(&grammar))
+                .await
+                .map_err(|_| Error::Internal("the grammar compiler panicked".into()))?
+                .map_err(|e| Error::field("response_format", format!("the schema cannot be used to constrain decoding: {e}")))?;
+            sampler.constrain(constraint);
+        }
+        Ok(sampler)
+    }
+
     /// Takes a sequence slot (waiting in the bounded queue if need be) and starts generating.
-    pub async fn start(&self, prepared: Prepared, sampling: SamplingParams, stop: Vec<String>) -> Result<Generation, Error> {
+    pub async fn start(&self, prepared: Prepared, mut sampler: Sampler, stop: Vec<String>) -> Result<Generation, Error> {
         let started = Instant::now();
         let permit = self.admit().instrument(tracing::info_span!("queue", model = %self.name)).await?;
         let prompt_tokens = prepared.tokens.len();
         METRICS.queue_seconds.with_label_values(&[self.name.as_str()]).observe(started.elapsed().as_secs_f64());
-        let stream = self.engine.start(prepared.tokens, sampling, prepared.max_tokens, &stop).map_err(|e| self.engine_error(e))?;
+        sampler.set_prompt(&prepared.tokens);
+        let stream = self.engine.start(prepared.tokens, sampler, prepared.max_tokens, &stop).map_err(|e| self.engine_error(e))?;
         Ok(Generation {
             stream,
             matcher: StopMatcher::new(&stop),
@@ -222,6 +294,7 @@ impl GenerateService {
             admitted: Instant::now(),
             first_piece: None,
             pending_done: None,
+            logprobs: Vec::new(),
             finished: false,
             model: self.name.clone(),
             prefill_span: tracing::info_span!("prefill", model = %self.name, prompt_tokens),
@@ -256,12 +329,12 @@ impl GenerateService {
     pub async fn warm_up(&self) -> Result<(), String> {
         let messages = vec![ChatMessage { role: "user".into(), content: "Say hello.".into() }];
         let prepared = self.prepare(PromptInput::Chat(messages), Some(4)).await.map_err(|e| e.to_string())?;
-        let mut generation = self.start(prepared, SamplingParams::greedy(), vec![]).await.map_err(|e| e.to_string())?;
+        let mut generation = self.start(prepared, Sampler::new(SamplingParams::greedy()), vec![]).await.map_err(|e| e.to_string())?;
         while let Some(piece) = generation.next().await {
             match piece {
                 Piece::Error(e) => return Err(format!("warm-up generation failed: {e}")),
                 Piece::Done(..) => return Ok(()),
-                Piece::Text(_) => {}
+                Piece::Text { .. } => {}
             }
         }
         Err("warm-up generation ended without finishing".into())
@@ -284,6 +357,8 @@ pub struct Generation {
     pub first_piece: Option<Instant>,
     /// A `Done` to deliver after the text piece just returned.
     pending_done: Option<FinishReason>,
+    /// Log-probabilities received with text the stop matcher still holds.
+    logprobs: Vec<TokenLogprob>,
     finished: bool,
     model: String,
     /// The request's span, parent of the stage spans.
@@ -316,8 +391,9 @@ impl Generation {
                 }
             };
             match event {
-                GenEvent::Text { text, tokens } => {
+                GenEvent::Text { text, tokens, logprobs } => {
                     self.completion_tokens = tokens;
+                    self.logprobs.extend(logprobs);
                     let released = self.matcher.push(&text);
                     if released.stopped {
                         // Cancel the sequence in the engine now; the rest is never sent.
@@ -326,7 +402,7 @@ impl Generation {
                     }
                     if !released.text.is_empty() {
                         self.mark_first_piece();
-                        return Some(Piece::Text(released.text));
+                        return Some(Piece::Text { text: released.text, logprobs: std::mem::take(&mut self.logprobs) });
                     }
                 }
                 GenEvent::Done { reason, completion_tokens } => {
@@ -350,7 +426,7 @@ impl Generation {
         } else {
             self.mark_first_piece();
             self.pending_done = Some(reason);
-            Piece::Text(text)
+            Piece::Text { text, logprobs: std::mem::take(&mut self.logprobs) }
         }
     }
 

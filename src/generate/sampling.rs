@@ -1,11 +1,21 @@
 //! Choosing the next token from logits, with a per-request seeded random generator.
 //!
 //! Every generation engine behind the `Generator` seam samples through this, so a request's
-//! `seed` means the same thing on every engine, and two requests running side by side never
-//! share (and race for) one random stream.
+//! `seed`, penalties, `logit_bias`, grammar and log-probabilities mean the same thing on
+//! every engine, and two requests running side by side never share (and race for) one
+//! random stream.
+//!
+//! The order is OpenAI's and llama.cpp's: raw logits → `logit_bias` → repetition,
+//! frequency and presence penalties → the grammar's mask → (log-probabilities are taken
+//! here) → temperature → top-k → top-p → draw.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use super::constrain::{Constraint, TokenTable};
 
 /// How to pick tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,29 +30,141 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Never pick an end-of-sequence token (benchmarks generate a fixed length this way).
     pub ignore_eos: bool,
+    /// OpenAI's: minus `count × frequency_penalty` for each time a token was generated.
+    pub frequency_penalty: f32,
+    /// OpenAI's: minus `presence_penalty` once a token has been generated at all.
+    pub presence_penalty: f32,
+    /// llama.cpp's and transformers': logits of tokens already in the prompt or the output
+    /// are divided by it (multiplied, when negative). 1 is off.
+    pub repetition_penalty: f32,
 }
 
 impl SamplingParams {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, ignore_eos: false }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            ignore_eos: false,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+
+    fn penalizes(&self) -> bool {
+        self.frequency_penalty != 0.0 || self.presence_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 }
 
-/// A request's sampler: its parameters and its own random stream.
+/// A picked token's log-probability, and the most likely alternatives at that step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// The token's bytes (a special token's name).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// The `top` most likely tokens, most likely first.
+    pub top: Vec<(u32, Vec<u8>, f32)>,
+}
+
+/// Log-probabilities a request asked for.
+struct LogprobRequest {
+    top: usize,
+    table: Arc<TokenTable>,
+    /// Picked tokens not yet handed to the engine's event stream.
+    pending: Vec<TokenLogprob>,
+}
+
+/// A request's sampler: its parameters, its own random stream, and what shapes its choices.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     /// Scratch for (index, probability) pairs, reused across tokens.
     scratch: Vec<(u32, f32)>,
+    /// Adjusted logits, reused across tokens.
+    work: Vec<f32>,
     /// Tokens never to pick.
     banned: Vec<u32>,
+    /// `logit_bias`: added to the raw logits.
+    bias: Vec<(u32, f32)>,
+    /// Times each token was generated (frequency and presence penalties).
+    counts: HashMap<u32, u32>,
+    /// Tokens of the prompt (repetition penalty only).
+    prompt: Vec<u32>,
+    constraint: Option<Constraint>,
+    logprobs: Option<LogprobRequest>,
+    /// The grammar is complete, or failed (with why).
+    grammar_done: bool,
+    grammar_error: Option<String>,
 }
 
 impl Sampler {
     /// A sampler whose random stream starts at `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
-        Sampler { params, rng: StdRng::seed_from_u64(params.seed), scratch: Vec::new(), banned: Vec::new() }
+        Sampler {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+            scratch: Vec::new(),
+            work: Vec::new(),
+            banned: Vec::new(),
+            bias: Vec::new(),
+            counts: HashMap::new(),
+            prompt: Vec::new(),
+            constraint: None,
+            logprobs: None,
+            grammar_done: false,
+            grammar_error: None,
+        }
+    }
+
+    /// Adds `logit_bias` (token, bias) pairs.
+    pub fn bias(&mut self, bias: Vec<(u32, f32)>) {
+        self.bias = bias;
+    }
+
+    /// Lets only what `constraint` allows be picked.
+    pub fn constrain(&mut self, constraint: Constraint) {
+        self.constraint = Some(constraint);
+    }
+
+    /// Records each picked token's log-probability and the `top` most likely alternatives.
+    pub fn report_logprobs(&mut self, top: usize, table: Arc<TokenTable>) {
+        self.logprobs = Some(LogprobRequest { top, table, pending: Vec::new() });
+    }
+
+    /// The prompt, for the repetition penalty (which counts prompt tokens too).
+    pub fn set_prompt(&mut self, prompt: &[u32]) {
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt = prompt.to_vec();
+            self.prompt.sort_unstable();
+            self.prompt.dedup();
+        }
+    }
+
+    /// Log-probabilities of the tokens picked since the last call.
+    pub fn take_logprobs(&mut self) -> Vec<TokenLogprob> {
+        self.logprobs.as_mut().map(|l| std::mem::take(&mut l.pending)).unwrap_or_default()
+    }
+
+    /// Forgets the last picked token's log-probability (an end-of-sequence token, which
+    /// is not part of the answer).
+    pub fn drop_last_logprob(&mut self) {
+        if let Some(l) = &mut self.logprobs {
+            l.pending.pop();
+        }
+    }
+
+    /// The grammar is complete: the sequence must end after the token just picked.
+    pub fn grammar_done(&self) -> bool {
+        self.grammar_done
+    }
+
+    /// The grammar engine failed (a bug, or a limit it hit): why.
+    pub fn grammar_error(&self) -> Option<&str> {
+        self.grammar_error.as_deref()
     }
 
     /// Never picks these tokens (used with `ignore_eos` for the end-of-sequence tokens).
@@ -57,16 +179,101 @@ impl Sampler {
 
     /// Picks the next token from raw logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if !self.banned.is_empty() {
-            let mut masked = logits.to_vec();
-            for &t in &self.banned {
-                if let Some(l) = masked.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
+        let plain =
+            self.banned.is_empty() && self.bias.is_empty() && !self.params.penalizes() && self.constraint.is_none() && self.logprobs.is_none();
+        if plain {
+            let token = self.pick(logits);
+            self.observe(token);
+            return token;
+        }
+        let mut work = std::mem::take(&mut self.work);
+        work.clear();
+        work.extend_from_slice(logits);
+        self.adjust(&mut work);
+        let mut forced = None;
+        if let Some(c) = &mut self.constraint {
+            match c.mask(&mut work) {
+                Ok(true) => {}
+                // Every token the grammar allows has -inf: take the first it allows.
+                Ok(false) => forced = c.first_allowed(),
+                Err(e) => self.grammar_error = Some(e),
+            }
+        }
+        for &t in &self.banned {
+            if let Some(l) = work.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let token = forced.unwrap_or_else(|| self.pick(&work));
+        if self.logprobs.is_some() {
+            self.record_logprob(&work, token);
+        }
+        self.work = work;
+        self.observe(token);
+        token
+    }
+
+    /// `logit_bias`, then the penalties, in place.
+    fn adjust(&self, logits: &mut [f32]) {
+        for &(t, b) in &self.bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let r = p.repetition_penalty;
+            let seen = self.prompt.iter().copied().chain(self.counts.keys().copied().filter(|t| self.prompt.binary_search(t).is_err()));
+            for t in seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 { *l / r } else { *l * r };
                 }
             }
-            return self.pick(&masked);
         }
-        self.pick(logits)
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&t, &n) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    /// The picked token's log-probability under the adjusted distribution (before
+    /// temperature and truncation, as OpenAI reports them), and the top alternatives.
+    fn record_logprob(&mut self, logits: &[f32], token: u32) {
+        let Some(req) = &mut self.logprobs else { return };
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+        let logprob = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| l - log_z);
+        let mut top = Vec::with_capacity(req.top);
+        if req.top > 0 {
+            self.scratch.clear();
+            self.scratch.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+            let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+            let k = req.top.min(self.scratch.len());
+            if k < self.scratch.len() {
+                self.scratch.select_nth_unstable_by(k - 1, order);
+            }
+            self.scratch[..k].sort_unstable_by(order);
+            top.extend(self.scratch[..k].iter().map(|&(t, _)| (t, req.table.bytes(t).to_vec(), logprob(t))));
+        }
+        req.pending.push(TokenLogprob { token, bytes: req.table.bytes(token).to_vec(), logprob: logprob(token), top });
+    }
+
+    /// Counts the picked token and moves the grammar past it.
+    fn observe(&mut self, token: u32) {
+        if self.params.penalizes() {
+            *self.counts.entry(token).or_default() += 1;
+        }
+        if let Some(c) = &mut self.constraint {
+            if self.grammar_error.is_none() {
+                if let Err(e) = c.accept(token) {
+                    self.grammar_error = Some(e);
+                }
+            }
+            self.grammar_done = c.is_finished();
+        }
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {
@@ -148,7 +355,7 @@ mod tests {
     #[test]
     fn same_seed_same_choices_different_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 40, seed: 7, ignore_eos: false };
+        let p = SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 40, seed: 7, ..SamplingParams::greedy() };
         let run = |p: SamplingParams| {
             let mut s = Sampler::new(p);
             (0..32).map(|_| s.sample(&logits)).collect::<Vec<_>>()
@@ -161,7 +368,7 @@ mod tests {
     fn top_p_keeps_exactly_the_nucleus_and_sampling_follows_the_distribution() {
         // Probabilities 0.5, 0.25, 0.125, ... over 200 tokens: top_p 0.8 keeps the first three.
         let logits: Vec<f32> = (0..200).map(|i| -(i as f32) * std::f32::consts::LN_2).collect();
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.8, top_k: 0, seed: 3, ignore_eos: false });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.8, top_k: 0, seed: 3, ..SamplingParams::greedy() });
         let mut counts = [0usize; 200];
         for _ in 0..20_000 {
             counts[s.sample(&logits) as usize] += 1;
@@ -171,13 +378,13 @@ mod tests {
         assert!((share - 0.5 / 0.875).abs() < 0.02, "{share}");
         // A flat distribution over many tokens needs the head to grow past its first 64.
         let flat = vec![0.0f32; 5000];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 4, ignore_eos: false });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 4, ..SamplingParams::greedy() });
         let picks: Vec<u32> = (0..2000).map(|_| s.sample(&flat)).collect();
         assert!(picks.iter().all(|&t| t < 2500), "ties keep the lowest indices");
         assert!(picks.iter().any(|&t| t > 64));
         // Without top_p or top_k every token can be drawn, in proportion.
         let two = [0.0f32, (3.0f32).ln()];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 5, ignore_eos: false });
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 5, ..SamplingParams::greedy() });
         let ones = (0..20_000).filter(|_| s.sample(&two) == 1).count() as f64 / 20_000.0;
         assert!((ones - 0.75).abs() < 0.02, "{ones}");
     }
@@ -185,9 +392,49 @@ mod tests {
     #[test]
     fn top_k_limits_choices() {
         let logits = [5.0, 4.9, -10.0, -10.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_p: 1.0, top_k: 2, seed: 1, ignore_eos: false });
+        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_p: 1.0, top_k: 2, seed: 1, ..SamplingParams::greedy() });
         for _ in 0..100 {
             assert!(s.sample(&logits) < 2);
         }
+    }
+
+    #[test]
+    fn bias_and_penalties_shift_the_choice_as_openai_defines_them() {
+        let logits = [2.0f32, 1.0, 0.5];
+        let mut s = Sampler::new(SamplingParams::greedy());
+        s.bias(vec![(2, 10.0)]);
+        assert_eq!(s.sample(&logits), 2, "a +10 bias wins");
+        // Frequency: token 0 drops by 1.5 per earlier pick; presence: once.
+        let p = SamplingParams { frequency_penalty: 1.5, ..SamplingParams::greedy() };
+        let mut s = Sampler::new(p);
+        assert_eq!(s.sample(&logits), 0);
+        assert_eq!(s.sample(&logits), 1, "2.0 - 1.5 < 1.0");
+        let p = SamplingParams { presence_penalty: 0.9, ..SamplingParams::greedy() };
+        let mut s = Sampler::new(p);
+        assert_eq!((s.sample(&logits), s.sample(&logits)), (0, 0), "2.0 - 0.9 > 1.0");
+        // Repetition: a prompt token's positive logit is divided, a negative one multiplied.
+        let p = SamplingParams { repetition_penalty: 4.0, ..SamplingParams::greedy() };
+        let mut s = Sampler::new(p);
+        s.set_prompt(&[0]);
+        assert_eq!(s.sample(&logits), 1, "2.0 / 4 < 1.0");
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_with_the_top_alternatives_in_order() {
+        let pieces: Vec<Vec<u8>> = ["a", "b", "c", "</s>"].iter().map(|p| p.as_bytes().to_vec()).collect();
+        let table = TokenTable::new(&pieces, &[3]).unwrap();
+        let logits = [1.0f32, 3.0, 2.0, 0.0];
+        let mut s = Sampler::new(SamplingParams::greedy());
+        s.report_logprobs(2, table);
+        assert_eq!(s.sample(&logits), 1);
+        let got = s.take_logprobs();
+        let z: f32 = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].bytes, b"b");
+        assert!((got[0].logprob - (3.0 - z)).abs() < 1e-5);
+        let top: Vec<(u32, f32)> = got[0].top.iter().map(|(t, _, lp)| (*t, *lp)).collect();
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((top[1].1 - (2.0 - z)).abs() < 1e-5);
+        assert!(s.take_logprobs().is_empty(), "taken once");
     }
 }

@@ -21,6 +21,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// The template renders a `tools` list (it names the variable).
+    pub supports_tools: bool,
 }
 
 fn raise_exception(message: String) -> Result<String, minijinja::Error> {
@@ -37,8 +39,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         // Python's reversed slice has no Jinja equivalent in minijinja.
         let source = source.replace("[::-1]", "|reverse");
+        let supports_tools = source.contains("tools");
         env.add_template_owned("chat", source).map_err(|e| format!("the chat template does not compile: {e}"))?;
-        Ok(ChatTemplate { env, bos: bos.to_string(), eos: eos.to_string() })
+        Ok(ChatTemplate { env, bos: bos.to_string(), eos: eos.to_string(), supports_tools })
     }
 
     /// Renders the conversation, ending with the assistant's turn opened.

@@ -25,6 +25,8 @@
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+
+use super::constrain::{table_bytes, PieceStyle};
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
@@ -56,6 +58,9 @@ pub struct GgufTokenizer {
     add_eos: bool,
     /// What the vocabulary is, for `/info` (`llama (SentencePiece)`, `gpt2 (smollm)`).
     pub kind: String,
+    /// Every token's bytes as the decoder writes them (special tokens marked): what
+    /// constrained decoding and log-probabilities need.
+    token_bytes: Vec<Vec<u8>>,
 }
 
 fn meta<'a>(c: &'a Content, key: &str) -> Result<&'a Value, String> {
@@ -140,6 +145,10 @@ impl GgufTokenizer {
             }
         }
 
+        let style = if model == "gpt2" { PieceStyle::ByteLevel } else { PieceStyle::SentencePiece };
+        let is_special = |i: usize| types[i] == TYPE_CONTROL || types[i] == TYPE_UNKNOWN || Some(i as u32) == bos || i as u32 == eos;
+        let token_bytes = table_bytes(&tokens, style, is_special);
+
         let (mut tokenizer, kind, default_bos) = match model.as_str() {
             "llama" => {
                 let scores: Vec<f32> = meta(c, "tokenizer.ggml.scores")?
@@ -215,7 +224,7 @@ impl GgufTokenizer {
         // text), user-defined ones are text. Both match on the raw prompt, as in llama.cpp.
         let mut added = Vec::new();
         for (i, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
-            let special = *ty == TYPE_CONTROL || *ty == TYPE_UNKNOWN || Some(i as u32) == bos || i as u32 == eos;
+            let special = is_special(i);
             if special || *ty == TYPE_USER_DEFINED {
                 added.push(AddedToken::from(tok.clone(), special).normalized(false));
             }
@@ -228,6 +237,7 @@ impl GgufTokenizer {
             add_bos: bos.is_some() && flag(c, "tokenizer.ggml.add_bos_token").unwrap_or(default_bos),
             add_eos: flag(c, "tokenizer.ggml.add_eos_token").unwrap_or(false),
             kind,
+            token_bytes,
         })
     }
 
@@ -260,6 +270,11 @@ impl GgufTokenizer {
     /// Tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Every token's bytes (special tokens marked with `constrain::SPECIAL`).
+    pub fn token_bytes(&self) -> &[Vec<u8>] {
+        &self.token_bytes
     }
 
     /// Whether prompts get BOS in front.

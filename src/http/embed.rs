@@ -15,14 +15,23 @@ use base64::Engine as _;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use super::json::JsonBody;
+use serde_json::{json, Value};
+
+use super::fields;
+use super::json::{from_value, JsonBody};
 use super::{inference_headers, AppState, Served};
 use crate::config::{LimitsConfig, ModelKind};
+use crate::encoder::tokenize::{Text, Truncation};
 use crate::encoder::{Encoded, EncoderService};
 use crate::error::Error;
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
 use crate::telemetry::trace::record_tokens;
+
+/// Why token-id inputs are refused, and what to do instead.
+const TOKEN_IDS_REFUSED: &str = "token ids are not accepted, send text: ids made by another tokenizer (tiktoken's, for one) \
+     mean nothing to this model's vocabulary. LangChain's OpenAIEmbeddings sends them unless it is made with \
+     check_embedding_ctx_length=False";
 
 /// One string or a list of strings, as both dialects accept.
 #[derive(Debug, Clone)]
@@ -48,8 +57,12 @@ impl<'de> Deserialize<'de> for Inputs {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Inputs, A::Error> {
                 let mut texts = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-                while let Some(t) = seq.next_element::<String>()? {
-                    texts.push(t);
+                while let Some(t) = seq.next_element::<serde_json::Value>()? {
+                    match t {
+                        serde_json::Value::String(s) => texts.push(s),
+                        serde_json::Value::Number(_) | serde_json::Value::Array(_) => return Err(de::Error::custom(TOKEN_IDS_REFUSED)),
+                        other => return Err(de::Error::custom(format!("expected a string, got {other}"))),
+                    }
                 }
                 Ok(Inputs { texts, single: false })
             }
@@ -83,20 +96,44 @@ impl Inputs {
     }
 }
 
-/// `POST /embed` body (TEI).
+/// `POST /embed` body (TEI). The fields are `fields::EMBED`.
 #[derive(Debug, Deserialize)]
 pub struct EmbedRequest {
     pub inputs: Inputs,
     #[serde(default = "yes")]
     pub normalize: bool,
+    /// Cut inputs over the model's token limit; absent or null: `limits.auto_truncate`.
     #[serde(default)]
-    pub truncate: bool,
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: Option<Direction>,
     #[serde(default)]
     pub model: Option<String>,
     /// One of the model's named prompts (sentence-transformers' `prompts`, e.g. bge's
     /// `query`), put in front of every input; default: the model's `default_prompt_name`.
     #[serde(default)]
     pub prompt_name: Option<String>,
+    /// Keep the first `dimensions` of each vector (Matryoshka), before normalizing.
+    #[serde(default)]
+    pub dimensions: Option<usize>,
+}
+
+/// TEI's `truncation_direction`: which end of a long input is cut.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+pub enum Direction {
+    #[serde(alias = "right")]
+    Right,
+    #[serde(alias = "left")]
+    Left,
+}
+
+/// What a request's `truncate` and `truncation_direction` ask for, with the node's default.
+fn truncation(node: &Node, truncate: Option<bool>, direction: Option<Direction>) -> Truncation {
+    match (truncate.unwrap_or(node.config.limits.auto_truncate), direction.unwrap_or(Direction::Right)) {
+        (false, _) => Truncation::Refuse,
+        (true, Direction::Right) => Truncation::Right,
+        (true, Direction::Left) => Truncation::Left,
+    }
 }
 
 fn yes() -> bool {
@@ -130,15 +167,40 @@ fn validated(inputs: &Inputs, field: &str, node: &Node) -> Result<(), Error> {
     tracing::info_span!("validate", inputs = inputs.texts.len()).in_scope(|| inputs.validate(field, &node.config.limits))
 }
 
+/// `dimensions`, checked against the model's width.
+fn dimensions(requested: Option<usize>, encoder: &EncoderService) -> Result<Option<usize>, Error> {
+    match requested {
+        Some(d) if d == 0 || d > encoder.dims => {
+            Err(Error::field("dimensions", format!("must be between 1 and {} for model {}", encoder.dims, encoder.name)))
+        }
+        other => Ok(other),
+    }
+}
+
+/// Keeps the leading `dims` of a vector (Matryoshka), normalized again when it was.
+fn shorten(mut v: Vec<f32>, dims: Option<usize>, normalize: bool) -> Vec<f32> {
+    if let Some(d) = dims {
+        v.truncate(d);
+        if normalize {
+            crate::encoder::pooling::l2_normalize(&mut v);
+        }
+    }
+    v
+}
+
 /// `POST /embed`: one vector per input, in input order.
-pub async fn embed(State(node): State<AppState>, JsonBody(req): JsonBody<EmbedRequest>) -> Result<Response, Error> {
+pub async fn embed(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::EMBED)?;
+    let req: EmbedRequest = from_value(raw)?;
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
     slot.record_on_span();
     validated(&req.inputs, "inputs", &node)?;
     let encoder = ready_encoder(&node, slot).await?;
+    let dims = dimensions(req.dimensions, &encoder)?;
     let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
-    let encoded = encoder.encode(texts, req.truncate, req.normalize).await?;
-    Ok(answer(&encoded.rows, slot, &encoded, "embed"))
+    let encoded = encoder.encode(texts, truncation(&node, req.truncate, req.truncation_direction), req.normalize).await?;
+    let rows: Vec<Vec<f32>> = encoded.rows.iter().map(|r| shorten(r.clone(), dims, req.normalize)).collect();
+    Ok(answer(&rows, slot, &encoded, "embed"))
 }
 
 /// `POST /v1/embeddings` body (OpenAI).
@@ -151,9 +213,12 @@ pub struct OpenAiEmbeddingRequest {
     pub encoding_format: Option<EncodingFormat>,
     #[serde(default)]
     pub dimensions: Option<usize>,
-    /// Our extension: cut inputs over the model's token limit instead of answering 422.
+    /// Our extension, as on `/embed`: absent or null, `limits.auto_truncate`.
     #[serde(default)]
-    pub truncate: bool,
+    pub truncate: Option<bool>,
+    /// Recorded on the trace (`fields::record`), as on the chat routes.
+    #[serde(default)]
+    pub user: Option<String>,
     /// Our extension, as on `/embed`: one of the model's named prompts.
     #[serde(default)]
     pub prompt_name: Option<String>,
@@ -168,30 +233,24 @@ pub enum EncodingFormat {
 }
 
 /// `POST /v1/embeddings`: OpenAI's shape, with `usage` token counts, base64 and `dimensions`.
-pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(req): JsonBody<OpenAiEmbeddingRequest>) -> Result<Response, Error> {
+pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::EMBEDDINGS)?;
+    super::generate::record_attribution(&raw)?;
+    let req: OpenAiEmbeddingRequest = from_value(raw)?;
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Embed)?;
     slot.record_on_span();
     validated(&req.input, "input", &node)?;
     let encoder = ready_encoder(&node, slot).await?;
-    if let Some(d) = req.dimensions {
-        if d == 0 || d > encoder.dims {
-            return Err(Error::field("dimensions", format!("must be between 1 and {} for model {}", encoder.dims, slot.name())));
-        }
-    }
+    let dims = dimensions(req.dimensions, &encoder)?;
     let texts = encoder.with_prompt(req.input.texts, req.prompt_name.as_deref())?;
-    let encoded = encoder.encode(texts, req.truncate, true).await?;
+    let encoded = encoder.encode(texts, truncation(&node, req.truncate, None), true).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
     let data: Vec<EmbeddingItem> = encoded
         .rows
         .iter()
         .enumerate()
         .map(|(index, row)| {
-            let mut v = row.clone();
-            if let Some(d) = req.dimensions {
-                // Matryoshka-style: keep the leading dimensions and renormalize.
-                v.truncate(d);
-                crate::encoder::pooling::l2_normalize(&mut v);
-            }
+            let v = shorten(row.clone(), dims, true);
             let embedding = match format {
                 EncodingFormat::Float => Embedding::Float(v),
                 EncodingFormat::Base64 => {
@@ -244,31 +303,183 @@ struct LabelScore {
     score: f32,
 }
 
-/// `POST /classify` and `/predict` body (TEI).
+/// `POST /classify` and `/predict` body (TEI). The fields are `fields::PREDICT`; `inputs`
+/// is read by `ClassifyInputs::read`, as each route reads it.
 #[derive(Debug, Deserialize)]
 pub struct ClassifyRequest {
-    pub inputs: Inputs,
+    pub inputs: Value,
     #[serde(default)]
     pub raw_scores: bool,
     #[serde(default)]
-    pub truncate: bool,
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: Option<Direction>,
     #[serde(default)]
     pub model: Option<String>,
 }
 
+/// A classify request's inputs: texts and sentence pairs, and whether the answer is one flat
+/// list (a single input) or one list per input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifyInputs {
+    pub texts: Vec<Text>,
+    pub flat: bool,
+}
+
+impl ClassifyInputs {
+    /// `"text"` (flat); `[["a"], ["q", "p"], ...]`, a batch of texts and pairs; and a list of
+    /// strings, which TEI's `/predict` reads as one pair when it has two (`tei_pairs`: `["q",
+    /// "p"]` is a pair, flat) and `/classify` as a batch of texts.
+    pub fn read(inputs: &Value, tei_pairs: bool, limits: &LimitsConfig) -> Result<Self, Error> {
+        let text = |v: &Value, at: String| -> Result<String, Error> {
+            match v {
+                Value::String(s) if s.is_empty() => Err(Error::EmptyInput(at)),
+                Value::String(s) if s.chars().count() > limits.max_input_chars => {
+                    Err(Error::InputTooManyChars { index: 0, chars: s.chars().count(), limit: limits.max_input_chars })
+                }
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(_) => Err(Error::field(at, TOKEN_IDS_REFUSED)),
+                other => Err(Error::field(at, format!("expected a string, got {other}"))),
+            }
+        };
+        let items = match inputs {
+            Value::String(_) => return Ok(ClassifyInputs { texts: vec![Text::One(text(inputs, "inputs".into())?)], flat: true }),
+            Value::Array(items) if items.is_empty() => return Err(Error::EmptyInput("inputs".into())),
+            Value::Array(items) => items,
+            other => return Err(Error::field("inputs", format!("expected a string, a list of strings or a list of lists, got {other}"))),
+        };
+        if items.len() > limits.max_inputs {
+            return Err(Error::TooManyInputs { field: "inputs".into(), count: items.len(), limit: limits.max_inputs });
+        }
+        let all_strings = items.iter().all(|v| !v.is_array());
+        if all_strings && tei_pairs {
+            let at = |i: usize| format!("inputs[{i}]");
+            return match items.as_slice() {
+                [one] => Ok(ClassifyInputs { texts: vec![Text::One(text(one, at(0))?)], flat: true }),
+                [a, b] => Ok(ClassifyInputs { texts: vec![Text::Pair(text(a, at(0))?, text(b, at(1))?)], flat: true }),
+                _ => Err(Error::field(
+                    "inputs",
+                    "a list of strings is one sentence pair here (TEI's /predict) and has two; send a batch as a list of lists: [[\"a\"], [\"b\"]]",
+                )),
+            };
+        }
+        let texts = items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::Array(pair) => match pair.as_slice() {
+                    [one] => Ok(Text::One(text(one, format!("inputs[{i}][0]"))?)),
+                    [a, b] => Ok(Text::Pair(text(a, format!("inputs[{i}][0]"))?, text(b, format!("inputs[{i}][1]"))?)),
+                    _ => Err(Error::field(
+                        format!("inputs[{i}]"),
+                        format!("a text is [\"text\"] and a pair [\"a\", \"b\"]; got {} strings", pair.len()),
+                    )),
+                },
+                one => Ok(Text::One(text(one, format!("inputs[{i}]"))?)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ClassifyInputs { texts, flat: false })
+    }
+}
+
 /// `POST /classify`: per input, `[{"label", "score"}]` sorted by score, highest first.
 /// A single string input answers with one flat list, as TEI does.
-pub async fn classify(State(node): State<AppState>, JsonBody(req): JsonBody<ClassifyRequest>) -> Result<Response, Error> {
+pub async fn classify(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    classify_as(node, raw, false).await
+}
+
+/// `POST /predict`: `/classify` with TEI's reading of `inputs` (two strings are a pair).
+pub async fn predict(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    classify_as(node, raw, true).await
+}
+
+async fn classify_as(node: AppState, raw: Value, tei_pairs: bool) -> Result<Response, Error> {
+    fields::check(&raw, fields::PREDICT)?;
+    let req: ClassifyRequest = from_value(raw)?;
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Classify)?;
     slot.record_on_span();
-    validated(&req.inputs, "inputs", &node)?;
+    let inputs = tracing::info_span!("validate").in_scope(|| ClassifyInputs::read(&req.inputs, tei_pairs, &node.config.limits))?;
     let service = slot.ready_service(node.ready_wait()).await?;
-    let (scored, encoded) = service.classify(slot.name(), req.inputs.texts, req.truncate, req.raw_scores).await?;
+    let truncate = truncation(&node, req.truncate, req.truncation_direction);
+    let (scored, encoded) = service.classify(slot.name(), inputs.texts, truncate, req.raw_scores).await?;
     let mut rows: Vec<Vec<LabelScore>> =
         scored.into_iter().map(|row| row.into_iter().map(|(label, score)| LabelScore { label, score }).collect()).collect();
-    if req.inputs.single {
-        // A single string input answers with one flat list, as TEI does.
+    if inputs.flat {
+        // A single input answers with one flat list, as TEI does.
         return Ok(answer(rows.pop().unwrap_or_default(), slot, &encoded, "classify"));
     }
     Ok(answer(&rows, slot, &encoded, "classify"))
+}
+
+/// `POST /rerank` body (TEI). The fields are `fields::RERANK`.
+#[derive(Debug, Deserialize)]
+pub struct RerankRequest {
+    pub query: String,
+    pub texts: Vec<String>,
+    #[serde(default)]
+    pub raw_scores: bool,
+    #[serde(default)]
+    pub return_text: bool,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: Option<Direction>,
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+/// One ranked text, as TEI answers `/rerank`.
+#[derive(Debug, Serialize)]
+struct Ranked {
+    index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    score: f32,
+}
+
+/// The labels a classify model reports (one for a cross-encoder).
+fn label_count(slot: &ModelSlot) -> Option<usize> {
+    slot.facts().details.get("labels").and_then(Value::as_array).map(Vec::len)
+}
+
+/// `POST /rerank`: each text scored against the query by a cross-encoder (a classify model
+/// with one label: sigmoid of its logit, or the logit with `raw_scores`), most relevant
+/// first, as TEI and sentence-transformers' `CrossEncoder.rank` answer.
+pub async fn rerank(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::RERANK)?;
+    let req: RerankRequest = from_value(raw)?;
+    let slot = match req.model.as_deref() {
+        Some(name) => node.registry.resolve(Some(name), ModelKind::Classify)?,
+        None => node.registry.slots().iter().find(|s| s.config.kind == ModelKind::Classify && label_count(s) == Some(1)).ok_or_else(|| {
+            Error::field(
+                "model",
+                "no re-ranker is served: a cross-encoder is a classify model with one label (a BertForSequenceClassification folder)",
+            )
+        })?,
+    };
+    slot.record_on_span();
+    if req.query.is_empty() {
+        return Err(Error::EmptyInput("query".into()));
+    }
+    let pairs: Vec<Value> = req.texts.iter().map(|t| json!([req.query, t])).collect();
+    if pairs.is_empty() {
+        return Err(Error::EmptyInput("texts".into()));
+    }
+    let inputs = ClassifyInputs::read(&Value::Array(pairs), false, &node.config.limits).map_err(|e| match e {
+        Error::EmptyInput(_) => Error::EmptyInput("texts".into()),
+        other => other,
+    })?;
+    let service = slot.ready_service(node.ready_wait()).await?;
+    if let Some(n) = label_count(slot).filter(|&n| n != 1) {
+        return Err(Error::field("model", format!("model {} has {n} labels; a re-ranker (cross-encoder) has one", slot.name())));
+    }
+    let truncate = truncation(&node, req.truncate, req.truncation_direction);
+    let (scored, encoded) = service.classify(slot.name(), inputs.texts, truncate, req.raw_scores).await?;
+    let mut ranked: Vec<Ranked> = scored
+        .into_iter()
+        .enumerate()
+        .map(|(index, row)| Ranked { index, text: req.return_text.then(|| req.texts[index].clone()), score: row.first().map_or(f32::NAN, |r| r.1) })
+        .collect();
+    ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+    Ok(answer(&ranked, slot, &encoded, "classify"))
 }

@@ -8,7 +8,8 @@
 use proptest::prelude::*;
 use serde_json::Value;
 
-use super::embed::{ClassifyRequest, EmbedRequest, OpenAiEmbeddingRequest};
+use super::embed::{ClassifyInputs, ClassifyRequest, EmbedRequest, OpenAiEmbeddingRequest};
+use super::fields;
 use super::generate::{to_chat, ChatRequest, CompletionRequest, GenerateRequest};
 use super::json::{from_value, parse};
 use crate::config::LimitsConfig;
@@ -61,7 +62,9 @@ fn decodes_or_documented<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option
 }
 
 fn sampling_checks(s: &super::generate::SamplingFields) {
-    for r in [s.params().map(|_| ()), s.stops().map(|_| ()), s.max_tokens().map(|_| ())] {
+    use super::generate::LogprobStyle;
+    let decodings = [s.decoding(LogprobStyle::Chat).map(|_| ()), s.decoding(LogprobStyle::Completions).map(|_| ())];
+    for r in [s.params().map(|_| ()), s.stops().map(|_| ()), s.max_tokens().map(|_| ())].into_iter().chain(decodings) {
         if let Err(e) = r {
             assert!(e.status().is_client_error(), "{e}");
         }
@@ -102,10 +105,22 @@ proptest! {
         }
         if let Ok(r) = from_value::<ChatRequest>(v.clone()) {
             sampling_checks(&r.sampling);
-            let _ = to_chat(r.messages);
+            let _ = to_chat(&r.messages);
         }
         if let Some(r) = decodes_or_documented::<CompletionRequest>(&bytes) {
             sampling_checks(&r.sampling);
+        }
+        if let Some(r) = decodes_or_documented::<ClassifyRequest>(&bytes) {
+            for tei_pairs in [false, true] {
+                if let Err(e) = ClassifyInputs::read(&r.inputs, tei_pairs, &limits) {
+                    assert!(e.status().is_client_error(), "{e}");
+                }
+            }
+        }
+        for route in [fields::CHAT, fields::COMPLETIONS, fields::GENERATE, fields::EMBEDDINGS, fields::EMBED, fields::PREDICT, fields::RERANK] {
+            if let Err(e) = fields::check(&v, route) {
+                assert!(e.status().is_client_error() && e.tei().0.is_client_error(), "{e}");
+            }
         }
     }
 
@@ -132,10 +147,11 @@ proptest! {
 
 #[test]
 fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
-    // Where the schema stops it early (inputs must hold strings), the field is named...
+    // Inputs hold strings (a nested list is read far enough to tell token ids from text,
+    // which the recursion limit bounds)...
     let deep = format!("{{\"inputs\": {}", "[".repeat(100_000));
     let e = parse::<EmbedRequest>(deep.as_bytes()).unwrap_err();
-    assert_eq!(e.code(), "invalid_field");
+    assert!(["invalid_field", "invalid_json"].contains(&e.code()), "{e}");
     // ...and where any JSON is allowed (`stop`), serde_json's recursion limit stops it.
     let deep = format!("{{\"messages\": [], \"stop\": {}", "[".repeat(100_000));
     let e = parse::<ChatRequest>(deep.as_bytes()).unwrap_err();

@@ -15,15 +15,17 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::json::JsonBody;
+use super::fields;
+use super::json::{from_value, JsonBody};
 use super::sse::{stream_response, OnEnd, PieceFormat};
 use super::{inference_headers, record_request, AppState, Served};
 use crate::config::ModelKind;
 use crate::error::Error;
+use crate::generate::constrain::Grammar;
 use crate::generate::engine::FinishReason;
-use crate::generate::sampling::SamplingParams;
+use crate::generate::sampling::{SamplingParams, TokenLogprob};
 use crate::generate::template::ChatMessage;
-use crate::generate::{GenerateService, Generation, Piece, Prepared, PromptInput, Usage};
+use crate::generate::{Decoding, GenerateService, Generation, Piece, Prepared, PromptInput, Usage};
 use crate::models::registry::ModelSlot;
 use crate::node::Node;
 use crate::telemetry::trace::record_tokens;
@@ -59,15 +61,33 @@ fn content<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     }
 }
 
-/// A chat message as clients send it.
+/// A chat message as clients send it. Every field OpenAI defines is read, so that one the
+/// local chat template cannot render is refused by name rather than dropped.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InMessage {
     pub role: Role,
     #[serde(deserialize_with = "content", default)]
     pub content: String,
+    /// A participant's name (OpenAI's), which our templates have no place for.
+    #[serde(default)]
+    pub name: Option<Value>,
+    /// An assistant's earlier tool calls.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    /// Which call a `tool` message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<Value>,
+    /// Fields an assistant message may carry back from an earlier answer; refused unless null.
+    #[serde(default)]
+    pub refusal: Option<Value>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
 }
 
-/// The roles a chat template understands.
+/// The roles clients send.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -76,6 +96,10 @@ pub enum Role {
     Developer,
     User,
     Assistant,
+    /// A tool's result (needs a template with tool support).
+    Tool,
+    /// OpenAI's deprecated function result.
+    Function,
 }
 
 impl Role {
@@ -84,15 +108,45 @@ impl Role {
             Role::System | Role::Developer => "system",
             Role::User => "user",
             Role::Assistant => "assistant",
+            Role::Tool => "tool",
+            Role::Function => "function",
         }
     }
 }
 
-pub(crate) fn to_chat(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, Error> {
+/// The conversation as the local chat template renders it. Anything in a message the
+/// template has no place for (tool turns, names, tool calls) is a 400 naming it: the
+/// model would otherwise answer a conversation other than the one sent.
+pub(crate) fn to_chat(messages: &[InMessage]) -> Result<Vec<ChatMessage>, Error> {
     if messages.is_empty() {
         return Err(Error::EmptyInput("messages".into()));
     }
-    Ok(messages.into_iter().map(|m| ChatMessage { role: m.role.as_str().to_string(), content: m.content }).collect())
+    let present = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if matches!(m.role, Role::Tool | Role::Function) {
+                return Err(Error::field(
+                    format!("messages[{i}].role"),
+                    "tool results need tool support, which the local model's chat template does not have",
+                ));
+            }
+            for (field, value) in [
+                ("name", &m.name),
+                ("tool_calls", &m.tool_calls),
+                ("tool_call_id", &m.tool_call_id),
+                ("audio", &m.audio),
+                ("function_call", &m.function_call),
+                ("refusal", &m.refusal),
+            ] {
+                if present(value) {
+                    return Err(Error::field(format!("messages[{i}].{field}"), "the local model's chat template has no place for it"));
+                }
+            }
+            Ok(ChatMessage { role: m.role.as_str().to_string(), content: m.content.clone() })
+        })
+        .collect()
 }
 
 /// Sampling fields shared by every route. They are kept as raw JSON and typed here, so a
@@ -111,6 +165,24 @@ pub struct SamplingFields {
     pub n: Option<Value>,
     /// Our extension (as vLLM's): keep generating past end-of-sequence, up to `max_tokens`.
     pub ignore_eos: Option<Value>,
+    pub frequency_penalty: Option<Value>,
+    pub presence_penalty: Option<Value>,
+    /// Our extension (as vLLM's and llama.cpp's).
+    pub repetition_penalty: Option<Value>,
+    pub logit_bias: Option<Value>,
+    /// Chat: `true`/`false`; legacy completions: how many alternatives (0–5).
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<Value>,
+    pub response_format: Option<Value>,
+}
+
+/// How a route spells `logprobs`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LogprobStyle {
+    /// `logprobs: true` with `top_logprobs: 0..=20` (chat, `/generate`).
+    Chat,
+    /// `logprobs: 0..=5`, the number of alternatives (legacy completions).
+    Completions,
 }
 
 fn number(field: &str, v: &Option<Value>) -> Result<Option<f64>, Error> {
@@ -148,9 +220,22 @@ impl SamplingFields {
             return Err(Error::field("top_k", format!("must be 0 (no limit) or more, got {top_k}")));
         }
         if let Some(n) = integer("n", &self.n)? {
-            if n != 1 {
-                return Err(Error::field("n", "only n = 1 is supported"));
+            if !(1..=128).contains(&n) {
+                return Err(Error::field("n", format!("must be between 1 and 128, got {n}")));
             }
+        }
+        let penalty = |field: &str, v: &Option<Value>| -> Result<f32, Error> {
+            let p = number(field, v)?.unwrap_or(0.0);
+            if !(-2.0..=2.0).contains(&p) {
+                return Err(Error::field(field, format!("must be between -2 and 2, got {p}")));
+            }
+            Ok(p as f32)
+        };
+        let frequency_penalty = penalty("frequency_penalty", &self.frequency_penalty)?;
+        let presence_penalty = penalty("presence_penalty", &self.presence_penalty)?;
+        let repetition_penalty = number("repetition_penalty", &self.repetition_penalty)?.unwrap_or(1.0);
+        if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+            return Err(Error::field("repetition_penalty", format!("must be in (0, 10], got {repetition_penalty}")));
         }
         let seed = match &self.seed {
             None | Some(Value::Null) => rand::random(),
@@ -167,7 +252,111 @@ impl SamplingFields {
             Some(Value::Bool(b)) => *b,
             Some(other) => return Err(Error::field("ignore_eos", format!("must be true or false, got {other}"))),
         };
-        Ok(SamplingParams { temperature: temperature as f32, top_p: top_p as f32, top_k: top_k as usize, seed, ignore_eos })
+        Ok(SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k: top_k as usize,
+            seed,
+            ignore_eos,
+            frequency_penalty,
+            presence_penalty,
+            repetition_penalty: repetition_penalty as f32,
+        })
+    }
+
+    /// Choices beyond one (`n`); more than one is for the cloud tier only.
+    pub(crate) fn choices(&self) -> Result<i64, Error> {
+        Ok(integer("n", &self.n)?.unwrap_or(1))
+    }
+
+    /// Everything that shapes how tokens are chosen, validated.
+    pub(crate) fn decoding(&self, style: LogprobStyle) -> Result<Decoding, Error> {
+        let params = self.params()?;
+        let mut decoding = Decoding::new(params);
+        decoding.logit_bias = self.logit_bias()?;
+        decoding.logprobs = self.logprobs(style)?;
+        decoding.grammar = self.grammar()?;
+        Ok(decoding)
+    }
+
+    /// `logit_bias`: token ids (as strings, OpenAI's JSON) to a bias in [-100, 100].
+    fn logit_bias(&self) -> Result<Vec<(u32, f32)>, Error> {
+        let map = match &self.logit_bias {
+            None | Some(Value::Null) => return Ok(vec![]),
+            Some(Value::Object(m)) => m,
+            Some(other) => return Err(Error::field("logit_bias", format!("must be an object of token id to bias, got {other}"))),
+        };
+        if map.len() > 1024 {
+            return Err(Error::field("logit_bias", format!("at most 1024 tokens, got {}", map.len())));
+        }
+        map.iter()
+            .map(|(k, v)| {
+                let field = format!("logit_bias.{k}");
+                let token: u32 = k.parse().map_err(|_| Error::field(&field, "keys must be token ids (integers as strings)"))?;
+                let bias = v.as_f64().ok_or_else(|| Error::field(&field, format!("must be a number, got {v}")))?;
+                if !(-100.0..=100.0).contains(&bias) {
+                    return Err(Error::field(&field, format!("must be between -100 and 100, got {bias}")));
+                }
+                Ok((token, bias as f32))
+            })
+            .collect()
+    }
+
+    fn logprobs(&self, style: LogprobStyle) -> Result<Option<usize>, Error> {
+        match style {
+            LogprobStyle::Chat => {
+                let on = match &self.logprobs {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => return Err(Error::field("logprobs", format!("must be true or false, got {other}"))),
+                };
+                let top = integer("top_logprobs", &self.top_logprobs)?;
+                match top {
+                    Some(t) if !(0..=20).contains(&t) => Err(Error::field("top_logprobs", format!("must be between 0 and 20, got {t}"))),
+                    Some(_) if !on => Err(Error::field("top_logprobs", "needs \"logprobs\": true")),
+                    _ => Ok(on.then(|| top.unwrap_or(0) as usize)),
+                }
+            }
+            LogprobStyle::Completions => match integer("logprobs", &self.logprobs)? {
+                None => Ok(None),
+                Some(k) if (0..=5).contains(&k) => Ok(Some(k as usize)),
+                Some(k) => Err(Error::field("logprobs", format!("must be between 0 and 5, got {k}"))),
+            },
+        }
+    }
+
+    /// `response_format`: text, `json_object`, or `json_schema` (`{name, schema, strict}`).
+    fn grammar(&self) -> Result<Option<Grammar>, Error> {
+        let format = match &self.response_format {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(f)) => f,
+            Some(other) => return Err(Error::field("response_format", format!("must be an object, got {other}"))),
+        };
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Grammar::JsonObject)),
+            Some("json_schema") => {
+                let spec = format
+                    .get("json_schema")
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| Error::field("response_format.json_schema", "must be an object with a `schema` (and a `name`)"))?;
+                for key in spec.keys() {
+                    if !["name", "schema", "strict", "description"].contains(&key.as_str()) {
+                        return Err(Error::field(
+                            format!("response_format.json_schema.{key}"),
+                            "unknown field; known: name, schema, strict, description",
+                        ));
+                    }
+                }
+                match spec.get("schema") {
+                    Some(schema @ Value::Object(_)) => Ok(Some(Grammar::JsonSchema(schema.clone()))),
+                    Some(Value::Bool(true)) | None => Ok(Some(Grammar::JsonObject)),
+                    Some(other) => Err(Error::field("response_format.json_schema.schema", format!("must be a JSON Schema object, got {other}"))),
+                }
+            }
+            Some(other) => Err(Error::field("response_format.type", format!("must be text, json_object or json_schema, got {other:?}"))),
+            None => Err(Error::field("response_format.type", "is required (text, json_object or json_schema)")),
+        }
     }
 
     /// `stop`: one string or a list of up to 8 non-empty strings.
@@ -209,8 +398,9 @@ pub(crate) async fn begin(
     slot: &ModelSlot,
     prompt: PromptInput,
     sampling: &SamplingFields,
+    style: LogprobStyle,
 ) -> Result<(Arc<GenerateService>, Generation), Error> {
-    begin_prepared(node, slot, prompt, sampling, None).await
+    begin_prepared(node, slot, prompt, sampling, style, None).await
 }
 
 /// `begin`, reusing a prompt this model already prepared (the router's decision did).
@@ -219,29 +409,59 @@ pub(crate) async fn begin_prepared(
     slot: &ModelSlot,
     prompt: PromptInput,
     sampling: &SamplingFields,
+    style: LogprobStyle,
     prepared: Option<Prepared>,
 ) -> Result<(Arc<GenerateService>, Generation), Error> {
-    let params = sampling.params()?;
+    let decoding = sampling.decoding(style)?;
+    if sampling.choices()? > 1 {
+        return Err(Error::field(
+            "n",
+            format!("model {} generates one choice per request (n = 1); use \"model\": \"auto\" with a cloud upstream for more", slot.name()),
+        ));
+    }
     let service = ready_generator(node, slot).await?;
     let prepared = match prepared {
         Some(p) => p,
         None => service.prepare(prompt, sampling.max_tokens()?).await?,
     };
-    let generation = service.start(prepared, params, sampling.stops()?).await?;
+    let sampler = service.sampler(decoding).await?;
+    let generation = service.start(prepared, sampler, sampling.stops()?).await?;
     Ok((service, generation))
 }
 
-/// Runs a generation to the end, collecting its text.
-pub(crate) async fn collect(mut generation: Generation) -> Result<(String, Usage, FinishReason, Generation), Error> {
-    let mut text = String::new();
-    while let Some(piece) = generation.next().await {
+/// A generation run to its end.
+pub(crate) struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub usage: Usage,
+    pub reason: FinishReason,
+    pub generation: Generation,
+}
+
+/// Runs a generation to the end, collecting its text (after `first`, a piece already taken).
+pub(crate) async fn collect_after(first: Option<Piece>, mut generation: Generation) -> Result<Collected, Error> {
+    let (mut text, mut logprobs) = (String::new(), Vec::new());
+    let mut next = first;
+    loop {
+        let piece = match next.take() {
+            Some(p) => Some(p),
+            None => generation.next().await,
+        };
         match piece {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Done(usage, reason) => return Ok((text, usage, reason, generation)),
-            Piece::Error(e) => return Err(e),
+            Some(Piece::Text { text: t, logprobs: l }) => {
+                text.push_str(&t);
+                logprobs.extend(l);
+            }
+            Some(Piece::Done(usage, reason)) => return Ok(Collected { text, logprobs, usage, reason, generation }),
+            Some(Piece::Error(e)) => return Err(e),
+            None => return Err(Error::Internal("the generation ended without finishing".into())),
         }
     }
-    Err(Error::Internal("the generation ended without finishing".into()))
+}
+
+/// Runs a generation to the end, collecting its text.
+pub(crate) async fn collect(generation: Generation) -> Result<Collected, Error> {
+    collect_after(None, generation).await
 }
 
 pub(crate) fn served(slot: &ModelSlot, generation: &Generation, streaming: bool) -> Served {
@@ -270,6 +490,78 @@ pub(crate) fn request_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", rand::random::<u64>())
 }
 
+/// Log-probabilities in JSON: -inf (a token the grammar or a bias ruled out) is written as
+/// OpenAI writes it, -9999.
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        -9999.0
+    }
+}
+
+/// Chat's `logprobs` object for some tokens: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+pub(crate) fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let entry = |bytes: &[u8], logprob: f32| json!({"token": String::from_utf8_lossy(bytes), "logprob": finite(logprob), "bytes": bytes});
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut e = entry(&t.bytes, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|(_, b, lp)| entry(b, *lp)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Legacy completions' `logprobs` object: parallel lists, offsets into `text` from `offset`.
+fn completion_logprobs(tokens: &[TokenLogprob], offset: usize) -> Value {
+    let mut at = offset;
+    let (mut names, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for t in tokens {
+        let name = String::from_utf8_lossy(&t.bytes).into_owned();
+        offsets.push(at);
+        at += name.len();
+        names.push(name);
+        lps.push(finite(t.logprob));
+        let top: serde_json::Map<String, Value> =
+            t.top.iter().map(|(_, b, lp)| (String::from_utf8_lossy(b).into_owned(), json!(finite(*lp)))).collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": names, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// `user`, `metadata` and `safety_identifier` go on the request's trace and into the log:
+/// attribution a gateway keys on, never dropped.
+pub(crate) fn record_attribution(body: &Value) -> Result<(), Error> {
+    if let Some(meta) = body.get("metadata").filter(|m| !m.is_null()) {
+        let map = meta.as_object().ok_or_else(|| Error::field("metadata", "must be an object of strings"))?;
+        if map.len() > 16 {
+            return Err(Error::field("metadata", format!("at most 16 keys, got {}", map.len())));
+        }
+        for (k, v) in map {
+            match v.as_str() {
+                Some(s) if k.chars().count() <= 64 && s.chars().count() <= 512 => {}
+                _ => return Err(Error::field(format!("metadata.{k}"), "keys are at most 64 characters and values strings of at most 512")),
+            }
+        }
+    }
+    for field in ["user", "safety_identifier"] {
+        if let Some(v) = body.get(field).filter(|v| !v.is_null()) {
+            if !v.is_string() {
+                return Err(Error::field(field, format!("must be a string, got {v}")));
+            }
+        }
+    }
+    let user = body.get("user").and_then(Value::as_str);
+    let safety = body.get("safety_identifier").and_then(Value::as_str);
+    let metadata = body.get("metadata").filter(|m| !m.is_null()).map(|m| m.to_string());
+    if user.is_some() || safety.is_some() || metadata.is_some() {
+        tracing::info!(user, safety_identifier = safety, metadata, "request attribution");
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- /generate
 
 /// `POST /generate` body.
@@ -289,19 +581,26 @@ fn native_prompt(prompt: Option<String>, messages: Option<Vec<InMessage>>) -> Re
         (Some(_), Some(_)) => Err(Error::field("prompt", "send either prompt or messages, not both")),
         (Some(p), None) if p.is_empty() => Err(Error::EmptyInput("prompt".into())),
         (Some(p), None) => Ok(PromptInput::Text(p)),
-        (None, Some(m)) => Ok(PromptInput::Chat(to_chat(m)?)),
+        (None, Some(m)) => Ok(PromptInput::Chat(to_chat(&m)?)),
         (None, None) => Err(Error::MissingField("prompt (or messages)".into())),
     }
 }
 
 struct NativeFormat {
     model: String,
+    logprobs: bool,
 }
 
 impl PieceFormat for NativeFormat {
     fn format(&mut self, piece: &Piece) -> Vec<Value> {
         match piece {
-            Piece::Text(t) => vec![json!({"text": t})],
+            Piece::Text { text, logprobs } => {
+                let mut event = json!({"text": text});
+                if self.logprobs {
+                    event["logprobs"] = chat_logprobs(logprobs);
+                }
+                vec![event]
+            }
             Piece::Done(usage, reason) => {
                 vec![json!({"text": "", "finish_reason": reason.as_str(), "usage": usage, "model": self.model})]
             }
@@ -311,19 +610,26 @@ impl PieceFormat for NativeFormat {
 }
 
 /// `POST /generate`: `{"text", "finish_reason", "usage", "model"}`, or SSE with `stream`.
-pub async fn generate(State(node): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Response, Error> {
+pub async fn generate(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::GENERATE)?;
+    record_attribution(&raw)?;
+    let req: GenerateRequest = from_value(raw)?;
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Generate)?;
     slot.record_on_span();
     let prompt = native_prompt(req.prompt, req.messages)?;
-    let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
+    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat).await?;
     let model = slot.name().to_string();
+    let logprobs = req.sampling.logprobs(LogprobStyle::Chat)?.is_some();
     if req.stream {
-        let response = stream_response_with_headers(&node, "/generate", slot, generation, vec![], NativeFormat { model }, None);
+        let response = stream_response_with_headers(&node, "/generate", slot, generation, vec![], NativeFormat { model, logprobs }, None);
         return Ok(response);
     }
-    let (text, usage, reason, generation) = collect(generation).await?;
-    let body = json!({"text": text, "finish_reason": reason.as_str(), "usage": usage, "model": model});
-    Ok(headers(Json(body).into_response(), slot, &generation))
+    let done = collect(generation).await?;
+    let mut body = json!({"text": done.text, "finish_reason": done.reason.as_str(), "usage": done.usage, "model": model});
+    if logprobs {
+        body["logprobs"] = chat_logprobs(&done.logprobs);
+    }
+    Ok(headers(Json(body).into_response(), slot, &done.generation))
 }
 
 /// An SSE answer; the request is recorded in `/metrics` and `/stats` when the stream ends
@@ -359,12 +665,17 @@ pub(crate) fn stream_response_with_headers<F: PieceFormat>(
 
 /// `stream_options`.
 #[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
+    /// Obfuscation padding on streamed chunks (OpenAI's); there is nothing to pad here.
+    #[serde(default)]
+    pub include_obfuscation: Option<bool>,
 }
 
-/// `POST /v1/chat/completions` body (fields we do not use are accepted and ignored).
+/// `POST /v1/chat/completions` body. Which top-level fields are accepted, and what is done
+/// with each, is `fields::CHAT`.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     pub model: Option<String>,
@@ -373,8 +684,74 @@ pub struct ChatRequest {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub tools: Option<Value>,
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    #[serde(default)]
+    pub store: Option<Value>,
+    #[serde(default)]
+    pub service_tier: Option<Value>,
+    #[serde(default)]
+    pub modalities: Option<Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+impl ChatRequest {
+    /// Why the local model cannot answer this request as asked: the field, and the reason
+    /// (a 400 when the local model was named; the cloud, when the router chooses).
+    pub(crate) fn edge_refusal(&self, model: &str, template_tools: bool) -> Option<Error> {
+        self.edge_refusal_inner(model, template_tools).or_else(|| to_chat(&self.messages).err())
+    }
+
+    fn edge_refusal_inner(&self, model: &str, template_tools: bool) -> Option<Error> {
+        let tools = self.tools.as_ref().is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()) || !(t.is_null() || t.is_array()));
+        if tools {
+            let why = if template_tools {
+                format!("tool calling is not implemented for local models yet (model {model}); use \"model\": \"auto\" with a cloud upstream")
+            } else {
+                format!("model {model}'s chat template has no tool support; use \"model\": \"auto\" with a cloud upstream")
+            };
+            return Some(Error::field("tools", why));
+        }
+        match self.tool_choice.as_ref() {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "none" || s == "auto" => {}
+            Some(_) => return Some(Error::field("tool_choice", format!("model {model} cannot call tools: only \"none\" or \"auto\" without tools"))),
+        }
+        match self.sampling.choices() {
+            Ok(n) if n > 1 => return Some(Error::field("n", format!("model {model} generates one choice per request (n = 1)"))),
+            _ => {}
+        }
+        if self.store.as_ref().is_some_and(|v| v.as_bool() == Some(true)) {
+            return Some(Error::field("store", "completions are not stored at the edge (send false)"));
+        }
+        if let Some(tier) = self.service_tier.as_ref().and_then(Value::as_str) {
+            if tier != "auto" && tier != "default" {
+                return Some(Error::field("service_tier", format!("{tier:?} is a cloud billing tier; the edge serves \"auto\" or \"default\"")));
+            }
+        }
+        if let Some(m) = self.modalities.as_ref().filter(|m| !m.is_null()) {
+            if m.as_array().is_none_or(|a| a.iter().any(|x| x != "text")) {
+                return Some(Error::field("modalities", "the local model writes text only ([\"text\"])"));
+            }
+        }
+        let present = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        for (i, m) in self.messages.iter().enumerate() {
+            if matches!(m.role, Role::Tool | Role::Function) || present(&m.tool_calls) || present(&m.function_call) {
+                return Some(Error::field(format!("messages[{i}]"), format!("tool turns need tool support, which model {model} does not have")));
+            }
+            if present(&m.audio) {
+                return Some(Error::field(format!("messages[{i}].audio"), "the local model reads text only"));
+            }
+        }
+        None
+    }
+
+    pub(crate) fn include_usage(&self) -> bool {
+        self.stream_options.as_ref().is_some_and(|o| o.include_usage)
+    }
 }
 
 pub(crate) struct ChatFormat {
@@ -382,6 +759,7 @@ pub(crate) struct ChatFormat {
     pub created: u64,
     pub model: String,
     pub include_usage: bool,
+    pub logprobs: bool,
 }
 
 /// OpenAI's `chat.completion` object: the whole answer of a non-streamed chat request.
@@ -400,19 +778,31 @@ struct ChatChoice<'a> {
     index: u32,
     message: AssistantMessage<'a>,
     finish_reason: &'static str,
-    /// Always `null`: log probabilities are not produced.
-    logprobs: Option<()>,
+    /// `null` unless the request asked for `logprobs`.
+    logprobs: Option<Value>,
 }
 
 #[derive(Debug, Serialize)]
 struct AssistantMessage<'a> {
     role: &'static str,
     content: &'a str,
+    refusal: Option<()>,
 }
 
 impl ChatFormat {
+    /// The formatter for a chat request's answer.
+    pub(crate) fn new(model: &str, req: &ChatRequest) -> Result<Self, Error> {
+        Ok(ChatFormat {
+            id: request_id("chatcmpl"),
+            created: now_s(),
+            model: model.to_string(),
+            include_usage: req.include_usage(),
+            logprobs: req.sampling.logprobs(LogprobStyle::Chat)?.is_some(),
+        })
+    }
+
     /// The non-streamed answer, for the local route and the routed edge alike.
-    pub(crate) fn completion<'a>(&'a self, text: &'a str, usage: Usage, reason: FinishReason) -> ChatCompletion<'a> {
+    pub(crate) fn completion<'a>(&'a self, done: &'a Collected) -> ChatCompletion<'a> {
         ChatCompletion {
             id: &self.id,
             object: "chat.completion",
@@ -420,28 +810,33 @@ impl ChatFormat {
             model: &self.model,
             choices: [ChatChoice {
                 index: 0,
-                message: AssistantMessage { role: "assistant", content: text },
-                finish_reason: reason.as_str(),
-                logprobs: None,
+                message: AssistantMessage { role: "assistant", content: &done.text, refusal: None },
+                finish_reason: done.reason.as_str(),
+                logprobs: self.logprobs.then(|| chat_logprobs(&done.logprobs)),
             }],
-            usage,
+            usage: done.usage,
         }
     }
 
-    pub(crate) fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+    pub(crate) fn chunk(&self, delta: Value, finish: Option<&str>, logprobs: Option<Value>) -> Value {
         json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
         })
+    }
+
+    /// The first event of a stream: the assistant's role.
+    pub(crate) fn opening(&self) -> Value {
+        self.chunk(json!({"role": "assistant", "content": ""}), None, None)
     }
 }
 
 impl PieceFormat for ChatFormat {
     fn format(&mut self, piece: &Piece) -> Vec<Value> {
         match piece {
-            Piece::Text(t) => vec![self.chunk(json!({"content": t}), None)],
+            Piece::Text { text, logprobs } => vec![self.chunk(json!({"content": text}), None, self.logprobs.then(|| chat_logprobs(logprobs)))],
             Piece::Done(usage, reason) => {
-                let mut out = vec![self.chunk(json!({}), Some(reason.as_str()))];
+                let mut out = vec![self.chunk(json!({}), Some(reason.as_str()), None)];
                 if self.include_usage {
                     out.push(json!({
                         "id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -459,20 +854,19 @@ impl PieceFormat for ChatFormat {
 pub(crate) async fn chat_local(node: AppState, req: ChatRequest) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
     slot.record_on_span();
-    let prompt = PromptInput::Chat(to_chat(req.messages)?);
-    let (_, generation) = begin(&node, slot, prompt, &req.sampling).await?;
-    let format = ChatFormat {
-        id: request_id("chatcmpl"),
-        created: now_s(),
-        model: slot.name().to_string(),
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-    };
+    let service = ready_generator(&node, slot).await?;
+    if let Some(e) = req.edge_refusal(slot.name(), service.info.template_tools) {
+        return Err(e);
+    }
+    let format = ChatFormat::new(slot.name(), &req)?;
+    let prompt = PromptInput::Chat(to_chat(&req.messages)?);
+    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat).await?;
     if req.stream {
-        let first = format.chunk(json!({"role": "assistant", "content": ""}), None);
+        let first = format.opening();
         return Ok(stream_response_with_headers(&node, "/v1/chat/completions", slot, generation, vec![first], format, None));
     }
-    let (text, usage, reason, generation) = collect(generation).await?;
-    Ok(headers(Json(format.completion(&text, usage, reason)).into_response(), slot, &generation))
+    let done = collect(generation).await?;
+    Ok(headers(Json(format.completion(&done)).into_response(), slot, &done.generation))
 }
 
 // ---------------------------------------------------------------- /v1/completions
@@ -515,13 +909,16 @@ struct CompletionFormat {
     created: u64,
     model: String,
     include_usage: bool,
+    logprobs: bool,
+    /// Characters of text sent so far (`text_offset` counts from here).
+    sent: usize,
 }
 
 impl CompletionFormat {
-    fn chunk(&self, text: &str, finish: Option<&str>) -> Value {
+    fn chunk(&self, text: &str, finish: Option<&str>, logprobs: Option<Value>) -> Value {
         json!({
             "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
         })
     }
 }
@@ -529,9 +926,13 @@ impl CompletionFormat {
 impl PieceFormat for CompletionFormat {
     fn format(&mut self, piece: &Piece) -> Vec<Value> {
         match piece {
-            Piece::Text(t) => vec![self.chunk(t, None)],
+            Piece::Text { text, logprobs } => {
+                let lp = self.logprobs.then(|| completion_logprobs(logprobs, self.sent));
+                self.sent += text.len();
+                vec![self.chunk(text, None, lp)]
+            }
             Piece::Done(usage, reason) => {
-                let mut out = vec![self.chunk("", Some(reason.as_str()))];
+                let mut out = vec![self.chunk("", Some(reason.as_str()), None)];
                 if self.include_usage {
                     out.push(json!({
                         "id": self.id, "object": "text_completion", "created": self.created,
@@ -549,7 +950,10 @@ impl PieceFormat for CompletionFormat {
 const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
 
 /// `POST /v1/completions`.
-pub async fn completions(State(node): State<AppState>, JsonBody(mut req): JsonBody<CompletionRequest>) -> Result<Response, Error> {
+pub async fn completions(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::COMPLETIONS)?;
+    record_attribution(&raw)?;
+    let mut req: CompletionRequest = from_value(raw)?;
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
     slot.record_on_span();
     if req.prompt.0.is_empty() {
@@ -558,21 +962,24 @@ pub async fn completions(State(node): State<AppState>, JsonBody(mut req): JsonBo
     if req.sampling.max_tokens()?.is_none() {
         req.sampling.max_tokens = Some(json!(COMPLETIONS_DEFAULT_MAX_TOKENS));
     }
-    let (_, generation) = begin(&node, slot, PromptInput::Text(req.prompt.0), &req.sampling).await?;
+    let (_, generation) = begin(&node, slot, PromptInput::Text(req.prompt.0), &req.sampling, LogprobStyle::Completions).await?;
     let format = CompletionFormat {
         id: request_id("cmpl"),
         created: now_s(),
         model: slot.name().to_string(),
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        logprobs: req.sampling.logprobs(LogprobStyle::Completions)?.is_some(),
+        sent: 0,
     };
     if req.stream {
         return Ok(stream_response_with_headers(&node, "/v1/completions", slot, generation, vec![], format, None));
     }
-    let (text, usage, reason, generation) = collect(generation).await?;
+    let done = collect(generation).await?;
+    let logprobs = format.logprobs.then(|| completion_logprobs(&done.logprobs, 0));
     let body = json!({
         "id": format.id, "object": "text_completion", "created": format.created, "model": format.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": reason.as_str(), "logprobs": null}],
-        "usage": usage,
+        "choices": [{"index": 0, "text": done.text, "finish_reason": done.reason.as_str(), "logprobs": logprobs}],
+        "usage": done.usage,
     });
-    Ok(headers(Json(body).into_response(), slot, &generation))
+    Ok(headers(Json(body).into_response(), slot, &done.generation))
 }

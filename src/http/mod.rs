@@ -6,6 +6,7 @@
 //! bodies answer in the same JSON error shape as everything else.
 
 pub mod embed;
+pub mod fields;
 #[cfg(test)]
 mod fuzz;
 pub mod generate;
@@ -15,6 +16,7 @@ pub mod ops;
 pub mod route;
 pub mod sse;
 pub mod stats;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,40 +50,56 @@ enum Class {
     Work,
 }
 
-/// Every route with its class: the one list of paths the node serves.
-fn routes(node: &Node) -> Vec<(&'static str, Class, MethodRouter<AppState>)> {
+/// Whose error shape a route answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    /// OpenAI's `{"error": {"message", "type", "code", "param"}}`: ours and `/v1/*`.
+    OpenAi,
+    /// text-embeddings-inference's `{"error", "error_type"}` with its status codes, so a TEI
+    /// client's error handling works unchanged on TEI's routes.
+    Tei,
+}
+
+/// Every route with its class and dialect: the one list of paths the node serves.
+fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppState>)> {
+    use Dialect::{OpenAi, Tei};
     let mut routes = vec![
-        ("/livez", Class::Probe, get(ops::livez)),
-        ("/readyz", Class::Probe, get(ops::readyz)),
-        ("/metrics", Class::Probe, get(stats::metrics)),
-        ("/info", Class::Ops, get(ops::info)),
-        ("/v1/models", Class::Ops, get(ops::list_models)),
-        ("/stats", Class::Ops, get(stats::stats)),
-        ("/embed", Class::Work, post(embed::embed)),
-        ("/v1/embeddings", Class::Work, post(embed::openai_embeddings)),
-        ("/classify", Class::Work, post(embed::classify)),
-        ("/predict", Class::Work, post(embed::classify)),
-        ("/generate", Class::Work, post(generate::generate)),
-        ("/v1/chat/completions", Class::Work, post(route::chat)),
-        ("/route", Class::Work, post(route::route)),
-        ("/v1/completions", Class::Work, post(generate::completions)),
+        ("/livez", Class::Probe, OpenAi, get(ops::livez)),
+        ("/readyz", Class::Probe, OpenAi, get(ops::readyz)),
+        ("/health", Class::Probe, Tei, get(ops::health)),
+        ("/metrics", Class::Probe, OpenAi, get(stats::metrics)),
+        ("/info", Class::Ops, OpenAi, get(ops::info)),
+        ("/v1/models", Class::Ops, OpenAi, get(ops::list_models)),
+        ("/stats", Class::Ops, OpenAi, get(stats::stats)),
+        ("/embed", Class::Work, Tei, post(embed::embed)),
+        ("/v1/embeddings", Class::Work, OpenAi, post(embed::openai_embeddings)),
+        ("/classify", Class::Work, Tei, post(embed::classify)),
+        ("/predict", Class::Work, Tei, post(embed::predict)),
+        ("/rerank", Class::Work, Tei, post(embed::rerank)),
+        ("/tokenize", Class::Work, Tei, post(tokens::tokenize)),
+        ("/decode", Class::Work, Tei, post(tokens::decode)),
+        ("/detokenize", Class::Work, OpenAi, post(tokens::detokenize)),
+        ("/generate", Class::Work, OpenAi, post(generate::generate)),
+        ("/v1/chat/completions", Class::Work, OpenAi, post(route::chat)),
+        ("/route", Class::Work, OpenAi, post(route::route)),
+        ("/v1/completions", Class::Work, OpenAi, post(generate::completions)),
     ];
     if node.config.debug.fault_injection {
-        routes.push(("/debug/fault", Class::Work, post(ops::debug_fault)));
+        routes.push(("/debug/fault", Class::Work, OpenAi, post(ops::debug_fault)));
     }
     routes
 }
 
-/// The envelope's view of the routes: each matched path's class.
-type Classes = Arc<HashMap<&'static str, Class>>;
+/// The envelope's view of the routes: each matched path's class and dialect.
+type Classes = Arc<HashMap<&'static str, (Class, Dialect)>>;
 
 /// Builds the router for a node.
 pub fn router(node: Arc<Node>) -> Router {
     let cors = cors_layer(&node.config.server.cors_origins);
     let mut app = Router::new();
     let mut classes = HashMap::new();
-    for (path, class, handler) in routes(&node) {
-        classes.insert(path, class);
+    for (path, class, dialect, handler) in routes(&node) {
+        classes.insert(path, (class, dialect));
         app = app.route(path, handler);
     }
     let app = app
@@ -132,23 +150,23 @@ async fn wrong_method(method: Method, uri: Uri) -> Error {
 async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(json::BodyLimit(node.config.limits.max_body_bytes));
     let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
-    let class = matched.as_deref().and_then(|m| classes.get(m)).copied().unwrap_or(Class::Work);
+    let (class, dialect) = matched.as_deref().and_then(|m| classes.get(m)).copied().unwrap_or((Class::Work, Dialect::OpenAi));
     let route = matched.unwrap_or_else(|| "unmatched".into());
     if node.keys.enabled() && (class != Class::Probe || node.config.auth.protect_probes) {
         let authorization = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         // A browser's CORS preflight carries no credentials; the CORS layer answers it.
         if !node.keys.accepts(authorization) && req.method() != Method::OPTIONS {
-            let response = Error::Unauthorized.into_response();
+            let response = in_dialect(dialect, Error::Unauthorized.into_response());
             record_request(&node, &route, response.status().as_u16(), 0.0, None);
             return response;
         }
     }
     if class != Class::Work {
-        return next.run(req).await;
+        return in_dialect(dialect, next.run(req).await);
     }
     let span = request_span(req.method().as_str(), &route, req.headers());
     let started = std::time::Instant::now();
-    let mut response = if node.is_draining() {
+    let response = if node.is_draining() {
         Error::Draining.into_response()
     } else {
         let timeout = std::time::Duration::from_secs(node.config.limits.request_timeout_s);
@@ -157,6 +175,7 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
             Err(_) => Error::Timeout(node.config.limits.request_timeout_s).into_response(),
         }
     };
+    let mut response = in_dialect(dialect, response);
     let total_s = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
     record_status(&span, status);
@@ -170,6 +189,19 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
         response.headers_mut().insert("x-total-time", v);
     }
     response
+}
+
+/// An error answer re-rendered in the route's dialect (its headers kept).
+fn in_dialect(dialect: Dialect, response: Response) -> Response {
+    if dialect == Dialect::OpenAi {
+        return response;
+    }
+    let Some(error) = response.extensions().get::<Error>().cloned() else { return response };
+    let (status, body) = error.tei();
+    let (mut parts, _) = response.into_parts();
+    parts.status = status;
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
 /// What an inference handler reports about its answer (a response extension the envelope

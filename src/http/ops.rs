@@ -7,6 +7,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::AppState;
+use crate::config::ModelKind;
+use crate::error::Error;
 use crate::models::registry::Stage;
 
 /// `GET /livez`: 200 as soon as the process serves HTTP, even while models warm up.
@@ -101,7 +103,7 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
         "keys": node.keys.hints(),
         "protect_probes": node.config.auth.protect_probes,
     });
-    Json(json!({
+    let mut info = json!({
         "auth": auth,
         "sync": sync,
         "name": "edgenode",
@@ -117,9 +119,52 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
             "max_request_tokens": limits.max_request_tokens,
             "max_tokens": limits.max_tokens,
             "max_connections": limits.max_connections,
+            "auto_truncate": limits.auto_truncate,
         },
         "models": models,
-    }))
+    });
+    if let (Value::Object(ours), Value::Object(tei)) = (&mut info, tei_info(&node)) {
+        ours.extend(tei);
+    }
+    Json(info)
+}
+
+/// text-embeddings-inference's `/info` fields, for the first embed model, beside ours: TEI
+/// clients read `max_client_batch_size` and `max_input_length` to size their requests.
+fn tei_info(node: &AppState) -> Value {
+    let limits = &node.config.limits;
+    let Some(slot) = node.registry.slots().iter().find(|s| s.config.kind == ModelKind::Embed) else {
+        return json!({"max_client_batch_size": limits.max_inputs, "auto_truncate": limits.auto_truncate});
+    };
+    let facts = slot.facts();
+    let d = &facts.details;
+    json!({
+        "model_id": slot.name(),
+        "model_sha": facts.digest,
+        "model_dtype": "float32",
+        "model_type": {"embedding": {"pooling": d.get("pooling").cloned().unwrap_or(Value::Null)}},
+        "max_concurrent_requests": d.get("max_concurrent_inputs").cloned().unwrap_or(Value::Null),
+        "max_input_length": d.get("max_input_tokens").cloned().unwrap_or(Value::Null),
+        "max_batch_tokens": d.get("max_batch_tokens").cloned().unwrap_or(Value::Null),
+        "max_batch_requests": d.get("max_batch_requests").cloned().unwrap_or(Value::Null),
+        "max_client_batch_size": limits.max_inputs,
+        "auto_truncate": limits.auto_truncate,
+        "tokenization_workers": node.tokenizers.threads(),
+        "sha": option_env!("BUILD_GIT_SHA"),
+        "docker_label": Value::Null,
+    })
+}
+
+/// `GET /health` (TEI's): 200 with an empty body when every model is ready and the node is
+/// not draining; otherwise 503 in TEI's shape (`"error_type": "Unhealthy"`).
+pub async fn health(State(node): State<AppState>) -> Result<StatusCode, Error> {
+    if node.is_draining() {
+        return Err(Error::Draining);
+    }
+    if !node.registry.all_ready() || node.drift_blocks_ready() {
+        return Err(Error::NotReady { message: "unhealthy: not every model is ready (see /readyz)".into(), retry_after_s: 1 });
+    }
+    Ok(StatusCode::OK)
 }
 
 /// `GET /v1/models`: OpenAI's list, each entry with our `version`, `digest`, `kind` and `device`.

@@ -18,11 +18,15 @@ use axum::Json;
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use super::generate::{begin_prepared, chat_local, collect, now_s, request_id, stream_response_with_headers, to_chat, ChatFormat, ChatRequest};
+use super::fields;
+use super::generate::{
+    begin_prepared, chat_local, collect_after, record_attribution, stream_response_with_headers, to_chat, ChatFormat, ChatRequest, LogprobStyle,
+};
 use super::json::{from_value, JsonBody};
 use super::sse::{OnEnd, PieceFormat};
 use super::AppState;
 use crate::config::ModelKind;
+use crate::encoder::tokenize::{Text, Truncation};
 use crate::error::Error;
 use crate::generate::template::ChatMessage;
 use crate::generate::{Generation, Piece, PromptInput};
@@ -36,6 +40,8 @@ pub const AUTO: &str = "auto";
 
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::CHAT)?;
+    record_attribution(&raw)?;
     let req: ChatRequest = from_value(raw.clone())?;
     let model = req.model.clone().unwrap_or_default();
     if model == AUTO {
@@ -56,10 +62,10 @@ pub async fn chat(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) 
 
 /// `POST /route`: the decision for a chat request, without running it.
 pub async fn route(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Json<Value>, Error> {
+    fields::check(&raw, fields::CHAT)?;
     let req: ChatRequest = from_value(raw)?;
-    req.sampling.params()?;
-    let messages = to_chat(req.messages)?;
-    let decision = decide(&node, &messages, req.sampling.max_tokens()?).await?;
+    req.sampling.decoding(LogprobStyle::Chat)?;
+    let decision = decide(&node, &req).await?;
     let model = match decision.tier {
         Tier::Edge => node.router.cfg.local_model.clone(),
         Tier::Cloud => node.router.upstream.as_ref().map(|u| u.model.clone()).unwrap_or_default(),
@@ -77,16 +83,13 @@ pub async fn route(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>)
 
 /// Decides, runs, and falls back.
 async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response, Error> {
-    req.sampling.params()?;
+    req.sampling.decoding(LogprobStyle::Chat)?;
     let started = Instant::now();
     let stream = req.stream;
-    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let max_tokens = req.sampling.max_tokens()?;
-    let messages = to_chat(req.messages)?;
-    let mut decision = decide(&node, &messages, max_tokens).await?;
+    let mut decision = decide(&node, &req).await?;
     let prepared = decision.prepared.take();
     let router = &node.router;
-    let edge = EdgeRequest { messages, sampling: req.sampling, stream, include_usage };
+    let edge = EdgeRequest { messages: decision.messages.take().unwrap_or_default(), stream, req };
     let (mut response, tier, reason) = match decision.tier {
         Tier::Edge => {
             let deadline = router.cloud_usable().then(|| Duration::from_millis(router.cfg.edge_timeout_ms));
@@ -134,36 +137,40 @@ struct Decision {
     /// The prompt as the local model tokenized it while deciding, so running at the edge
     /// does not render and tokenize it again.
     prepared: Option<crate::generate::Prepared>,
+    /// The conversation as the local template takes it (when the edge can take it at all).
+    messages: Option<Vec<ChatMessage>>,
 }
 
 /// Gathers what the policy decides on (the prompt at the local model; the classifier's
 /// confidence only when the policy asks for it) and runs the policy.
-async fn decide(node: &AppState, messages: &[ChatMessage], max_tokens: Option<i64>) -> Result<Decision, Error> {
+async fn decide(node: &AppState, req: &ChatRequest) -> Result<Decision, Error> {
     let router = &node.router;
-    let mut features = Features { prompt_tokens: None, max_tokens, messages: messages.len(), edge_confidence: None };
+    let max_tokens = req.sampling.max_tokens()?;
+    if req.messages.is_empty() {
+        return Err(Error::EmptyInput("messages".into()));
+    }
+    let mut features = Features { prompt_tokens: None, max_tokens, messages: req.messages.len(), edge_confidence: None };
     let mut prepared = None;
+    let mut chat = None;
     let fit = match node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate) {
         Err(_) => EdgeFit::NoModel,
         Ok(slot) => match slot.ready_service(node.ready_wait()).await.ok().and_then(|s| s.generator(slot.name()).ok().cloned()) {
             None => EdgeFit::Unavailable,
-            Some(g) => match g.prepare(PromptInput::Chat(messages.to_vec()), max_tokens).await {
-                Ok(p) => {
-                    features.prompt_tokens = Some(p.tokens.len());
-                    prepared = Some(p);
-                    EdgeFit::Fits
+            Some(g) => match req.edge_refusal(slot.name(), g.info.template_tools) {
+                Some(refusal) => EdgeFit::Unsupported(unsupported_field(&refusal)),
+                None => {
+                    let messages = to_chat(&req.messages)?;
+                    let fit = prepare_at_edge(&g, &messages, max_tokens, &mut features, &mut prepared).await?;
+                    chat = Some(messages);
+                    fit
                 }
-                Err(Error::ContextExceeded { .. }) => EdgeFit::ExceedsContext,
-                Err(Error::MaxTokensTooLarge { .. }) => EdgeFit::ExceedsMaxTokens,
-                // The request itself is wrong: it fails the same on every tier.
-                Err(e @ (Error::InvalidField { .. } | Error::EmptyInput(_) | Error::MissingField(_))) => return Err(e),
-                Err(_) => EdgeFit::Unavailable,
             },
         },
     };
     let mut inputs = router.inputs(features, fit);
     let mut verdict = policy::decide(&router.cfg, &inputs);
     if verdict == Verdict::AskClassifier {
-        let text = messages.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default();
+        let text = req.messages.iter().rev().find(|m| m.role == super::generate::Role::User).map(|m| m.content.clone()).unwrap_or_default();
         inputs.confidence = match edge_confidence(node, text).await {
             Ok(p) => {
                 inputs.features.edge_confidence = Some(p);
@@ -177,12 +184,51 @@ async fn decide(node: &AppState, messages: &[ChatMessage], max_tokens: Option<i6
         verdict = policy::decide(&router.cfg, &inputs);
     }
     match verdict {
-        Verdict::Route(r) => {
-            Ok(Decision { tier: r.tier, reason: r.reason, fits_edge: fit == EdgeFit::Fits, split: r.split, features: inputs.features, prepared })
-        }
+        Verdict::Route(r) => Ok(Decision {
+            tier: r.tier,
+            reason: r.reason,
+            fits_edge: fit == EdgeFit::Fits,
+            split: r.split,
+            features: inputs.features,
+            prepared,
+            messages: chat,
+        }),
         Verdict::BudgetExceeded(message) => Err(Error::BudgetExceeded(message)),
         Verdict::AskClassifier => Err(Error::Internal("the routing policy asked for the classifier twice".into())),
     }
+}
+
+/// The top-level request field an edge refusal is about (`messages[2].role` → `messages`),
+/// for the route reason.
+fn unsupported_field(refusal: &Error) -> &'static str {
+    const FIELDS: [&str; 7] = ["tools", "tool_choice", "n", "store", "service_tier", "modalities", "messages"];
+    let field = match refusal {
+        Error::InvalidField { field, .. } => field.split(['[', '.']).next().unwrap_or(""),
+        _ => "",
+    };
+    FIELDS.into_iter().find(|f| *f == field).unwrap_or("request")
+}
+
+/// Renders and tokenizes the conversation at the local model: does it fit?
+async fn prepare_at_edge(
+    g: &crate::generate::GenerateService,
+    messages: &[ChatMessage],
+    max_tokens: Option<i64>,
+    features: &mut Features,
+    prepared: &mut Option<crate::generate::Prepared>,
+) -> Result<EdgeFit, Error> {
+    Ok(match g.prepare(PromptInput::Chat(messages.to_vec()), max_tokens).await {
+        Ok(p) => {
+            features.prompt_tokens = Some(p.tokens.len());
+            *prepared = Some(p);
+            EdgeFit::Fits
+        }
+        Err(Error::ContextExceeded { .. }) => EdgeFit::ExceedsContext,
+        Err(Error::MaxTokensTooLarge { .. }) => EdgeFit::ExceedsMaxTokens,
+        // The request itself is wrong: it fails the same on every tier.
+        Err(e @ (Error::InvalidField { .. } | Error::EmptyInput(_) | Error::MissingField(_))) => return Err(e),
+        Err(_) => EdgeFit::Unavailable,
+    })
 }
 
 /// The configured classifier's confidence that `text` is edge-shaped.
@@ -190,7 +236,7 @@ async fn edge_confidence(node: &AppState, text: String) -> Result<f32, Error> {
     let cfg = &node.router.cfg;
     let slot = node.registry.resolve(Some(&cfg.classifier), ModelKind::Classify)?;
     let service = slot.ready_service(node.ready_wait()).await?;
-    let (scored, _) = service.classify(slot.name(), vec![text], true, false).await?;
+    let (scored, _) = service.classify(slot.name(), vec![Text::One(text)], Truncation::Right, false).await?;
     scored
         .into_iter()
         .next()
@@ -234,9 +280,8 @@ fn mark(response: &mut Response, tier: Tier, reason: &str) {
 /// What the edge needs to run a routed request.
 struct EdgeRequest {
     messages: Vec<ChatMessage>,
-    sampling: super::generate::SamplingFields,
     stream: bool,
-    include_usage: bool,
+    req: ChatRequest,
 }
 
 /// Runs the request on the local model. With `first_token_within`, gives up (cancelling
@@ -253,7 +298,7 @@ async fn run_edge(
     let router = &node.router;
     let slot = node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate)?.clone();
     let prompt = PromptInput::Chat(edge.messages.clone());
-    let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.sampling, prepared).await?;
+    let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.req.sampling, LogprobStyle::Chat, prepared).await?;
     let first = match first_token_within {
         Some(limit) => tokio::time::timeout(limit, generation.next()).await.map_err(|_| Error::FirstTokenTimeout { ms: limit.as_millis() })?,
         None => generation.next().await,
@@ -263,45 +308,31 @@ async fn run_edge(
         Some(p) => p,
         None => return Err(Error::Internal("the edge generation ended without output".into())),
     };
-    let mut format = ChatFormat { id: request_id("chatcmpl"), created: now_s(), model: slot.name().to_string(), include_usage: edge.include_usage };
+    let mut format = ChatFormat::new(slot.name(), &edge.req)?;
     let (split, model) = (decision.split, slot.name().to_string());
-    if edge.stream {
-        let mut prelude = vec![format.chunk(json!({"role": "assistant", "content": ""}), None)];
-        prelude.extend(format.format(&first));
-        let node2 = node.clone();
-        let record: OnEnd = Box::new(move |g: &Generation, completed: bool| {
-            if completed {
-                node2.router.record(&Answered {
-                    tier: Tier::Edge,
-                    model,
-                    split,
-                    fallback,
-                    total_s: started.elapsed().as_secs_f64(),
-                    prompt_tokens: g.prompt_tokens as u64,
-                    completion_tokens: g.completion_tokens() as u64,
-                });
-            }
-        });
-        return Ok(stream_response_with_headers(node, "/v1/chat/completions", &slot, generation, prelude, format, Some(record)));
-    }
-    let (text, usage, reason, generation) = match first {
-        Piece::Done(usage, reason) => (String::new(), usage, reason, generation),
-        Piece::Text(t) => {
-            let (rest, usage, reason, generation) = collect(generation).await?;
-            (t + &rest, usage, reason, generation)
-        }
-        Piece::Error(e) => return Err(e),
-    };
-    router.record(&Answered {
+    let answered = move |prompt_tokens: usize, completion_tokens: usize| Answered {
         tier: Tier::Edge,
         model,
         split,
         fallback,
         total_s: started.elapsed().as_secs_f64(),
-        prompt_tokens: usage.prompt_tokens as u64,
-        completion_tokens: usage.completion_tokens as u64,
-    });
-    Ok(super::generate::headers(Json(format.completion(&text, usage, reason)).into_response(), &slot, &generation))
+        prompt_tokens: prompt_tokens as u64,
+        completion_tokens: completion_tokens as u64,
+    };
+    if edge.stream {
+        let mut prelude = vec![format.opening()];
+        prelude.extend(format.format(&first));
+        let node2 = node.clone();
+        let record: OnEnd = Box::new(move |g: &Generation, completed: bool| {
+            if completed {
+                node2.router.record(&answered(g.prompt_tokens, g.completion_tokens()));
+            }
+        });
+        return Ok(stream_response_with_headers(node, "/v1/chat/completions", &slot, generation, prelude, format, Some(record)));
+    }
+    let done = collect_after(Some(first), generation).await?;
+    router.record(&answered(done.usage.prompt_tokens, done.usage.completion_tokens));
+    Ok(super::generate::headers(Json(format.completion(&done)).into_response(), &slot, &done.generation))
 }
 
 /// Sends the request to the upstream (as its model), passing a stream through chunk by chunk.

@@ -23,17 +23,22 @@ pub enum EdgeFit {
     Unavailable,
     /// No generate model named `routing.local_model` is served.
     NoModel,
+    /// The request asks for something the local model cannot do (tools, `n` > 1, …); the
+    /// field it names.
+    Unsupported(&'static str),
 }
 
 impl EdgeFit {
-    fn reason(self) -> &'static str {
-        match self {
+    fn reason(self) -> String {
+        let fixed = match self {
+            EdgeFit::Unsupported(field) => return format!("edge_unsupported: {field}"),
             EdgeFit::Fits => "fits",
             EdgeFit::ExceedsContext => "exceeds_edge_context",
             EdgeFit::ExceedsMaxTokens => "exceeds_edge_max_tokens",
             EdgeFit::Unavailable => "edge_unavailable",
             EdgeFit::NoModel => "no_edge_model",
-        }
+        };
+        fixed.to_string()
     }
 }
 
@@ -102,6 +107,9 @@ pub fn decide(cfg: &RoutingConfig, r: &Inputs) -> Verdict {
     let fits = r.fit == EdgeFit::Fits;
     let chosen = if !r.has_upstream {
         route(Tier::Edge, "no_upstream")
+    } else if let EdgeFit::Unsupported(_) = r.fit {
+        // Not even an A/B split sends the edge a request it would have to refuse.
+        route(Tier::Cloud, r.fit.reason())
     } else if cfg.mode == RoutingMode::Split {
         Route { tier: if r.split_draw_edge { Tier::Edge } else { Tier::Cloud }, reason: "split".into(), split: true }
     } else if !fits {
@@ -201,7 +209,7 @@ mod tests {
     fn cheap_features_veto_the_edge() {
         let c = cfg();
         type Change<'a> = &'a dyn Fn(&mut Inputs);
-        let cases: [(Change, &str); 7] = [
+        let cases: [(Change, &str); 8] = [
             (&|r| r.features.messages = c.max_edge_messages + 1, "long_conversation"),
             (&|r| r.features.prompt_tokens = Some(c.max_edge_prompt_tokens + 1), "long_prompt"),
             (&|r| r.features.max_tokens = Some(c.max_edge_completion_tokens as i64 + 1), "long_answer"),
@@ -209,6 +217,7 @@ mod tests {
             (&|r| r.fit = EdgeFit::ExceedsMaxTokens, "exceeds_edge_max_tokens"),
             (&|r| r.fit = EdgeFit::Unavailable, "edge_unavailable"),
             (&|r| r.fit = EdgeFit::NoModel, "no_edge_model"),
+            (&|r| r.fit = EdgeFit::Unsupported("tools"), "edge_unsupported: tools"),
         ];
         for (change, reason) in cases {
             let mut r = short();
@@ -224,6 +233,17 @@ mod tests {
         r.has_upstream = false;
         r.fit = EdgeFit::ExceedsContext;
         assert_eq!(routed(decide(&cfg(), &r)), (Tier::Edge, "no_upstream".into()));
+    }
+
+    #[test]
+    fn a_request_the_edge_cannot_honour_goes_to_the_cloud_even_in_a_split() {
+        let mut r = short();
+        r.fit = EdgeFit::Unsupported("n");
+        r.split_draw_edge = true;
+        let c = RoutingConfig { mode: RoutingMode::Split, ..cfg() };
+        assert_eq!(routed(decide(&c, &r)), (Tier::Cloud, "edge_unsupported: n".into()));
+        r.cloud_accepting = false;
+        assert_eq!(routed(decide(&c, &r)).0, Tier::Cloud, "an open circuit does not send it to an edge that would refuse it");
     }
 
     #[test]

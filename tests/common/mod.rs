@@ -195,6 +195,16 @@ pub fn assert_error(status: u16, body: &serde_json::Value, want_status: u16, wan
     assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "body: {body}");
 }
 
+/// Asserts a text-embeddings-inference-shaped JSON error (`{"error", "error_type"}`) with
+/// this status and type; returns the message.
+pub fn assert_tei_error(status: u16, body: &serde_json::Value, want_status: u16, want_type: &str) -> String {
+    assert_eq!(status, want_status, "body: {body}");
+    assert_eq!(body["error_type"], want_type, "body: {body}");
+    let message = body["error"].as_str().unwrap_or_default().to_string();
+    assert!(!message.is_empty(), "body: {body}");
+    message
+}
+
 /// A fixture file's path.
 pub fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)

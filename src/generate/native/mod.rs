@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::constrain::TokenTable;
 use super::detok::Detokenizer;
 use super::engine::{EngineError, FinishReason, GenEvent, Generator, GeneratorInfo, TokenStream};
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::Sampler;
 use super::template::{ChatMessage, ChatTemplate};
 use super::tokenizer::GgufTokenizer;
 use crate::cpu::team::Team;
@@ -63,6 +64,7 @@ struct Sequence {
 pub struct NativeGenerator {
     tx: std_mpsc::Sender<Command>,
     tokenizer: Arc<GgufTokenizer>,
+    table: Arc<TokenTable>,
     template: ChatTemplate,
     context: usize,
     details: serde_json::Value,
@@ -82,6 +84,7 @@ impl NativeGenerator {
     pub fn load_supervised(path: &std::path::Path, threads: usize, exact: bool, on_exit: impl FnOnce() + Send + 'static) -> Result<Self, String> {
         let model = gguf::load(path, exact)?;
         let tokenizer = Arc::new(model.tokenizer);
+        let table = TokenTable::new(tokenizer.token_bytes(), &tokenizer.eos)?;
         let template = ChatTemplate::new(&model.chat_template, &model.bos_text, &model.eos_text)?;
         let weights = model.weights;
         let c = weights.config.clone();
@@ -117,13 +120,13 @@ impl NativeGenerator {
             })
             .map_err(|e| format!("cannot start the engine thread: {e}"))?;
         started_rx.recv().map_err(|_| "the engine thread ended before it started".to_string())??;
-        Ok(NativeGenerator { tx, tokenizer, template, context: c.context, details })
+        Ok(NativeGenerator { tx, tokenizer, table, template, context: c.context, details })
     }
 }
 
 impl Generator for NativeGenerator {
     fn info(&self) -> GeneratorInfo {
-        GeneratorInfo { engine: "native", context: self.context, details: self.details.clone() }
+        GeneratorInfo { engine: "native", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools }
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
@@ -134,9 +137,24 @@ impl Generator for NativeGenerator {
         self.tokenizer.encode(text).map_err(EngineError::Tokenizer)
     }
 
-    fn start(&self, prompt: Vec<u32>, params: SamplingParams, max_tokens: usize, _stop: &[String]) -> Result<TokenStream, EngineError> {
-        let mut sampler = Sampler::new(params);
-        if params.ignore_eos {
+    fn tokenize_plain(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer.encode_plain(text).map_err(EngineError::Tokenizer)
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids)
+    }
+
+    fn token_table(&self) -> Arc<TokenTable> {
+        self.table.clone()
+    }
+
+    fn eos_tokens(&self) -> Vec<u32> {
+        self.tokenizer.eos.clone()
+    }
+
+    fn start(&self, prompt: Vec<u32>, mut sampler: Sampler, max_tokens: usize, _stop: &[String]) -> Result<TokenStream, EngineError> {
+        if sampler.params().ignore_eos {
             sampler.ban(&self.tokenizer.eos);
         }
         let (events, rx) = mpsc::unbounded_channel();
@@ -244,15 +262,20 @@ fn run_engine(
             let logits = &scratch.logits[k * vocab..(k + 1) * vocab];
             let s = &mut active[r.seq];
             let token = s.sampler.sample(logits);
+            if let Some(e) = s.sampler.grammar_error() {
+                let _ = s.events.send(GenEvent::Failed(format!("the response_format grammar failed: {e}")));
+                done.push(r.seq);
+                continue;
+            }
             s.tokens.push(token);
             s.generated += 1;
             let is_eos = eos.contains(&token);
-            if !is_eos {
-                if let Some(text) = s.detok.push(|ids| tokenizer.decode(ids), &s.tokens[s.prompt_len..]) {
-                    let _ = s.events.send(GenEvent::Text { text, tokens: s.generated });
-                }
+            if is_eos {
+                s.sampler.drop_last_logprob();
+            } else if let Some(text) = s.detok.push(|ids| tokenizer.decode(ids), &s.tokens[s.prompt_len..]) {
+                let _ = s.events.send(GenEvent::Text { text, tokens: s.generated, logprobs: s.sampler.take_logprobs() });
             }
-            let finish = if is_eos {
+            let finish = if is_eos || s.sampler.grammar_done() {
                 Some(FinishReason::Stop)
             } else if s.generated >= s.max_tokens || s.tokens.len() >= context {
                 Some(FinishReason::Length)
@@ -262,7 +285,7 @@ fn run_engine(
             if let Some(reason) = finish {
                 let generated = if is_eos { &s.tokens[s.prompt_len..s.tokens.len() - 1] } else { &s.tokens[s.prompt_len..] };
                 if let Some(rest) = s.detok.flush(|ids| tokenizer.decode(ids), generated) {
-                    let _ = s.events.send(GenEvent::Text { text: rest, tokens: s.generated });
+                    let _ = s.events.send(GenEvent::Text { text: rest, tokens: s.generated, logprobs: s.sampler.take_logprobs() });
                 }
                 let _ = s.events.send(GenEvent::Done { reason, completion_tokens: s.generated });
                 done.push(r.seq);
