@@ -2,8 +2,8 @@
 # Runs edgenode's whole test suite: the README's test command.
 #
 # On a fresh machine with Rust and Python's pip it installs what the tests need into a
-# virtual environment of its own (the `openai` package that drives the daemon in the
-# client test; numpy and gguf, with which scripts/standins.py writes the TinyLlama- and
+# virtual environment of its own (the `openai` package, `jsonschema` and LangChain's
+# `langchain-openai` that drive the daemon in the client tests; numpy and gguf, with which scripts/standins.py writes the TinyLlama- and
 # bge-shaped stand-ins; NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, which compiles our
 # CUDA kernels without a GPU), checks style (rustfmt, clippy), fetches and verifies the
 # default models, then runs every test in release mode (candle in debug is too slow to
@@ -18,7 +18,8 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "openai>=1.40,<3" "nvidia-cuda-nvrtc-cu12>=12.4,<13" "numpy>=1.26,<3" "gguf==0.19.0"
+    "openai>=1.40,<3" "jsonschema>=4.20,<5" "langchain-openai>=0.3,<2" \
+    "nvidia-cuda-nvrtc-cu12>=12.4,<13" "numpy>=1.26,<3" "gguf==0.19.0"
 nvrtc_lib="$("$venv/bin/python" - <<'PY'
 import glob, os, nvidia
 for base in nvidia.__path__:
