@@ -3,8 +3,9 @@
 #
 # On a fresh machine with Rust and Python's pip it installs what the tests need into a
 # virtual environment of its own (the `openai` package, `jsonschema` and LangChain's
-# `langchain-openai` that drive the daemon in the client tests; numpy and gguf, with which scripts/standins.py writes the TinyLlama- and
-# bge-shaped stand-ins; NVRTC from the nvidia-cuda-nvrtc-cu12 wheel, which compiles our
+# `langchain-openai`, which drive the daemon in the client tests; numpy and gguf, with
+# which scripts/standins.py writes the TinyLlama- and bge-shaped stand-ins; NVRTC from
+# the nvidia-cuda-nvrtc-cu12 wheel, which compiles our
 # CUDA kernels without a GPU), checks style (rustfmt, clippy), fetches and verifies the
 # default models, then runs every test in release mode (candle in debug is too slow to
 # test with).

@@ -295,6 +295,30 @@ fn cross_encoder_pairs_and_rerank_match_sentence_transformers() {
     assert_eq!((s, b.as_array().map(Vec::len)), (200, Some(3)), "{b}");
 }
 
+/// `/embed_all`'s token states are the same on our CPU engine and candle's, and CLS pooling
+/// of them is `/embed`'s vector for the CLS-pooled model.
+#[test]
+fn token_embeddings_agree_across_engines_and_pool_to_the_sentence_vector() {
+    let d = start();
+    let texts = json!(["Embeddings map text to vectors.", "A second, slightly longer input sentence here."]);
+    let states = |model: &str| {
+        let (s, b) = post_json(&d, "/embed_all", &json!({"inputs": texts, "model": model}));
+        assert_eq!(s, 200, "{b}");
+        b.as_array().unwrap().iter().map(|input| input.as_array().unwrap().iter().map(floats).collect::<Vec<_>>()).collect::<Vec<_>>()
+    };
+    let (ours, candle) = (states("minilm"), states("minilm-candle"));
+    for (a, b) in ours.iter().flatten().zip(candle.iter().flatten()) {
+        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 2e-3), "token states differ between engines");
+    }
+    let (_, cls) = post_json(&d, "/embed", &json!({"inputs": texts, "model": "minilm-cls"}));
+    for (input, pooled) in ours.iter().zip(cls.as_array().unwrap()) {
+        let first = &input[0];
+        let norm = first.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let c = cosine(&first.iter().map(|x| x / norm).collect::<Vec<_>>(), &floats(pooled));
+        assert!(c > 0.9999, "the [CLS] state is the CLS-pooled vector: cosine {c}");
+    }
+}
+
 #[test]
 fn router_prototypes_separate_edge_from_cloud() {
     let d = start();

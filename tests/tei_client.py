@@ -91,6 +91,14 @@ ids = [t["id"] for t in first]
 assert ok("/decode", {"ids": ids}, "DecodeResponse") == ["edge nodes"]
 assert ok("/decode", {"ids": [ids, ids], "skip_special_tokens": False}, "DecodeResponse")[0].startswith("[CLS]")
 
+# /embed_all: every token's state; mean-pooled and normalized, it is /embed's vector (MiniLM pools by mean).
+states = ok("/embed_all", {"inputs": ["edge inference", "a second input"]}, "EmbedAllResponse")
+n_tokens = len(ok("/tokenize", {"inputs": "edge inference"}, "TokenizeResponse")[0])
+assert len(states) == 2 and len(states[0]) == n_tokens and all(len(t) == 384 for t in states[0]), [len(x) for x in states]
+mean = [sum(col) / n_tokens for col in zip(*states[0])]
+norm = sum(x * x for x in mean) ** 0.5
+assert max(abs(a / norm - b) for a, b in zip(mean, vectors[0])) < 1e-4, "mean of /embed_all is /embed"
+
 scores = ok("/predict", {"inputs": "What's the capital of Italy?"}, "PredictResponse")
 assert abs(sum(s["score"] for s in scores) - 1) < 1e-4 and scores == sorted(scores, key=lambda s: -s["score"])
 # A batch is a list of lists on /predict (a list of two strings is one sentence pair there).

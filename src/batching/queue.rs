@@ -18,7 +18,8 @@ use crate::error::Error;
 /// What the model worker returns for one input.
 #[derive(Debug, Clone)]
 pub struct JobOutput {
-    /// The pooled (and, if asked, normalized) vector, or the class logits.
+    /// The pooled (and, if asked, normalized) vector, or the class logits; for
+    /// `Output::Tokens`, every token's hidden state, one after another.
     pub values: Vec<f32>,
     /// Time the input waited in the queue, in seconds.
     pub queue_s: f64,
@@ -30,12 +31,20 @@ pub struct JobOutput {
     pub batch_tokens: usize,
 }
 
+/// What an input wants back from the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// The pooled vector (a classifier's logits), L2-normalized when `normalize`.
+    Pooled { normalize: bool },
+    /// Every token's final hidden state, unpooled (TEI's `/embed_all`).
+    Tokens,
+}
+
 /// One tokenized input waiting for the model.
 pub struct Job {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
-    /// L2-normalize the pooled vector.
-    pub normalize: bool,
+    pub output: Output,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<JobOutput, Error>>,
     /// The request's span, so the batch's work shows up in the request's trace.
@@ -154,7 +163,7 @@ pub(crate) fn test_job(ids: Vec<u32>) -> (Job, oneshot::Receiver<Result<JobOutpu
     let j = Job {
         type_ids: vec![0; ids.len()],
         ids,
-        normalize: true,
+        output: Output::Pooled { normalize: true },
         enqueued: Instant::now(),
         reply: tx,
         span: tracing::Span::none(),

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::packed::PackedBatch;
-use super::queue::{Job, JobOutput};
+use super::queue::{Job, JobOutput, Output};
 use crate::error::Error;
 use crate::runtime::OnExit;
 use crate::telemetry::metrics::METRICS;
@@ -33,9 +33,9 @@ pub enum BatchError {
 
 /// A model that runs packed batches (implemented by the encoders).
 pub trait BatchModel: Send + 'static {
-    /// One vector per input, in batch order: pooled embeddings (normalized where
-    /// `normalize[i]`) or class logits.
-    fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, BatchError>;
+    /// One vector per input, in batch order, as `outputs[i]` asks: a pooled embedding
+    /// (normalized or not) or class logits, or the input's token states.
+    fn run(&mut self, batch: &PackedBatch, outputs: &[Output]) -> Result<Vec<Vec<f32>>, BatchError>;
 }
 
 /// Starts the worker thread. It runs until `batches` closes.
@@ -62,7 +62,7 @@ fn run_batch(name: &str, model: &mut dyn BatchModel, jobs: Vec<Job>) {
     }
     let started = Instant::now();
     let packed = PackedBatch::new(jobs.iter().map(|j| (j.ids.as_slice(), j.type_ids.as_slice())));
-    let normalize: Vec<bool> = jobs.iter().map(|j| j.normalize).collect();
+    let outputs: Vec<Output> = jobs.iter().map(|j| j.output).collect();
     // Each input's trace shows its wait and its batch; the model's own stages (inference,
     // pool) hang under the first input's batch span, which this thread enters.
     let metrics = &*METRICS;
@@ -74,7 +74,7 @@ fn run_batch(name: &str, model: &mut dyn BatchModel, jobs: Vec<Job>) {
             tracing::info_span!(parent: &j.span, "batch", model = name, batch.size = packed.len(), batch.tokens = packed.tokens())
         })
         .collect();
-    let result = batch_spans[0].in_scope(|| catch_unwind(AssertUnwindSafe(|| model.run(&packed, &normalize))));
+    let result = batch_spans[0].in_scope(|| catch_unwind(AssertUnwindSafe(|| model.run(&packed, &outputs))));
     drop(batch_spans);
     let compute_s = started.elapsed().as_secs_f64();
     metrics.inference_seconds.with_label_values(&[name]).observe(compute_s);
@@ -123,7 +123,7 @@ mod tests {
     struct Flaky;
 
     impl BatchModel for Flaky {
-        fn run(&mut self, batch: &PackedBatch, _normalize: &[bool]) -> Result<Vec<Vec<f32>>, BatchError> {
+        fn run(&mut self, batch: &PackedBatch, _outputs: &[Output]) -> Result<Vec<Vec<f32>>, BatchError> {
             match batch.ids.first() {
                 Some(13) => Err(BatchError::Model("unlucky input".into())),
                 Some(66) => panic!("the model blew up"),
@@ -180,7 +180,7 @@ mod tests {
     fn the_exit_hook_runs_when_the_batches_end() {
         struct Idle;
         impl BatchModel for Idle {
-            fn run(&mut self, _: &PackedBatch, _: &[bool]) -> Result<Vec<Vec<f32>>, BatchError> {
+            fn run(&mut self, _: &PackedBatch, _: &[Output]) -> Result<Vec<Vec<f32>>, BatchError> {
                 Ok(vec![])
             }
         }

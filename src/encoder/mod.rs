@@ -22,7 +22,7 @@ use candle_nn::VarBuilder;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::batching::packed::PackedBatch;
-use crate::batching::queue::{BatchPolicy, Job, JobOutput};
+use crate::batching::queue::{BatchPolicy, Job, JobOutput, Output};
 use crate::batching::worker::{BatchError, BatchModel};
 use crate::config::Pooling;
 use crate::error::Error;
@@ -93,29 +93,23 @@ impl EncoderModel {
         Ok(EncoderModel { backend: Backend::Candle(bert), task: task.clone() })
     }
 
-    fn run_native(bert: &mut CpuBert, task: &EncoderTask, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, String> {
+    fn run_native(bert: &mut CpuBert, task: &EncoderTask, batch: &PackedBatch, outputs: &[Output]) -> Result<Vec<Vec<f32>>, String> {
         let dim = bert.hidden();
         let hidden = tracing::info_span!("inference", engine = "native").in_scope(|| bert.forward(batch))?;
         let _pool = tracing::info_span!("pool").entered();
         match task {
             EncoderTask::Classify { .. } => bert.classify(batch).ok_or_else(|| "the model has no classifier head".to_string()),
             EncoderTask::Embed { pooling, always_normalize } => {
-                let all = *always_normalize || normalize.iter().all(|&n| n);
+                let all = *always_normalize || outputs.iter().all(|o| *o == Output::Pooled { normalize: true });
                 let pooled = pooling::pool_normalize(hidden, &batch.cu_seqlens, dim, *pooling, all);
-                let mut rows: Vec<Vec<f32>> = pooled.chunks_exact(dim).map(<[f32]>::to_vec).collect();
-                if !all {
-                    for (row, &n) in rows.iter_mut().zip(normalize) {
-                        if n {
-                            pooling::l2_normalize(row);
-                        }
-                    }
-                }
-                Ok(rows)
+                let rows = pooled.chunks_exact(dim).map(<[f32]>::to_vec).collect();
+                let tokens = |i: usize| hidden[batch.cu_seqlens[i] as usize * dim..batch.cu_seqlens[i + 1] as usize * dim].to_vec();
+                Ok(shape_rows(rows, outputs, all, tokens))
             }
         }
     }
 
-    fn run_candle(bert: &Bert, task: &EncoderTask, batch: &PackedBatch, normalize: &[bool]) -> candle_core::Result<Vec<Vec<f32>>> {
+    fn run_candle(bert: &Bert, task: &EncoderTask, batch: &PackedBatch, outputs: &[Output]) -> candle_core::Result<Vec<Vec<f32>>> {
         let hidden = tracing::info_span!("inference", engine = "candle").in_scope(|| bert.forward(batch))?;
         let _pool = tracing::info_span!("pool").entered();
         match task {
@@ -124,19 +118,34 @@ impl EncoderModel {
                 logits.to_vec2::<f32>()
             }
             EncoderTask::Embed { pooling, always_normalize } => {
-                let all = *always_normalize || normalize.iter().all(|&n| n);
-                let mut rows = pool(&hidden, batch, *pooling, all)?;
-                if !all {
-                    for (row, &n) in rows.iter_mut().zip(normalize) {
-                        if n {
-                            pooling::l2_normalize(row);
-                        }
+                let all = *always_normalize || outputs.iter().all(|o| *o == Output::Pooled { normalize: true });
+                let rows = pool(&hidden, batch, *pooling, all)?;
+                let mut token_rows = Vec::new();
+                for (i, o) in outputs.iter().enumerate() {
+                    if *o == Output::Tokens {
+                        let (start, end) = (batch.cu_seqlens[i] as usize, batch.cu_seqlens[i + 1] as usize);
+                        token_rows.push((i, hidden.narrow(0, start, end - start)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?));
                     }
                 }
-                Ok(rows)
+                let mut token_rows = token_rows.into_iter();
+                Ok(shape_rows(rows, outputs, all, |_| token_rows.next().map(|(_, v)| v).unwrap_or_default()))
             }
         }
     }
+}
+
+/// Each input's answer from a batch's pooled rows (normalized already when `all_normalized`):
+/// normalized where asked, or replaced by the input's token states (`tokens(i)`, called in
+/// input order).
+fn shape_rows(mut rows: Vec<Vec<f32>>, outputs: &[Output], all_normalized: bool, mut tokens: impl FnMut(usize) -> Vec<f32>) -> Vec<Vec<f32>> {
+    for (i, (row, output)) in rows.iter_mut().zip(outputs).enumerate() {
+        match output {
+            Output::Pooled { normalize: true } if !all_normalized => pooling::l2_normalize(row),
+            Output::Pooled { .. } => {}
+            Output::Tokens => *row = tokens(i),
+        }
+    }
+    rows
 }
 
 /// Pools packed hidden states on their device: our CUDA kernel on a GPU, the Rust
@@ -153,10 +162,10 @@ fn pool(hidden: &candle_core::Tensor, batch: &PackedBatch, mode: Pooling, normal
 }
 
 impl BatchModel for EncoderModel {
-    fn run(&mut self, batch: &PackedBatch, normalize: &[bool]) -> Result<Vec<Vec<f32>>, BatchError> {
+    fn run(&mut self, batch: &PackedBatch, outputs: &[Output]) -> Result<Vec<Vec<f32>>, BatchError> {
         match &mut self.backend {
-            Backend::Native(bert) => Self::run_native(bert, &self.task, batch, normalize).map_err(BatchError::Model),
-            Backend::Candle(bert) => Self::run_candle(bert, &self.task, batch, normalize).map_err(|e| BatchError::Model(e.to_string())),
+            Backend::Native(bert) => Self::run_native(bert, &self.task, batch, outputs).map_err(BatchError::Model),
+            Backend::Candle(bert) => Self::run_candle(bert, &self.task, batch, outputs).map_err(|e| BatchError::Model(e.to_string())),
         }
     }
 }
@@ -263,21 +272,28 @@ impl EncoderService {
     /// inputs hold no more of the model's admission than a request of 64 and others'
     /// requests interleave with it in the batches.
     pub async fn encode(&self, texts: Vec<String>, truncation: Truncation, normalize: bool) -> Result<Encoded, Error> {
-        self.encode_within(texts.into_iter().map(Text::One).collect(), truncation, normalize, self.max_request_tokens).await
+        let texts = texts.into_iter().map(Text::One).collect();
+        self.encode_within(texts, truncation, Output::Pooled { normalize }, self.max_request_tokens).await
     }
 
     /// `encode` for texts and sentence pairs (a cross-encoder's inputs), not normalized.
     pub async fn encode_texts(&self, texts: Vec<Text>, truncation: Truncation) -> Result<Encoded, Error> {
-        self.encode_within(texts, truncation, false, self.max_request_tokens).await
+        self.encode_within(texts, truncation, Output::Pooled { normalize: false }, self.max_request_tokens).await
+    }
+
+    /// Every token's final hidden state per input, unpooled (TEI's `/embed_all`): each row is
+    /// `tokens × dims` values, token after token.
+    pub async fn encode_tokens(&self, texts: Vec<String>, truncation: Truncation) -> Result<Encoded, Error> {
+        self.encode_within(texts.into_iter().map(Text::One).collect(), truncation, Output::Tokens, self.max_request_tokens).await
     }
 
     /// `encode` for the node's own work (warm-up at the batch budget), which is not a client
     /// request and so not bound by `limits.max_request_tokens`.
     pub async fn encode_internal(&self, texts: Vec<String>, truncation: Truncation, normalize: bool) -> Result<Encoded, Error> {
-        self.encode_within(texts.into_iter().map(Text::One).collect(), truncation, normalize, usize::MAX).await
+        self.encode_within(texts.into_iter().map(Text::One).collect(), truncation, Output::Pooled { normalize }, usize::MAX).await
     }
 
-    async fn encode_within(&self, texts: Vec<Text>, truncation: Truncation, normalize: bool, max_request_tokens: usize) -> Result<Encoded, Error> {
+    async fn encode_within(&self, texts: Vec<Text>, truncation: Truncation, output: Output, max_request_tokens: usize) -> Result<Encoded, Error> {
         let n = texts.len();
         let started = Instant::now();
         let tokens =
@@ -295,7 +311,7 @@ impl EncoderService {
             if part.is_empty() {
                 break;
             }
-            self.encode_chunk(part, normalize, first, &mut out).await?;
+            self.encode_chunk(part, output, first, &mut out).await?;
         }
         METRICS.tokens.with_label_values(&[self.name.as_str(), "input"]).inc_by(out.tokens.iter().sum::<usize>() as u64);
         Ok(out)
@@ -304,7 +320,7 @@ impl EncoderService {
     /// Admits one chunk of a request's inputs and waits for their vectors. The first chunk is
     /// refused at once when the model is full (429); later ones wait their turn, since the
     /// request is already being answered (the request timeout bounds the wait).
-    async fn encode_chunk(&self, part: Vec<Tokens>, normalize: bool, first: bool, out: &mut Encoded) -> Result<(), Error> {
+    async fn encode_chunk(&self, part: Vec<Tokens>, output: Output, first: bool, out: &mut Encoded) -> Result<(), Error> {
         let permits = part.len() as u32;
         let _admitted = if first {
             self.admission.clone().try_acquire_many_owned(permits).map_err(|_| Error::Overloaded {
@@ -321,7 +337,7 @@ impl EncoderService {
             let (tx, rx) = oneshot::channel();
             out.tokens.push(t.ids.len());
             let queue_span = tracing::info_span!(parent: &span, "queue", model = %self.name, tokens = t.ids.len());
-            let job = Job { ids: t.ids, type_ids: t.type_ids, normalize, enqueued: Instant::now(), reply: tx, span: span.clone(), queue_span };
+            let job = Job { ids: t.ids, type_ids: t.type_ids, output, enqueued: Instant::now(), reply: tx, span: span.clone(), queue_span };
             self.jobs.send(job).map_err(|_| Error::NotReady { message: format!("model {} is restarting", self.name), retry_after_s: 2 })?;
             replies.push(rx);
         }

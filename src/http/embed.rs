@@ -203,6 +203,37 @@ pub async fn embed(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>)
     Ok(answer(&rows, slot, &encoded, "embed"))
 }
 
+/// `POST /embed_all` body (TEI). The fields are `fields::EMBED_ALL`.
+#[derive(Debug, Deserialize)]
+pub struct EmbedAllRequest {
+    pub inputs: Inputs,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: Option<Direction>,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub prompt_name: Option<String>,
+}
+
+/// `POST /embed_all`: every token's final hidden state per input, unpooled and not
+/// normalized (`[[[f32]]]`: input, token, dimension), special tokens included, as TEI
+/// answers it and as sentence-transformers' `output_value="token_embeddings"` gives them.
+pub async fn embed_all(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::EMBED_ALL)?;
+    let req: EmbedAllRequest = from_value(raw)?;
+    let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
+    slot.record_on_span();
+    validated(&req.inputs, "inputs", &node)?;
+    let encoder = ready_encoder(&node, slot).await?;
+    let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
+    let encoded = encoder.encode_tokens(texts, truncation(&node, req.truncate, req.truncation_direction)).await?;
+    let dims = encoder.dims;
+    let rows: Vec<Vec<&[f32]>> = encoded.rows.iter().map(|r| r.chunks_exact(dims).collect()).collect();
+    Ok(answer(&rows, slot, &encoded, "embed"))
+}
+
 /// `POST /v1/embeddings` body (OpenAI).
 #[derive(Debug, Deserialize)]
 pub struct OpenAiEmbeddingRequest {

@@ -134,6 +134,10 @@ pub const EMBED: &[Field] = &[
     honoured("dimensions"),
 ];
 
+/// `POST /embed_all` (TEI).
+pub const EMBED_ALL: &[Field] =
+    &[honoured("inputs"), honoured("model"), honoured("truncate"), honoured("truncation_direction"), honoured("prompt_name")];
+
 /// `POST /classify`, `/predict` (TEI).
 pub const PREDICT: &[Field] =
     &[honoured("inputs"), honoured("model"), honoured("raw_scores"), honoured("truncate"), honoured("truncation_direction")];
@@ -240,12 +244,13 @@ mod tests {
         let start = readme.find("<!-- fields:begin -->").expect("README has a field table between <!-- fields:begin/end --> marks");
         let end = readme.find("<!-- fields:end -->").expect("README field table end mark");
         let table = &readme[start..end];
-        let routes: [(&str, &[Field]); 10] = [
+        let routes: [(&str, &[Field]); 11] = [
             ("/v1/chat/completions", CHAT),
             ("/v1/completions", COMPLETIONS),
             ("/generate", GENERATE),
             ("/v1/embeddings", EMBEDDINGS),
             ("/embed", EMBED),
+            ("/embed_all", EMBED_ALL),
             ("/predict", PREDICT),
             ("/rerank", RERANK),
             ("/tokenize", TOKENIZE),

@@ -72,6 +72,7 @@ fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppSta
         ("/v1/models", Class::Ops, OpenAi, get(ops::list_models)),
         ("/stats", Class::Ops, OpenAi, get(stats::stats)),
         ("/embed", Class::Work, Tei, post(embed::embed)),
+        ("/embed_all", Class::Work, Tei, post(embed::embed_all)),
         ("/v1/embeddings", Class::Work, OpenAi, post(embed::openai_embeddings)),
         ("/classify", Class::Work, Tei, post(embed::classify)),
         ("/predict", Class::Work, Tei, post(embed::predict)),
