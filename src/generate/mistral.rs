@@ -276,6 +276,10 @@ impl mistralrs::CustomLogitsProcessor for SeededPick {
         let pick = {
             let mut sampler = self.sampler.lock();
             let pick = sampler.sample(&values);
+            if let Some(e) = sampler.grammar_error() {
+                // The sequence fails (the engine reports the error) rather than go on unconstrained.
+                return Err(candle_core::Error::Msg(format!("the response_format grammar failed: {e}")));
+            }
             if self.eos.contains(&pick) {
                 sampler.drop_last_logprob();
             }
