@@ -250,32 +250,42 @@ fn bench_generate(d: &Daemon, args: &Args) {
 }
 
 /// What constrained decoding costs per token: decode tokens/s of a chat answer held to a
-/// JSON schema (40 short words, so the answer is long) against the same prompt
-/// unconstrained, alternating, best of three each.
+/// JSON schema (40 short words, so the answer is long) against the same chat unconstrained,
+/// alternating, best of three each. Twice: greedy, where the grammar's full mask is only
+/// computed when the model's choice is not allowed, and top-p sampling, where the mask is
+/// computed every step (the nucleus depends on it).
 fn bench_structured(d: &Daemon, args: &Args) {
     let model = args.model.as_str();
     let messages = json!([{"role": "user", "content": "List forty short English words as a JSON object with a words array."}]);
-    let plain = json!({"model": model, "messages": messages, "stream": true, "stream_options": {"include_usage": true},
-                       "temperature": 0, "max_tokens": 200, "ignore_eos": true});
     let schema = json!({"type": "object", "properties": {"words": {"type": "array", "minItems": 40, "maxItems": 40,
                         "items": {"type": "string", "minLength": 2, "maxLength": 8}}}, "required": ["words"], "additionalProperties": false});
-    let constrained = json!({"model": model, "messages": messages, "stream": true, "stream_options": {"include_usage": true},
-                             "temperature": 0, "max_tokens": 600,
-                             "response_format": {"type": "json_schema", "json_schema": {"name": "words", "schema": schema}}});
-    stream_answer(&d.addr, "/v1/chat/completions", &constrained);
-    let (mut free, mut held, mut held_tokens) = (0f64, 0f64, 0);
-    for _ in 0..3 {
-        let (_, rate, _) = stream_answer(&d.addr, "/v1/chat/completions", &plain);
-        free = free.max(rate);
-        let (_, rate, tokens) = stream_answer(&d.addr, "/v1/chat/completions", &constrained);
-        eprintln!("structured: plain {free:.2} constrained {rate:.2} ({tokens} tokens)");
-        held = held.max(rate);
-        held_tokens = tokens;
-    }
+    let measure = |sampling: Value| {
+        let mut plain = json!({"model": model, "messages": messages, "stream": true, "stream_options": {"include_usage": true},
+                               "max_tokens": 200, "ignore_eos": true, "seed": 1});
+        let mut constrained = json!({"model": model, "messages": messages, "stream": true, "stream_options": {"include_usage": true},
+                                     "max_tokens": 600, "seed": 1,
+                                     "response_format": {"type": "json_schema", "json_schema": {"name": "words", "schema": schema}}});
+        for (k, v) in sampling.as_object().unwrap() {
+            plain[k] = v.clone();
+            constrained[k] = v.clone();
+        }
+        stream_answer(&d.addr, "/v1/chat/completions", &constrained);
+        let (mut free, mut held, mut tokens) = (0f64, 0f64, 0);
+        for _ in 0..3 {
+            free = free.max(stream_answer(&d.addr, "/v1/chat/completions", &plain).1);
+            let (_, rate, n) = stream_answer(&d.addr, "/v1/chat/completions", &constrained);
+            held = held.max(rate);
+            tokens = n;
+        }
+        (free, held, tokens)
+    };
+    let (free, held, tokens) = measure(json!({"temperature": 0}));
+    let (free_p, held_p, _) = measure(json!({"temperature": 1, "top_p": 0.9}));
     println!(
-        "edgenode structured: decode_tok_per_s={free:.2} json_schema_decode_tok_per_s={held:.2} json_schema_tokens={held_tokens} \
-         slowdown_pct={:.1}",
-        (1.0 - held / free) * 100.0
+        "edgenode structured: decode_tok_per_s={free:.2} json_schema_decode_tok_per_s={held:.2} json_schema_tokens={tokens} \
+         slowdown_pct={:.1} top_p_decode_tok_per_s={free_p:.2} top_p_json_schema_decode_tok_per_s={held_p:.2} top_p_slowdown_pct={:.1}",
+        (1.0 - held / free) * 100.0,
+        (1.0 - held_p / free_p) * 100.0
     );
 }
 

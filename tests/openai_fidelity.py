@@ -104,9 +104,12 @@ distinct = len({json.dumps(d, sort_keys=True) for d in docs})
 assert distinct > len(SCHEMAS), f"sampling should vary the documents: {distinct} distinct of {len(docs)}"
 print(f"structured output: {len(docs)} documents over {len(SCHEMAS)} schemas, all valid ({distinct} distinct)")
 
-obj = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=120, temperature=0.8, seed=1,
-                                     response_format={"type": "json_object"})
-assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
+# "Any JSON object" bounds nothing, so a small model may ramble to max_tokens; every answer
+# that ends by itself is an object.
+objects = [client.chat.completions.create(model=MODEL, messages=USER, max_tokens=300, temperature=0.7, seed=s,
+                                          response_format={"type": "json_object"}).choices[0] for s in range(8)]
+finished = [c for c in objects if c.finish_reason == "stop"]
+assert finished and all(isinstance(json.loads(c.message.content), dict) for c in finished), objects
 bad_request("response_format", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
 bad_request("response_format.type", response_format={"type": "yaml"})
 

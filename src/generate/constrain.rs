@@ -124,17 +124,34 @@ pub struct Constraint {
 
 impl Constraint {
     /// Sets every logit the grammar forbids now to -inf. Returns whether any token is left.
+    /// Logits past the vocabulary (an output layer padded beyond it) are never allowed.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<bool, String> {
         let allowed = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+        let words = allowed.as_slice();
         let mut any = false;
-        for (i, l) in logits.iter_mut().enumerate() {
-            if allowed.is_allowed(i as u32) {
-                any |= *l > f32::NEG_INFINITY;
-            } else {
-                *l = f32::NEG_INFINITY;
+        // 32 tokens a word, bit j of word w for token 32w + j; whole words at a time.
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                0 => chunk.fill(f32::NEG_INFINITY),
+                u32::MAX if chunk.len() == 32 => any |= chunk.iter().any(|l| *l > f32::NEG_INFINITY),
+                bits => {
+                    for (j, l) in chunk.iter_mut().enumerate() {
+                        if bits >> j & 1 == 1 {
+                            any |= *l > f32::NEG_INFINITY;
+                        } else {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
         Ok(any)
+    }
+
+    /// Whether the grammar allows `token` next: the cheap check of one token, where `mask`
+    /// computes the whole vocabulary's set.
+    pub fn allows(&mut self, token: u32) -> bool {
+        self.matcher.validate_tokens(&[token]).is_ok_and(|n| n == 1)
     }
 
     /// The first token the grammar allows now (when every allowed token's logit is -inf).
@@ -241,10 +258,14 @@ mod tests {
         assert!(logits[open as usize].is_finite());
         assert_eq!(logits.iter().filter(|l| l.is_finite()).count(), 1, "only {{ can start the object");
         for piece in ["{", "\"", "a", "\"", ":", " ", "true", "}"] {
-            let mut logits = vec![0.0f32; t.len()];
+            // Logits for more tokens than the vocabulary: the extra ones are never allowed.
+            let mut logits = vec![0.0f32; t.len() + 40];
             c.mask(&mut logits).unwrap();
             let tok = id(&t, piece);
             assert!(logits[tok as usize].is_finite(), "{piece:?} must be allowed here");
+            assert!(logits[t.len()..].iter().all(|l| *l == f32::NEG_INFINITY));
+            let allowed: Vec<u32> = (0..t.len() as u32).filter(|&i| logits[i as usize].is_finite()).collect();
+            assert!((0..t.len() as u32).all(|i| c.allows(i) == allowed.contains(&i)), "allows() agrees with the mask");
             c.accept(tok).unwrap();
         }
         // The object is complete: only the end of the sequence is left.

@@ -190,27 +190,50 @@ impl Sampler {
         work.clear();
         work.extend_from_slice(logits);
         self.adjust(&mut work);
-        let mut forced = None;
-        if let Some(c) = &mut self.constraint {
-            match c.mask(&mut work) {
-                Ok(true) => {}
-                // Every token the grammar allows has -inf: take the first it allows.
-                Ok(false) => forced = c.first_allowed(),
-                Err(e) => self.grammar_error = Some(e),
-            }
-        }
         for &t in &self.banned {
             if let Some(l) = work.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;
             }
         }
-        let token = forced.unwrap_or_else(|| self.pick(&work));
+        let token = self.pick_constrained(&mut work);
         if self.logprobs.is_some() {
             self.record_logprob(&work, token);
         }
         self.work = work;
         self.observe(token);
         token
+    }
+
+    /// Picks from adjusted logits under the grammar, if any. Computing the grammar's mask over
+    /// the whole vocabulary is the costly part of a constrained step, so where it cannot
+    /// change the outcome it is skipped: the token is drawn from the unmasked distribution
+    /// and kept if the grammar allows it, else drawn again from the masked one. For greedy
+    /// decoding that is the masked argmax; for plain temperature sampling it is rejection
+    /// sampling, whose result is distributed exactly as a draw from the masked distribution
+    /// (p(x) + (1 - p(A)) p(x)/p(A) = p(x)/p(A) for x in the allowed set A). With top-k or
+    /// top-p truncation, or log-probabilities to report, the mask comes first.
+    fn pick_constrained(&mut self, work: &mut [f32]) -> u32 {
+        if self.constraint.is_none() {
+            return self.pick(work);
+        }
+        let p = &self.params;
+        let greedy = p.temperature <= 0.0 || p.top_k == 1;
+        if self.logprobs.is_none() && (greedy || (p.top_k == 0 && p.top_p >= 1.0)) {
+            let token = self.pick(work);
+            if self.constraint.as_mut().is_some_and(|c| c.allows(token)) {
+                return token;
+            }
+        }
+        let Some(c) = &mut self.constraint else { return self.pick(work) };
+        match c.mask(work) {
+            Ok(true) => self.pick(work),
+            // Every token the grammar allows has -inf: take the first it allows.
+            Ok(false) => c.first_allowed().unwrap_or_else(|| argmax(work)),
+            Err(e) => {
+                self.grammar_error = Some(e);
+                argmax(work)
+            }
+        }
     }
 
     /// `logit_bias`, then the penalties, in place.
