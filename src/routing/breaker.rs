@@ -53,7 +53,7 @@ impl Breaker {
         let probe = match s.circuit {
             Circuit::Closed => false,
             Circuit::HalfOpen => return None,
-            Circuit::Open if s.opened_at.is_some_and(|t| t.elapsed() >= self.open_for) => {
+            Circuit::Open if self.due(&s) => {
                 s.circuit = Circuit::HalfOpen;
                 true
             }
@@ -87,6 +87,11 @@ impl Breaker {
         }
     }
 
+    /// An open circuit has waited `open_for`: the next call is its probe.
+    fn due(&self, s: &State) -> bool {
+        s.opened_at.is_some_and(|t| t.elapsed() >= self.open_for)
+    }
+
     /// A probe that never finished must not hold the half-open slot: the circuit is open
     /// again with its old opening time, so the next call is the next probe.
     fn release_probe(&self) {
@@ -102,7 +107,7 @@ impl Breaker {
         match s.circuit {
             Circuit::Closed => true,
             Circuit::HalfOpen => false,
-            Circuit::Open => s.opened_at.is_some_and(|t| t.elapsed() >= self.open_for),
+            Circuit::Open => self.due(&s),
         }
     }
 
@@ -110,7 +115,7 @@ impl Breaker {
     pub fn snapshot(&self) -> (Circuit, u32, u64) {
         let s = self.state.lock();
         let circuit = match s.circuit {
-            Circuit::Open if s.opened_at.is_some_and(|t| t.elapsed() >= self.open_for) => Circuit::HalfOpen,
+            Circuit::Open if self.due(&s) => Circuit::HalfOpen,
             c => c,
         };
         (circuit, s.consecutive_failures, s.opens)
