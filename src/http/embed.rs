@@ -188,47 +188,38 @@ fn shorten(mut v: Vec<f32>, dims: Option<usize>, normalize: bool) -> Vec<f32> {
     v
 }
 
+/// What `/embed` and `/embed_all` share before the model runs: the model, its encoder, the
+/// inputs with their prompt, and the truncation asked for.
+async fn prepare_embed(node: &AppState, req: EmbedRequest) -> Result<(&Arc<ModelSlot>, Arc<EncoderService>, Vec<String>, Truncation), Error> {
+    let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
+    slot.record_on_span();
+    validated(&req.inputs, "inputs", node)?;
+    let encoder = ready_encoder(node, slot).await?;
+    let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
+    Ok((slot, encoder, texts, truncation(node, req.truncate, req.truncation_direction)))
+}
+
 /// `POST /embed`: one vector per input, in input order.
 pub async fn embed(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
     fields::check(&raw, fields::EMBED)?;
     let req: EmbedRequest = from_value(raw)?;
-    let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
-    slot.record_on_span();
-    validated(&req.inputs, "inputs", &node)?;
-    let encoder = ready_encoder(&node, slot).await?;
-    let dims = dimensions(req.dimensions, &encoder)?;
-    let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
-    let encoded = encoder.encode(texts, truncation(&node, req.truncate, req.truncation_direction), req.normalize).await?;
-    let rows: Vec<Vec<f32>> = encoded.rows.iter().map(|r| shorten(r.clone(), dims, req.normalize)).collect();
+    let (normalize, requested_dims) = (req.normalize, req.dimensions);
+    let (slot, encoder, texts, truncate) = prepare_embed(&node, req).await?;
+    let dims = dimensions(requested_dims, &encoder)?;
+    let encoded = encoder.encode(texts, truncate, normalize).await?;
+    let rows: Vec<Vec<f32>> = encoded.rows.iter().map(|r| shorten(r.clone(), dims, normalize)).collect();
     Ok(answer(&rows, slot, &encoded, "embed"))
-}
-
-/// `POST /embed_all` body (TEI). The fields are `fields::EMBED_ALL`.
-#[derive(Debug, Deserialize)]
-pub struct EmbedAllRequest {
-    pub inputs: Inputs,
-    #[serde(default)]
-    pub truncate: Option<bool>,
-    #[serde(default)]
-    pub truncation_direction: Option<Direction>,
-    #[serde(default)]
-    pub model: Option<String>,
-    #[serde(default)]
-    pub prompt_name: Option<String>,
 }
 
 /// `POST /embed_all`: every token's final hidden state per input, unpooled and not
 /// normalized (`[[[f32]]]`: input, token, dimension), special tokens included, as TEI
 /// answers it and as sentence-transformers' `output_value="token_embeddings"` gives them.
+/// The body is `/embed`'s without `normalize` and `dimensions` (`fields::EMBED_ALL`).
 pub async fn embed_all(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
     fields::check(&raw, fields::EMBED_ALL)?;
-    let req: EmbedAllRequest = from_value(raw)?;
-    let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
-    slot.record_on_span();
-    validated(&req.inputs, "inputs", &node)?;
-    let encoder = ready_encoder(&node, slot).await?;
-    let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
-    let encoded = encoder.encode_tokens(texts, truncation(&node, req.truncate, req.truncation_direction)).await?;
+    let req: EmbedRequest = from_value(raw)?;
+    let (slot, encoder, texts, truncate) = prepare_embed(&node, req).await?;
+    let encoded = encoder.encode_tokens(texts, truncate).await?;
     let dims = encoder.dims;
     let rows: Vec<Vec<&[f32]>> = encoded.rows.iter().map(|r| r.chunks_exact(dims).collect()).collect();
     Ok(answer(&rows, slot, &encoded, "embed"))
@@ -247,7 +238,7 @@ pub struct OpenAiEmbeddingRequest {
     /// Our extension, as on `/embed`: absent or null, `limits.auto_truncate`.
     #[serde(default)]
     pub truncate: Option<bool>,
-    /// Recorded on the trace (`fields::record`), as on the chat routes.
+    /// Recorded on the trace (`generate::record_attribution`), as on the chat routes.
     #[serde(default)]
     pub user: Option<String>,
     /// Our extension, as on `/embed`: one of the model's named prompts.
