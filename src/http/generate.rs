@@ -118,35 +118,37 @@ impl Role {
 /// template has no place for (tool turns, names, tool calls) is a 400 naming it: the
 /// model would otherwise answer a conversation other than the one sent.
 pub(crate) fn to_chat(messages: &[InMessage]) -> Result<Vec<ChatMessage>, Error> {
+    check_messages(messages)?;
+    Ok(messages.iter().map(|m| ChatMessage { role: m.role.as_str().to_string(), content: m.content.clone() }).collect())
+}
+
+/// `to_chat`'s checks alone, without building the conversation (the router asks first).
+fn check_messages(messages: &[InMessage]) -> Result<(), Error> {
     if messages.is_empty() {
         return Err(Error::EmptyInput("messages".into()));
     }
     let present = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            if matches!(m.role, Role::Tool | Role::Function) {
-                return Err(Error::field(
-                    format!("messages[{i}].role"),
-                    "tool results need tool support, which the local model's chat template does not have",
-                ));
+    for (i, m) in messages.iter().enumerate() {
+        if matches!(m.role, Role::Tool | Role::Function) {
+            return Err(Error::field(
+                format!("messages[{i}].role"),
+                "tool results need tool support, which the local model's chat template does not have",
+            ));
+        }
+        for (field, value) in [
+            ("name", &m.name),
+            ("tool_calls", &m.tool_calls),
+            ("tool_call_id", &m.tool_call_id),
+            ("audio", &m.audio),
+            ("function_call", &m.function_call),
+            ("refusal", &m.refusal),
+        ] {
+            if present(value) {
+                return Err(Error::field(format!("messages[{i}].{field}"), "the local model's chat template has no place for it"));
             }
-            for (field, value) in [
-                ("name", &m.name),
-                ("tool_calls", &m.tool_calls),
-                ("tool_call_id", &m.tool_call_id),
-                ("audio", &m.audio),
-                ("function_call", &m.function_call),
-                ("refusal", &m.refusal),
-            ] {
-                if present(value) {
-                    return Err(Error::field(format!("messages[{i}].{field}"), "the local model's chat template has no place for it"));
-                }
-            }
-            Ok(ChatMessage { role: m.role.as_str().to_string(), content: m.content.clone() })
-        })
-        .collect()
+        }
+    }
+    Ok(())
 }
 
 /// Sampling fields shared by every route. They are kept as raw JSON and typed here, so a
@@ -702,7 +704,7 @@ impl ChatRequest {
     /// Why the local model cannot answer this request as asked: the field, and the reason
     /// (a 400 when the local model was named; the cloud, when the router chooses).
     pub(crate) fn edge_refusal(&self, model: &str, template_tools: bool) -> Option<Error> {
-        self.edge_refusal_inner(model, template_tools).or_else(|| to_chat(&self.messages).err())
+        self.edge_refusal_inner(model, template_tools).or_else(|| check_messages(&self.messages).err())
     }
 
     fn edge_refusal_inner(&self, model: &str, template_tools: bool) -> Option<Error> {
@@ -735,15 +737,6 @@ impl ChatRequest {
         if let Some(m) = self.modalities.as_ref().filter(|m| !m.is_null()) {
             if m.as_array().is_none_or(|a| a.iter().any(|x| x != "text")) {
                 return Some(Error::field("modalities", "the local model writes text only ([\"text\"])"));
-            }
-        }
-        let present = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
-        for (i, m) in self.messages.iter().enumerate() {
-            if matches!(m.role, Role::Tool | Role::Function) || present(&m.tool_calls) || present(&m.function_call) {
-                return Some(Error::field(format!("messages[{i}]"), format!("tool turns need tool support, which model {model} does not have")));
-            }
-            if present(&m.audio) {
-                return Some(Error::field(format!("messages[{i}].audio"), "the local model reads text only"));
             }
         }
         None
