@@ -1,4 +1,4 @@
-//! The command line: `serve` and `models {fetch, verify, list, pin}`.
+//! The command line: `serve`, `models {fetch, verify, list, pin}` and `kernels verify`.
 //!
 //! Each flag's doc comment is its `--help` text; `--config` is also `EDGENODE_CONFIG`.
 
@@ -32,6 +32,23 @@ pub enum Command {
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+    },
+    /// Check our CUDA kernels on this machine's GPU.
+    Kernels {
+        #[command(subcommand)]
+        command: KernelsCommand,
+    },
+}
+
+/// `edgenode kernels ...`
+#[derive(Debug, Subcommand)]
+pub enum KernelsCommand {
+    /// Run every CUDA kernel on seeded random inputs and compare it with its Rust twin; exits
+    /// 1 on a disagreement, 2 when there is no CUDA device (or the binary has no CUDA).
+    Verify {
+        /// The GPU to run on.
+        #[arg(long, default_value = "cuda:0", value_name = "cuda:N")]
+        device: String,
     },
 }
 

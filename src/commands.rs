@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 
-use crate::cli::{Command, ModelsCommand};
+use crate::cli::{Command, KernelsCommand, ModelsCommand};
 use crate::config::{Config, ModelKind};
 use crate::models::fetch::{fetch, Fetched};
 use crate::models::manifest::{FileEntry, Manifest, ManifestEntry, Source};
@@ -16,7 +16,34 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { .. } => crate::server::serve(config).await.map(|_| ExitCode::SUCCESS),
         Command::Models { command } => tokio::task::spawn_blocking(move || models(command, &config)).await.context("models command panicked")?,
+        Command::Kernels { command } => tokio::task::spawn_blocking(move || kernels(command)).await.context("kernels command panicked")?,
     }
+}
+
+/// `edgenode kernels verify`: one line per compared configuration, then a verdict.
+fn kernels(command: KernelsCommand) -> anyhow::Result<ExitCode> {
+    use crate::encoder::twins::{verify, TwinError, TOLERANCE};
+    let KernelsCommand::Verify { device } = command;
+    let ordinal = match device.as_str() {
+        "cuda" => 0,
+        d => d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).with_context(|| format!("--device {d:?}: expected cuda or cuda:N"))?,
+    };
+    let cases = match verify(ordinal) {
+        Ok(cases) => cases,
+        Err(e @ TwinError::Unavailable(_)) => {
+            eprintln!("edgenode: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => bail!("{e}"),
+    };
+    let mut failed = 0;
+    for case in &cases {
+        println!("{:4} {:.2e}  {}", if case.passed() { "ok" } else { "FAIL" }, case.max_rel_err, case.name);
+        failed += usize::from(!case.passed());
+    }
+    let worst = cases.iter().map(|c| c.max_rel_err).fold(0.0f32, f32::max);
+    println!("{} of {} configurations within {TOLERANCE:.0e} of their Rust twins on {device} (worst {worst:.2e})", cases.len() - failed, cases.len());
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {

@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let overrides = match &cli.command {
         Command::Serve { addr } => Overrides { addr: *addr },
-        Command::Models { .. } => Overrides::default(),
+        Command::Models { .. } | Command::Kernels { .. } => Overrides::default(),
     };
     let file = match &cli.config {
         Some(p) => FileSource::Explicit(p.clone()),

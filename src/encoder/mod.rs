@@ -10,6 +10,7 @@ pub mod files;
 pub mod pooling;
 pub mod prototype;
 pub mod tokenize;
+pub mod twins;
 
 use std::path::Path;
 use std::sync::Arc;
