@@ -207,8 +207,9 @@ async fn load_encoder(
     };
     let (job_tx, job_rx) = mpsc::unbounded_channel();
     let (batch_tx, batch_rx) = mpsc::channel(1);
-    tokio::spawn(run_queue(slot.name().to_string(), job_rx, batch_tx, policy));
-    spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, on_worker_exit(slot, restarts))
+    let idle = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(run_queue(slot.name().to_string(), job_rx, batch_tx, idle.clone(), policy));
+    spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, idle, on_worker_exit(slot, restarts))
         .map_err(|e| format!("cannot start the model worker: {e}"))?;
 
     let max_in_flight = slot.config.max_concurrent_inputs.unwrap_or(encoder::DEFAULT_MAX_CONCURRENT_INPUTS);

@@ -7,11 +7,16 @@
 //! rest of the batch is filled with the inputs closest to it in length, so the padded
 //! attention of the batch wastes little. Inputs whose client went away are dropped here,
 //! before they cost any compute.
+//!
+//! A batch is cut at the moment the worker is free, not before: a batch cut while the
+//! previous one still runs holds only what had arrived by then, and under concurrent load
+//! the worker would run many small batches instead of few large ones.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::error::Error;
 
@@ -115,10 +120,17 @@ pub fn next_batch(queue: &mut VecDeque<Job>, policy: BatchPolicy) -> Vec<Job> {
     batch
 }
 
-/// Runs the queue as an actor: takes jobs from `jobs`, and whenever the worker can take a
-/// batch (the `batches` channel holds one ready batch while the worker runs another) cuts
-/// the next one. Ends when every job sender is gone and the queue is empty.
-pub async fn run_queue(model: String, mut jobs: mpsc::UnboundedReceiver<Job>, batches: mpsc::Sender<Vec<Job>>, policy: BatchPolicy) {
+/// Runs the queue as an actor: takes jobs from `jobs`, and whenever the worker says it is
+/// free (`idle`, notified by the worker before each wait for a batch) cuts the next batch
+/// from everything that has arrived by then. Ends when every job sender is gone and the
+/// queue is empty, or when the worker is gone.
+pub async fn run_queue(
+    model: String,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    batches: mpsc::Sender<Vec<Job>>,
+    idle: Arc<Notify>,
+    policy: BatchPolicy,
+) {
     let depth = crate::telemetry::metrics::METRICS.queue_depth.with_label_values(&[model.as_str()]);
     let mut queue: VecDeque<Job> = VecDeque::new();
     loop {
@@ -129,17 +141,10 @@ pub async fn run_queue(model: String, mut jobs: mpsc::UnboundedReceiver<Job>, ba
                 None => return,
             }
         }
-        while let Ok(j) = jobs.try_recv() {
-            queue.push_back(j);
-        }
-        // Wait until the worker has room for the next batch, taking new jobs meanwhile so
-        // the batch is cut from everything that arrived while the previous one ran.
-        let permit = tokio::select! {
+        // Wait until the worker is free, taking new jobs meanwhile.
+        tokio::select! {
             biased;
-            permit = batches.reserve() => match permit {
-                Ok(p) => p,
-                Err(_) => return, // the worker is gone; its supervisor restarts the model
-            },
+            () = idle.notified() => {}
             job = jobs.recv() => {
                 match job {
                     Some(j) => queue.push_back(j),
@@ -148,10 +153,16 @@ pub async fn run_queue(model: String, mut jobs: mpsc::UnboundedReceiver<Job>, ba
                 }
                 continue;
             }
-        };
+        }
+        while let Ok(j) = jobs.try_recv() {
+            queue.push_back(j);
+        }
         let batch = next_batch(&mut queue, policy);
-        if !batch.is_empty() {
-            permit.send(batch);
+        if batch.is_empty() {
+            // Nothing to run after all: the worker is still free.
+            idle.notify_one();
+        } else if batches.send(batch).await.is_err() {
+            return; // the worker is gone; its supervisor restarts the model
         }
     }
 }
@@ -178,6 +189,39 @@ mod tests {
 
     fn job(tokens: usize) -> (Job, oneshot::Receiver<Result<JobOutput, Error>>) {
         test_job(vec![1; tokens])
+    }
+
+    async fn next_len(rx: &mut mpsc::Receiver<Vec<Job>>) -> usize {
+        tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.expect("a batch").expect("open").len()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_cut_when_the_worker_is_free_from_everything_queued_by_then() {
+        use std::time::Duration;
+        let (job_tx, job_rx) = mpsc::unbounded_channel();
+        let (batch_tx, mut batch_rx) = mpsc::channel(1);
+        let idle = Arc::new(Notify::new());
+        let policy = BatchPolicy { max_batch_tokens: 1000, max_batch_requests: 64 };
+        tokio::spawn(run_queue("test".into(), job_rx, batch_tx, idle.clone(), policy));
+        let mut replies = Vec::new();
+        let mut send = |n: usize| {
+            for _ in 0..n {
+                let (j, rx) = job(3);
+                replies.push(rx);
+                job_tx.send(j).unwrap();
+            }
+        };
+        // The worker is free: the first input goes at once, alone.
+        idle.notify_one();
+        send(1);
+        assert_eq!(next_len(&mut batch_rx).await, 1);
+        // Five arrive while it runs: nothing is cut before the worker is free again ...
+        send(5);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(batch_rx.try_recv().is_err(), "a batch was cut while the worker was busy");
+        // ... and then they go together.
+        idle.notify_one();
+        assert_eq!(next_len(&mut batch_rx).await, 5);
     }
 
     #[test]

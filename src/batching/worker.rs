@@ -6,9 +6,10 @@
 //! ends, `on_exit` tells the model's supervisor, which reloads it.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::packed::PackedBatch;
 use super::queue::{Job, JobOutput, Output};
@@ -38,17 +39,21 @@ pub trait BatchModel: Send + 'static {
     fn run(&mut self, batch: &PackedBatch, outputs: &[Output]) -> Result<Vec<Vec<f32>>, BatchError>;
 }
 
-/// Starts the worker thread. It runs until `batches` closes.
+/// Starts the worker thread. It runs until `batches` closes. Before each wait for a batch it
+/// notifies `idle`, which is when the queue cuts the next one.
 pub fn spawn_worker(
     name: String,
     mut model: Box<dyn BatchModel>,
     mut batches: mpsc::Receiver<Vec<Job>>,
+    idle: Arc<Notify>,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name(format!("model-{name}")).spawn(move || {
         // Runs when the thread ends for any reason, a panic outside a batch included.
         let _exit = OnExit::new(on_exit);
-        while let Some(jobs) = batches.blocking_recv() {
+        loop {
+            idle.notify_one();
+            let Some(jobs) = batches.blocking_recv() else { break };
             run_batch(&name, model.as_mut(), jobs);
         }
     })
@@ -140,7 +145,7 @@ mod tests {
     fn a_failed_or_panicking_batch_answers_500_and_the_worker_goes_on() {
         let (tx, rx) = mpsc::channel(4);
         let (exited_tx, exited_rx) = std::sync::mpsc::channel();
-        let handle = spawn_worker("flaky".into(), Box::new(Flaky), rx, move || exited_tx.send(()).unwrap()).unwrap();
+        let handle = spawn_worker("flaky".into(), Box::new(Flaky), rx, Arc::default(), move || exited_tx.send(()).unwrap()).unwrap();
         for (id, ok) in [(13, false), (66, false), (5, true)] {
             let (j, reply) = job(id);
             tx.blocking_send(vec![j]).unwrap();
@@ -186,7 +191,7 @@ mod tests {
         }
         let (tx, rx) = mpsc::channel::<Vec<Job>>(1);
         let (exited_tx, exited_rx) = std::sync::mpsc::channel();
-        let handle = spawn_worker("idle".into(), Box::new(Idle), rx, move || exited_tx.send(()).unwrap()).unwrap();
+        let handle = spawn_worker("idle".into(), Box::new(Idle), rx, Arc::default(), move || exited_tx.send(()).unwrap()).unwrap();
         drop(tx);
         handle.join().unwrap();
         exited_rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
