@@ -37,13 +37,7 @@ if [ "${1:-}" = "--env-only" ]; then
     exit 0
 fi
 
-export CARGO_TARGET_DIR="${EDGENODE_CUDA_TARGET_DIR:-$HOME/.cache/edgenode-target-cuda}"
-export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-1}"
-# --locked: fail rather than ever rewrite Cargo.lock.
-cargo fetch --locked
-cuda_wheels_stub_libcuda
-echo "check-cuda-build: cargo build --release --locked --features cuda $* (target: $CARGO_TARGET_DIR)"
-cargo build --release --locked --features cuda "$@"
+cuda_wheels_build "$@"
 
 bin="$CARGO_TARGET_DIR/release/edgenode"
 ls -l "$bin"

@@ -5,6 +5,7 @@
 #   source scripts/cuda-wheels.sh
 #   cuda_wheels_env            # install (once) into its venv; export CUDA_ROOT, PATH, ...
 #   cuda_wheels_stub_libcuda   # only where no NVIDIA driver is installed (link step only)
+#   cuda_wheels_build [ARGS]   # the release build with --features cuda, in its own target folder
 #
 # Used by scripts/check-cuda-build.sh, and by scripts/gpu-check.sh when the GPU machine has
 # no toolkit of its own.
@@ -88,6 +89,21 @@ PY
     # There is no GPU to ask during a build: H100/H200 are compute capability 9.0.
     export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
     cuda_wheels_check_nvcc
+}
+
+# `cargo build --release --locked --features cuda ARGS` against this toolkit, in the CUDA
+# build's own target folder (EDGENODE_CUDA_TARGET_DIR, default ~/.cache/edgenode-target-cuda),
+# so it never locks or invalidates the CPU build's. Call after cuda_wheels_env. Leaves
+# CARGO_TARGET_DIR exported: the binary is $CARGO_TARGET_DIR/release/edgenode.
+cuda_wheels_build() {
+    export CARGO_TARGET_DIR="${EDGENODE_CUDA_TARGET_DIR:-$HOME/.cache/edgenode-target-cuda}"
+    # Parallel nvcc jobs per crate; 1 bounds memory.
+    export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-1}"
+    # --locked: fail rather than ever rewrite Cargo.lock.
+    cargo fetch --locked
+    cuda_wheels_stub_libcuda
+    echo "cuda-wheels: cargo build --release --locked --features cuda $* (sm_$CUDA_COMPUTE_CAP, target $CARGO_TARGET_DIR)"
+    cargo build --release --locked --features cuda "$@"
 }
 
 # Refuses an nvcc the CUDA crates would refuse later, with a clearer message.

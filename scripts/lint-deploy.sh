@@ -24,5 +24,5 @@ echo "hadolint $("$venv/bin/hadolint" --version | sed 's/.* //'): Dockerfile"
 "$venv/bin/hadolint" Dockerfile
 echo "shellcheck: deployment scripts"
 "$venv/bin/shellcheck" -x scripts/docker-entrypoint.sh scripts/check-cuda-build.sh scripts/cuda-wheels.sh \
-    scripts/gpu-check.sh scripts/lint-deploy.sh
+    scripts/gpu-bundle.sh scripts/gpu-check.sh scripts/lint-deploy.sh
 echo "lint-deploy: ok"

@@ -4,11 +4,12 @@
 # On a fresh machine with Rust and Python's pip it installs what the tests need into a
 # virtual environment of its own (the `openai` package, `jsonschema` and LangChain's
 # `langchain-openai`, which drive the daemon in the client tests; numpy and gguf, with
-# which scripts/standins.py writes the TinyLlama- and bge-shaped stand-ins; NVRTC from
-# the nvidia-cuda-nvrtc-cu12 wheel, which compiles our
-# CUDA kernels without a GPU), checks style (rustfmt, clippy), fetches and verifies the
-# default models, then runs every test in release mode (candle in debug is too slow to
-# test with).
+# which scripts/standins.py writes the TinyLlama- and bge-shaped stand-ins;
+# sentence-transformers, with PyTorch and transformers, for the GPU check's dry run, which
+# computes its reference vectors and decode baseline on the CPU; NVRTC from the
+# nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA kernels without a GPU), checks
+# style (rustfmt, clippy), fetches and verifies the default models, then runs every test in
+# release mode (candle in debug is too slow to test with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     "openai>=1.40,<3" "jsonschema>=4.20,<5" "langchain-openai>=0.3,<2" \
-    "nvidia-cuda-nvrtc-cu12>=12.4,<13" "numpy>=1.26,<3" "gguf==0.19.0"
+    "nvidia-cuda-nvrtc-cu12>=12.4,<13" "numpy>=1.26,<3" "gguf==0.19.0" \
+    "sentence-transformers>=5,<7"
 nvrtc_lib="$("$venv/bin/python" - <<'PY'
 import glob, os, nvidia
 for base in nvidia.__path__:
