@@ -5,7 +5,8 @@
 #
 #   benches/compare.sh [embed] [generate] [card]
 #
-#   embed     the default MiniLM against sentence-transformers on the same folder
+#   embed     the default MiniLM against sentence-transformers and ONNX Runtime (fp32, and
+#             its dynamically quantized int8 model) on the same folder
 #   generate  the default SmolLM2 (Q4_1) against llama.cpp on the same file, and the cost of
 #             constrained decoding (a JSON schema) against our own unconstrained decode
 #   card      the card's models at their real size, on shape-faithful stand-ins written by
@@ -15,10 +16,12 @@
 #             daemon's peak memory with TinyLlama Q4_K_M and MiniLM resident; the 12-layer
 #             bge-small-shaped folder against sentence-transformers on the same folder.
 #
-# Baselines (benches/baselines/, ours): sentence-transformers, and llama.cpp through
+# Baselines (benches/baselines/, ours): sentence-transformers, ONNX Runtime (the folder exported
+# with torch.onnx.export, run in-process with every graph optimization), and llama.cpp through
 # llama-cpp-python. They need one Python environment with those packages and numpy and gguf
 # (for the stand-ins); BENCH_PYTHON names its interpreter:
-#   python3 -m venv .venv-bench && .venv-bench/bin/pip install sentence-transformers llama-cpp-python numpy gguf==0.19.0
+#   python3 -m venv .venv-bench && .venv-bench/bin/pip install sentence-transformers onnxruntime onnx \
+#       llama-cpp-python numpy gguf==0.19.0
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edgenode-target}"
@@ -36,6 +39,8 @@ for w in "${what[@]}"; do
   case "$w" in
     embed)
       "$py" benches/baselines/sentence_transformers_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" | tee "$out/st.txt"
+      "$py" benches/baselines/onnxruntime_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" --int8 \
+        2> "$out/ort.log" | tee "$out/ort.txt"
       bench embed | tee "$out/edge-embed.txt" ;;
     generate)
       "$py" benches/baselines/llama_cpp_bench.py models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --template chatml --threads "$threads" | tee "$out/llama.txt"
@@ -72,6 +77,8 @@ for w in "${what[@]}"; do
       done
       "$py" benches/baselines/sentence_transformers_bench.py "$standins/bge-small" tests/fixtures/public_sentences.txt \
         --threads "$threads" | tee "$out/st-bge.txt"
+      "$py" benches/baselines/onnxruntime_bench.py "$standins/bge-small" tests/fixtures/public_sentences.txt \
+        --threads "$threads" 2> "$out/ort-bge.log" | tee "$out/ort-bge.txt"
       bench bandwidth | tee "$out/bandwidth.txt"
       bench generate --config "$out/q4.toml" --model tinyllama --template zephyr --long-repeats 111 | tee "$out/edge-q4_k_m.txt"
       bench generate --config "$out/q8.toml" --model tinyllama-q8 --template zephyr --long-repeats 111 | tee "$out/edge-q8_0.txt"
@@ -93,12 +100,17 @@ def kv(name, line=None):
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu} · {os.cpu_count()} cores · {threads} threads")
 print("| workload | edgenode | baseline | ratio (above 1: edgenode ahead) |\n|---|---|---|---|")
-def embed_rows(st, e, label):
+def embed_rows(st, e, label, ort=None):
     if not (st and e): return
     print(f"| {label} batch 32, sentences/s | {e['batch32_throughput_sent_per_s']:.0f} | sentence-transformers {st['batch32_throughput_sent_per_s']:.0f} | {e['batch32_throughput_sent_per_s']/st['batch32_throughput_sent_per_s']:.2f}× |")
     print(f"| {label} single sentence p50, ms | {e['single_p50_ms']:.1f} | sentence-transformers {st['single_p50_ms']:.1f} | {st['single_p50_ms']/e['single_p50_ms']:.2f}× |")
     print(f"| {label} single sentence p99, ms | {e['single_p99_ms']:.1f} | sentence-transformers {st['single_p99_ms']:.1f} | {st['single_p99_ms']/e['single_p99_ms']:.2f}× |")
-    print(f"| {label} 16 concurrent clients, sentences/s | {e['concurrent16_sent_per_s']:.0f} ({e['concurrent16_vs_one_client']:.1f}× one client) | — | — |")
+    if ort:
+        print(f"| {label} batch 32, sentences/s | {e['batch32_throughput_sent_per_s']:.0f} | ONNX Runtime fp32 {ort['batch32_throughput_sent_per_s']:.0f} | {e['batch32_throughput_sent_per_s']/ort['batch32_throughput_sent_per_s']:.2f}× |")
+        print(f"| {label} single sentence p50, ms (ours over HTTP, ONNX Runtime in-process) | {e['single_p50_ms']:.1f} | ONNX Runtime fp32 {ort['single_p50_ms']:.1f} | {ort['single_p50_ms']/e['single_p50_ms']:.2f}× |")
+        if "int8_batch32_throughput_sent_per_s" in ort:
+            print(f"| {label} batch 32, ONNX Runtime's dynamic int8 model, sentences/s | — | {ort['int8_batch32_throughput_sent_per_s']:.0f} (min cosine {ort['int8_min_cosine']:.3f} to its fp32) | — |")
+    print(f"| {label} 16 concurrent clients, sentences/s | {e['concurrent16_sent_per_s']:.0f} ({e['concurrent16_vs_one_client']:.1f}× one client, {e['concurrent16_sent_per_s']/e['batch32_throughput_sent_per_s']:.2f}× our batch 32) | — | — |")
 def generate_rows(ll, g, label, bw=None):
     if not (ll and g): return
     print(f"| {label} decode, 1 stream, tokens/s | {g['decode_tok_per_s']:.1f} | llama.cpp {ll['decode_tok_per_s']:.1f} | {g['decode_tok_per_s']/ll['decode_tok_per_s']:.2f}× |")
@@ -109,12 +121,12 @@ def generate_rows(ll, g, label, bw=None):
         ours = g["weight_bytes_per_token"] * g["decode_tok_per_s"] / 1e9
         theirs = ll["weight_bytes_per_token"] * ll["decode_tok_per_s"] / 1e9
         print(f"| {label} decode weight reads, GB/s (share of {bw:.1f} GB/s measured) | {ours:.1f} ({ours/bw:.0%}; {g['weight_bytes_per_token']/1e6:.0f} MB/token) | llama.cpp {theirs:.1f} ({theirs/bw:.0%}; {ll['weight_bytes_per_token']/1e6:.0f} MB/token) | — |")
-embed_rows(kv("st.txt"), kv("edge-embed.txt", "edgenode embed"), "MiniLM")
+embed_rows(kv("st.txt"), kv("edge-embed.txt", "edgenode embed"), "MiniLM", kv("ort.txt"))
 generate_rows(kv("llama.txt"), kv("edge-generate.txt", "edgenode generate"), "SmolLM2-135M Q4_1")
 bw = kv("bandwidth.txt").get("read_gb_per_s")
 generate_rows(kv("llama-q4_k_m.txt"), kv("edge-q4_k_m.txt", "edgenode generate"), "TinyLlama-shaped Q4_K_M", bw)
 generate_rows(kv("llama-q8_0.txt"), kv("edge-q8_0.txt", "edgenode generate"), "TinyLlama-shaped Q8_0", bw)
-embed_rows(kv("st-bge.txt"), kv("edge-bge.txt", "edgenode embed"), "bge-small-shaped")
+embed_rows(kv("st-bge.txt"), kv("edge-bge.txt", "edgenode embed"), "bge-small-shaped", kv("ort-bge.txt"))
 js = kv("edge-generate.txt", "edgenode structured")
 if js:
     print(f"| SmolLM2-135M Q4_1 decode held to a JSON schema (`response_format`), tokens/s | {js['json_schema_decode_tok_per_s']:.1f} | "

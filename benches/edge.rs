@@ -36,8 +36,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn start(config: Option<&str>) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgenode"));
+/// Starts the daemon: this build's binary, or `--bin PATH` (another build, for same-run A/B).
+fn start(config: Option<&str>, bin: Option<&str>) -> Daemon {
+    let mut cmd = Command::new(bin.unwrap_or(env!("CARGO_BIN_EXE_edgenode")));
     cmd.current_dir(root()).args(["serve", "--addr", "127.0.0.1:0"]);
     if let Some(c) = config {
         cmd.args(["--config", c]);
@@ -342,7 +343,7 @@ fn main() {
             return;
         }
     }
-    let d = start(config.as_deref());
+    let d = start(config.as_deref(), flag("--bin").as_deref());
     if all || wanted.contains(&"embed") {
         bench_embed(&d, &args);
     }
