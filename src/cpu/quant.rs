@@ -25,6 +25,7 @@
 //! engines' logits agree to float summation order.
 
 use super::{Disjoint, Parallel};
+use crate::multiversion;
 
 /// Elements per quantization block.
 pub const QK: usize = 32;
@@ -77,6 +78,10 @@ pub struct QMatrix {
     pub q: Vec<u8>,
     /// The GGML type it came from (for `/info`).
     pub source: &'static str,
+    /// Consecutive blocks that share one scale (`Bytes` only; 1 for every GGML format): with
+    /// activations quantized over the same spans (`QActs::quantize_spans`), the AVX-512
+    /// kernel sums a whole span in integers and converts once per span instead of per block.
+    pub span: usize,
 }
 
 /// Activations quantized to 8 bits per block of 32.
@@ -94,6 +99,8 @@ pub struct QActs {
     /// Per half block (16 values): `d·Σq` in f32, the offset term of Q6_K's half-block scales.
     pub s16: Vec<f32>,
     pub q: Vec<i8>,
+    /// Consecutive blocks that share one scale (1 from `quantize`).
+    pub span: usize,
 }
 
 fn f16_round(x: f32) -> f32 {
@@ -130,7 +137,7 @@ fn quantize_blocks(x: &[f32], out: &mut BlockOut) {
     #[cfg(target_arch = "x86_64")]
     match crate::cpu::Isa::detect() {
         // SAFETY: `Isa::detect` verified the CPU has these features.
-        crate::cpu::Isa::Avx512 => return unsafe { x86::quantize_avx512(x, out) },
+        crate::cpu::Isa::Avx512 => return unsafe { x86::quantize_avx512(x, 1, out) },
         crate::cpu::Isa::Avx2 => return unsafe { x86::quantize_avx2(x, out) },
         _ => {}
     }
@@ -182,10 +189,19 @@ impl QActs {
 
     /// `quantize`, with rows split across `par` when there are several.
     pub fn quantize_par(&mut self, x: &[f32], rows: usize, cols: usize, par: &dyn Parallel) {
-        assert!(cols.is_multiple_of(QK) && x.len() >= rows * cols);
+        self.quantize_spans(x, rows, cols, 1, par)
+    }
+
+    /// Quantizes with one scale per `span` consecutive blocks of each row (the largest
+    /// magnitude of the whole span maps to ±127), for weights quantized the same way
+    /// (`QMatrix::q8_from_f32_spans`). Every block still carries its scale and sums, so any
+    /// kernel computes the same product; the AVX-512 one converts once per span.
+    pub fn quantize_spans(&mut self, x: &[f32], rows: usize, cols: usize, span: usize, par: &dyn Parallel) {
+        assert!(span >= 1 && cols.is_multiple_of(QK * span) && x.len() >= rows * cols);
         let blocks = cols / QK;
         self.rows = rows;
         self.cols = cols;
+        self.span = span;
         self.d.resize(rows * blocks, 0.0);
         self.s_q81.resize(rows * blocks, 0.0);
         self.s.resize(rows * blocks, 0.0);
@@ -203,8 +219,32 @@ impl QActs {
         par.for_each(tasks, &|t| {
             let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
             // SAFETY: task t owns rows r0..r1 of every buffer (all row-major and sized above).
-            unsafe { ptrs.quantize_rows(&x[r0 * cols..r1 * cols], r0, r1, blocks) };
+            unsafe { ptrs.quantize_rows(&x[r0 * cols..r1 * cols], r0, r1, blocks, span) };
         });
+    }
+}
+
+multiversion! {
+    /// Quantizes whole spans of `span` blocks: the span's largest magnitude sets one scale,
+    /// each block gets that scale and its own sums. The plain-Rust specification of spans
+    /// (span 1 is `quantize_blocks_portable`), vectorized by the compiler.
+    fn quantize_span_blocks(x: &[f32], span: usize, out: &mut BlockOut<'_>) {
+        for (sp, chunk) in x.chunks_exact(span * QK).enumerate() {
+            let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let id = block_inverse(amax);
+            for (i, block) in chunk.chunks_exact(QK).enumerate() {
+                let b = sp * span + i;
+                let mut sums = [0i32; 2];
+                for (half, (o, v)) in out.q[b * QK..(b + 1) * QK].chunks_exact_mut(16).zip(block.chunks_exact(16)).enumerate() {
+                    for (o, v) in o.iter_mut().zip(v) {
+                        let r = round_away(v * id) as i32;
+                        *o = r as i8;
+                        sums[half] += r;
+                    }
+                }
+                finish_block(amax, sums, b, out);
+            }
+        }
     }
 }
 
@@ -221,14 +261,23 @@ struct ActPtrs {
 impl ActPtrs {
     /// # Safety
     /// Rows `r0..r1` of every buffer exist and no one else touches them meanwhile.
-    unsafe fn quantize_rows(&self, x: &[f32], r0: usize, r1: usize, blocks: usize) {
+    unsafe fn quantize_rows(&self, x: &[f32], r0: usize, r1: usize, blocks: usize, span: usize) {
         let n = r1 - r0;
         let d = std::slice::from_raw_parts_mut(self.d.get().add(r0 * blocks), n * blocks);
         let s_q81 = std::slice::from_raw_parts_mut(self.s_q81.get().add(r0 * blocks), n * blocks);
         let s = std::slice::from_raw_parts_mut(self.s.get().add(r0 * blocks), n * blocks);
         let s16 = std::slice::from_raw_parts_mut(self.s16.get().add(r0 * blocks * 2), n * blocks * 2);
         let q = std::slice::from_raw_parts_mut(self.q.get().add(r0 * blocks * QK), n * blocks * QK);
-        quantize_blocks(x, &mut BlockOut { d, s_q81, s, s16, q });
+        let mut out = BlockOut { d, s_q81, s, s16, q };
+        if span == 1 {
+            return quantize_blocks(x, &mut out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::Isa::detect() == crate::cpu::Isa::Avx512 {
+            // SAFETY: `Isa::detect` verified the CPU has these features.
+            return x86::quantize_avx512(x, span, &mut out);
+        }
+        quantize_span_blocks(x, span, &mut out)
     }
 }
 
@@ -260,6 +309,7 @@ impl QMatrix {
             sc: Vec::new(),
             q: vec![0; groups * blocks * gb],
             source,
+            span: 1,
         };
         let mut codes = [0u8; QK];
         for r in 0..rows {
@@ -379,6 +429,7 @@ impl QMatrix {
             sc: vec![0; groups * blocks * 2 * LANES],
             q: vec![0; groups * blocks * gb],
             source,
+            span: 1,
         };
         let (mut codes, mut sc) = ([0u8; 256], [0i8; 16]);
         for r in 0..rows {
@@ -453,6 +504,26 @@ impl QMatrix {
         m
     }
 
+    /// Quantizes f32 values to 8 bits with one f32 scale per `span` blocks of 32 of each
+    /// row (the int8 encoder's weights; see `span`). Stored as `Bytes`, like Q8_0.
+    pub fn q8_from_f32_spans(values: &[f32], rows: usize, cols: usize, span: usize) -> QMatrix {
+        assert!(span >= 1 && cols.is_multiple_of(QK * span) && values.len() >= rows * cols);
+        let (blocks, spans) = (cols / QK, cols / (QK * span));
+        let scales: Vec<f32> =
+            values[..rows * cols].chunks_exact(QK * span).map(|chunk| chunk.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0).collect();
+        let mut m = QMatrix::build(rows, cols, Packing::Bytes, "Q8 (int8 encoder)", |r, b, codes| {
+            let d = scales[r * spans + b / span];
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (c, v) in codes.iter_mut().zip(&values[r * cols + b * QK..r * cols + (b + 1) * QK]) {
+                *c = (round_away(v * id) as i32 + 128) as u8;
+            }
+            (d, -128.0 * d)
+        });
+        debug_assert_eq!(blocks % span, 0);
+        m.span = span;
+        m
+    }
+
     /// Index of row `r`'s block `b` in `d` and `m`.
     #[inline(always)]
     fn scale_index(&self, r: usize, b: usize) -> usize {
@@ -512,6 +583,8 @@ impl QMatrix {
     pub fn concat(parts: Vec<QMatrix>) -> Result<QMatrix, String> {
         let first = parts.first().ok_or("nothing to concatenate")?;
         let (cols, packing, source) = (first.cols, first.packing, first.source);
+        // Fused parts keep a shared span; otherwise every block keeps its own scale.
+        let span = if parts.iter().all(|p| p.span == first.span) { first.span } else { 1 };
         if parts.iter().any(|p| p.cols != cols || p.packing != packing) {
             return Err("cannot fuse matrices of different widths or formats".into());
         }
@@ -531,7 +604,7 @@ impl QMatrix {
                 part.d[(g * (blocks / 8) + s) * LANES + lane]
             }));
         }
-        Ok(QMatrix::build(owner.len(), cols, packing, source, |r, b, codes| {
+        let mut fused = QMatrix::build(owner.len(), cols, packing, source, |r, b, codes| {
             let (p, local) = owner[r];
             let part = &parts[p];
             for (j, c) in codes.iter_mut().enumerate() {
@@ -539,7 +612,9 @@ impl QMatrix {
             }
             let i = part.scale_index(local, b);
             (part.d[i], part.m[i])
-        }))
+        });
+        fused.span = span;
+        Ok(fused)
     }
 }
 
@@ -797,6 +872,49 @@ mod x86 {
         store_group(&acc, w.rows, g, r0, out, ld);
     }
 
+    /// `group_avx512` for `Bytes` weights and activations quantized over the same spans of
+    /// blocks (`QMatrix::span`): the scales are constant over a span, so its blocks' integer
+    /// dots add up exactly before one conversion and two multiply-adds per row, where the
+    /// per-block kernel spends as many float instructions per block as integer ones.
+    #[inline(always)]
+    // The accumulators are a register tile indexed in lockstep with the rows' pointers.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn group_avx512_spans<const R: usize>(w: &QMatrix, x: &QActs, g: usize, r0: usize, out: *mut f32, ld: usize) {
+        let (blocks, span) = (w.cols / QK, w.span);
+        let gb = Packing::Bytes.group_block_bytes();
+        let xq = x.q.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); R];
+        for b0 in (0..blocks).step_by(span) {
+            let mut ia = [_mm512_setzero_si512(); R];
+            let mut ib = [_mm512_setzero_si512(); R];
+            let mut sums = [0f32; R];
+            for b in b0..b0 + span {
+                let wq = w.q.as_ptr().add((g * blocks + b) * gb);
+                for c in 0..4 {
+                    let va = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
+                    let vb = _mm512_loadu_si512(wq.add((c + 4) * 64) as *const __m512i);
+                    for r in 0..R {
+                        let xr = xq.add((r0 + r) * x.cols + b * QK);
+                        ia[r] = _mm512_dpbusd_epi32(ia[r], va, bcast4_512(xr.add(4 * c)));
+                        ib[r] = _mm512_dpbusd_epi32(ib[r], vb, bcast4_512(xr.add(16 + 4 * c)));
+                    }
+                }
+                for r in 0..R {
+                    sums[r] += *x.s.get_unchecked((r0 + r) * blocks + b);
+                }
+            }
+            let dw = _mm512_loadu_ps(w.d.as_ptr().add((g * blocks + b0) * LANES));
+            let mw = _mm512_loadu_ps(w.m.as_ptr().add((g * blocks + b0) * LANES));
+            for r in 0..R {
+                let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(ia[r], ib[r]));
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked((r0 + r) * blocks + b0)));
+                acc[r] = _mm512_fmadd_ps(dot, scale, acc[r]);
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sums[r]), acc[r]);
+            }
+        }
+        store_group(&acc, w.rows, g, r0, out, ld);
+    }
+
     /// Half a group (8 weight rows, `half` 0 or 1) against activation rows `r0..r0+R`.
     ///
     /// `vpmaddubsw` multiplies unsigned by signed bytes into saturating i16 pairs. For
@@ -973,18 +1091,24 @@ mod x86 {
         store_half(&acc, w.rows, g * LANES + half * 8, r0, out, ld);
     }
 
-    /// `quantize_blocks` on AVX-512: round half away from zero as truncate, then step away
-    /// from zero where the dropped fraction is at least one half (exactly `round_away`).
+    /// `quantize_blocks` on AVX-512 (`span` 1), and `quantize_span_blocks` (one scale per
+    /// `span` blocks): round half away from zero as truncate, then step away from zero where
+    /// the dropped fraction is at least one half (exactly `round_away`).
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512dq")]
-    pub(super) unsafe fn quantize_avx512(x: &[f32], o: &mut BlockOut) {
+    pub(super) unsafe fn quantize_avx512(x: &[f32], span: usize, o: &mut BlockOut) {
         let blocks = (x.len() / QK).min(o.d.len()).min(o.q.len() / QK).min(o.s16.len() / 2);
         let signbit = _mm512_set1_ps(-0.0);
         let one = _mm512_set1_ps(1.0);
         let half = _mm512_set1_ps(0.5);
-        for b in 0..blocks {
-            let p = x.as_ptr().add(b * QK);
-            let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(signbit, v0), _mm512_andnot_ps(signbit, v1)));
+        for b0 in (0..blocks).step_by(span) {
+            let end = (b0 + span).min(blocks);
+            let mut m = _mm512_setzero_ps();
+            for b in b0..end {
+                let p = x.as_ptr().add(b * QK);
+                let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+                m = _mm512_max_ps(m, _mm512_max_ps(_mm512_andnot_ps(signbit, v0), _mm512_andnot_ps(signbit, v1)));
+            }
+            let amax = _mm512_reduce_max_ps(m);
             let id = _mm512_set1_ps(super::block_inverse(amax));
             let round = |v: __m512| {
                 let t = _mm512_mul_ps(v, id);
@@ -994,11 +1118,14 @@ mod x86 {
                 let up = _mm512_cmp_ps_mask(frac, half, _CMP_GE_OQ);
                 _mm512_cvtps_epi32(_mm512_mask_add_ps(tr, up, tr, away))
             };
-            let (i0, i1) = (round(v0), round(v1));
-            let out = o.q.as_mut_ptr().add(b * QK);
-            _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(i0));
-            _mm_storeu_si128(out.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(i1));
-            super::finish_block(amax, [_mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1)], b, o);
+            for b in b0..end {
+                let p = x.as_ptr().add(b * QK);
+                let (i0, i1) = (round(_mm512_loadu_ps(p)), round(_mm512_loadu_ps(p.add(16))));
+                let out = o.q.as_mut_ptr().add(b * QK);
+                _mm_storeu_si128(out as *mut __m128i, _mm512_cvtepi32_epi8(i0));
+                _mm_storeu_si128(out.add(16) as *mut __m128i, _mm512_cvtepi32_epi8(i1));
+                super::finish_block(amax, [_mm512_reduce_add_epi32(i0), _mm512_reduce_add_epi32(i1)], b, o);
+            }
         }
     }
 
@@ -1087,6 +1214,8 @@ mod x86 {
         for g in g0..g1 {
             if w.packing == Packing::Sixbits {
                 tiles!(x.rows, 8, |r0, R| group_avx512_sixbits::<R>(w, x, g, r0, out, ld));
+            } else if w.packing == Packing::Bytes && w.span > 1 && x.span == w.span {
+                tiles!(x.rows, 8, |r0, R| group_avx512_spans::<R>(w, x, g, r0, out, ld));
             } else {
                 tiles!(x.rows, 8, |r0, R| group_avx512::<R>(w, x, g, r0, out, ld));
             }
@@ -1308,6 +1437,57 @@ mod tests {
     fn rounding_is_half_away_from_zero() {
         for x in [0.5f32, -0.5, 1.5, -1.5, 2.4999998, 0.49999997, -126.5, 126.49, 0.0, -0.0] {
             assert_eq!(round_away(x), x.round(), "{x}");
+        }
+    }
+
+    /// Weights and activations quantized over spans of blocks: the span kernel agrees with
+    /// the specification (which reads each block's replicated scale), and the quantizer with
+    /// its definition (one scale per span, every value within half a step).
+    #[test]
+    fn span_quantization_and_kernel_agree_with_the_specification() {
+        for (rows, cols, span, batch) in [(33, 384, 4, 13), (40, 1536, 4, 9), (17, 384, 12, 3), (16, 256, 2, 1)] {
+            let wf = random(rows * cols, 31);
+            let w = QMatrix::q8_from_f32_spans(&wf, rows, cols, span);
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                w.dequantize_row(r, &mut row);
+                for (sp, (got, want)) in row.chunks_exact(QK * span).zip(wf[r * cols..(r + 1) * cols].chunks_exact(QK * span)).enumerate() {
+                    let step = want.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+                    for (g, v) in got.iter().zip(want) {
+                        assert!((g - v).abs() <= 0.5 * step * (1.0 + 1e-5), "row {r} span {sp}: {g} vs {v}");
+                    }
+                }
+            }
+            let mut xf = random(batch * cols, 32);
+            xf[..QK].fill(0.0); // a zero block inside a span
+            let mut x = QActs::default();
+            x.quantize_spans(&xf, batch, cols, span, &crate::cpu::Rayon(2));
+            let blocks = cols / QK;
+            // The SIMD quantizer gives the specification's bits.
+            let mut spec =
+                QActs { d: vec![0.0; batch * blocks], s_q81: vec![0.0; batch * blocks], s: vec![0.0; batch * blocks], ..Default::default() };
+            spec.s16 = vec![0.0; 2 * batch * blocks];
+            spec.q = vec![0; batch * cols];
+            let mut out = BlockOut { d: &mut spec.d, s_q81: &mut spec.s_q81, s: &mut spec.s, s16: &mut spec.s16, q: &mut spec.q };
+            quantize_span_blocks(&xf, span, &mut out);
+            assert_eq!((&spec.q, &spec.d, &spec.s, &spec.s16), (&x.q, &x.d, &x.s, &x.s16), "span {span}");
+            for (k, d) in x.d.iter().enumerate() {
+                assert_eq!(*d, x.d[k - k % span], "block {k}: one scale per span");
+            }
+            for r in 0..batch {
+                for b in 0..blocks {
+                    let q = &x.q[r * cols + b * QK..r * cols + (b + 1) * QK];
+                    let k = r * blocks + b;
+                    assert_eq!(x.s[k], x.d[k] * q.iter().map(|&v| v as i32).sum::<i32>() as f32);
+                }
+            }
+            let mut spec = vec![0f32; batch * rows];
+            qmatmul_with(Kernel::Portable, &w, &x, &mut spec, &crate::cpu::Rayon(1));
+            let mut fast = vec![0f32; batch * rows];
+            qmatmul(&w, &x, &mut fast, &crate::cpu::Rayon(2));
+            for (a, b) in spec.iter().zip(&fast) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{rows}x{cols} span {span}: {a} vs {b}");
+            }
         }
     }
 
