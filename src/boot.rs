@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::batching::queue::{run_queue, BatchPolicy};
 use crate::batching::worker::spawn_worker;
-use crate::config::{Engine, ModelConfig, ModelKind, Pooling};
+use crate::config::{Engine, ModelConfig, ModelKind, Pooling, Precision};
 use crate::encoder::files::EncoderFiles;
 use crate::encoder::prototype::{PrototypeClassifier, DEFAULT_TEMPERATURE};
 use crate::encoder::tokenize::{InputTokenizer, Truncation};
@@ -167,6 +167,7 @@ async fn load_encoder(
     let cfg = slot.config.clone();
     let on_gpu = !device.is_cpu();
     let native = runs_native(&cfg, device, false)?;
+    let precision = cfg.precision.unwrap_or(Precision::Fp32);
     let threads = crate::runtime::compute_threads(&node.config);
     let (dir, device) = (dir.to_path_buf(), device.clone());
     let pinned: Vec<String> = slot.entry.iter().flat_map(|e| e.files.iter().map(|f| f.path.clone())).collect();
@@ -186,7 +187,7 @@ async fn load_encoder(
             }
         }
         let tokenizer = InputTokenizer::load(&dir.join("tokenizer.json"), files.max_tokens)?;
-        let model = EncoderModel::load(&dir, &files, &task, &device, native, threads)?;
+        let model = EncoderModel::load(&dir, &files, &task, &device, (native, precision), threads)?;
         Ok((model, files, task, tokenizer))
     })
     .await?;
@@ -197,6 +198,7 @@ async fn load_encoder(
     );
     slot.update_facts(|f| {
         f.details.insert("engine".into(), serde_json::json!(model.engine()));
+        f.details.insert("precision".into(), serde_json::json!(model.precision()));
         if model.engine() == "native" {
             f.details.insert("cpu_isa".into(), serde_json::json!(crate::cpu::Isa::detect().name()));
         }

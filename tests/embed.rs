@@ -10,7 +10,7 @@ use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
 
-/// minilm twice (mean and CLS pooling over the same files), the router, and the tiny
+/// minilm three times (mean and CLS pooling, and int8 mean, over the same files), the router, and the tiny
 /// classifier fixture; room for the golden set in one request.
 fn config() -> String {
     format!(
@@ -30,6 +30,12 @@ name = "minilm-candle"
 kind = "embed"
 manifest = "minilm"
 engine = "candle"
+
+[[models]]
+name = "minilm-int8"
+kind = "embed"
+manifest = "minilm"
+precision = "int8"
 
 [[models]]
 name = "minilm-cls"
@@ -149,6 +155,35 @@ fn embeddings_match_sentence_transformers() {
     }
 }
 
+/// `precision = "int8"`: 8-bit weights and activations stay within cosine 0.995 of
+/// sentence-transformers' fp32 vectors on every golden sentence, batched and alone.
+#[test]
+fn int8_embeddings_stay_close_to_sentence_transformers() {
+    let d = start();
+    let g = golden();
+    let all = texts(&g);
+    let (status, info) = get_json(&d, "/info");
+    assert_eq!(status, 200);
+    let model = info["models"].as_array().unwrap().iter().find(|m| m["name"] == "minilm-int8").unwrap();
+    assert_eq!(model["details"]["precision"], "int8", "{model}");
+    let fp32 = info["models"].as_array().unwrap().iter().find(|m| m["name"] == "minilm").unwrap();
+    assert_eq!(fp32["details"]["precision"], "fp32", "{fp32}");
+
+    let batched = embed_one_request(&d, "minilm-int8", &all, true);
+    let mut worst = (1.0f64, String::new());
+    for (i, (row, r)) in batched.iter().zip(&g.rows).enumerate() {
+        let alone = embed_one_request(&d, "minilm-int8", &all[i..i + 1], true).remove(0);
+        for (how, v) in [("batched", row), ("alone", &alone)] {
+            let c = cosine(v, &floats(&r["mean_normalized"]));
+            if c < worst.0 {
+                worst = (c, format!("{how}, row {i} ({:?})", r["text"]));
+            }
+        }
+    }
+    assert!(worst.0 >= 0.995, "smallest cosine {} at {}", worst.0, worst.1);
+    eprintln!("int8 MiniLM: smallest cosine to sentence-transformers {:.4} ({})", worst.0, worst.1);
+}
+
 #[test]
 fn openai_embeddings_shapes() {
     let d = start();
@@ -191,7 +226,7 @@ fn bad_inputs_get_clear_errors_and_hold_nothing() {
     let msg = assert_tei_error(s, &b, 422, "Validation");
     assert!(msg.contains("input 1") && msg.contains("402 tokens") && msg.contains("256"), "{msg}");
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": "hi", "model": "nope"}));
-    assert!(assert_tei_error(s, &b, 404, "Validation").contains("minilm, minilm-candle, minilm-cls"), "{b}");
+    assert!(assert_tei_error(s, &b, 404, "Validation").contains("minilm, minilm-candle, minilm-int8, minilm-cls"), "{b}");
     // ...OpenAI's in OpenAI's.
     let (s, b) = post_json(&d, "/v1/embeddings", &json!({"input": ["ok", true]}));
     assert_error(s, &b, 400, "invalid_field");

@@ -65,6 +65,17 @@ pub fn gelu_tanh(x: f32) -> f32 {
 }
 
 multiversion! {
+    /// `rows[i][j] += bias[j]` for every row (each `bias.len()` long).
+    pub fn add_bias(rows: &mut [f32], bias: &[f32]) {
+        for row in rows.chunks_exact_mut(bias.len()) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += *b;
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `rows[i][j] = gelu(rows[i][j] + bias[j])` for every row (each `bias.len()` long).
     pub fn bias_gelu(rows: &mut [f32], bias: &[f32], tanh: bool) {
         for row in rows.chunks_exact_mut(bias.len()) {

@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod math;
 pub mod matmul;
 pub mod norm;
+pub mod qlinear;
 pub mod quant;
 pub mod team;
 

@@ -4,7 +4,9 @@
 //! buffers owned by the model and reused across batches (no allocation per op), the dense
 //! layers run on weights packed once at load with the bias and GELU fused into the multiply
 //! (`cpu::gemm`), residual+LayerNorm is one pass, and attention runs per input on its own
-//! tokens (no padding at all).
+//! tokens (no padding at all). With `precision = "int8"` the dense layers of the encoder
+//! blocks run on 8-bit weights and activations (`cpu::qlinear`); the embeddings, layer norms,
+//! attention and the classifier head stay f32.
 
 use std::path::Path;
 
@@ -13,18 +15,41 @@ use candle_nn::VarBuilder;
 
 use super::files::BertConfig;
 use crate::batching::packed::PackedBatch;
+use crate::config::Precision;
 use crate::cpu::attention::attention;
 use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::norm::{add_layer_norm, layer_norm};
+use crate::cpu::qlinear::QuantLinear;
+use crate::cpu::quant::QActs;
+use crate::cpu::Rayon;
+
+/// A dense layer's weights, packed for the arithmetic it runs in.
+enum Weights {
+    F32(PackedLinear),
+    Int8(QuantLinear),
+}
 
 struct Dense {
-    packed: PackedLinear,
+    weights: Weights,
     output: usize,
 }
 
 impl Dense {
-    fn new(w: &[f32], b: &[f32], input: usize, output: usize) -> Dense {
-        Dense { packed: PackedLinear::new(w, b, output, input), output }
+    fn new(w: &[f32], b: &[f32], input: usize, output: usize, precision: Precision) -> candle_core::Result<Dense> {
+        let weights = match precision {
+            Precision::Fp32 => Weights::F32(PackedLinear::new(w, b, output, input)),
+            Precision::Int8 => Weights::Int8(QuantLinear::new(w, b, output, input).map_err(candle_core::Error::Msg)?),
+        };
+        Ok(Dense { weights, output })
+    }
+
+    /// `out = epilogue(x · wᵀ + b)` for `rows` rows; `acts` holds the int8 path's quantized
+    /// activations between calls.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], epilogue: Epilogue, threads: usize, acts: &mut QActs) {
+        match &self.weights {
+            Weights::F32(packed) => packed.forward(x, rows, out, epilogue, threads),
+            Weights::Int8(q) => q.forward(x, rows, out, epilogue, acts, &Rayon(threads)),
+        }
     }
 }
 
@@ -56,6 +81,8 @@ struct Scratch {
     ctx: Vec<f32>,
     tmp: Vec<f32>,
     inter: Vec<f32>,
+    /// The int8 path's quantized activations.
+    acts: QActs,
 }
 
 /// A BERT encoder on the CPU.
@@ -74,6 +101,7 @@ pub struct CpuBert {
     type_vocab: usize,
     vocab: usize,
     threads: usize,
+    precision: Precision,
     scratch: Scratch,
 }
 
@@ -81,8 +109,8 @@ fn read(vb: &VarBuilder, shape: &[usize], name: &str) -> candle_core::Result<Vec
     vb.get(shape, name)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-fn dense(vb: &VarBuilder, input: usize, output: usize) -> candle_core::Result<Dense> {
-    Ok(Dense::new(&read(vb, &[output, input], "weight")?, &read(vb, &[output], "bias")?, input, output))
+fn dense(vb: &VarBuilder, input: usize, output: usize, precision: Precision) -> candle_core::Result<Dense> {
+    Dense::new(&read(vb, &[output, input], "weight")?, &read(vb, &[output], "bias")?, input, output, precision)
 }
 
 fn norm(vb: &VarBuilder, width: usize) -> candle_core::Result<Norm> {
@@ -90,17 +118,18 @@ fn norm(vb: &VarBuilder, width: usize) -> candle_core::Result<Norm> {
 }
 
 impl CpuBert {
-    /// Loads the weights of `dir/model.safetensors` into our own buffers (f32).
-    pub fn load(dir: &Path, cfg: &BertConfig, head_labels: Option<usize>, threads: usize) -> Result<Self, String> {
+    /// Loads the weights of `dir/model.safetensors` into our own buffers, the encoder
+    /// blocks' dense layers in `precision`.
+    pub fn load(dir: &Path, cfg: &BertConfig, head_labels: Option<usize>, threads: usize, precision: Precision) -> Result<Self, String> {
         let weights = dir.join("model.safetensors");
         // SAFETY: the file was verified against its digest just before and is not modified
         // while mapped; every tensor is copied out before the map is dropped.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &Device::Cpu) }
             .map_err(|e| format!("cannot read {}: {e}", weights.display()))?;
-        Self::from_vb(&vb, cfg, head_labels, threads).map_err(|e| format!("cannot build the model: {e}"))
+        Self::from_vb(&vb, cfg, head_labels, threads, precision).map_err(|e| format!("cannot build the model: {e}"))
     }
 
-    fn from_vb(vb: &VarBuilder, cfg: &BertConfig, head_labels: Option<usize>, threads: usize) -> candle_core::Result<Self> {
+    fn from_vb(vb: &VarBuilder, cfg: &BertConfig, head_labels: Option<usize>, threads: usize, precision: Precision) -> candle_core::Result<Self> {
         let root = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb.clone() };
         let h = cfg.hidden_size;
         let emb = root.pp("embeddings");
@@ -117,16 +146,20 @@ impl CpuBert {
                 b.extend(read(&s.pp(part), &[h], "bias")?);
             }
             layers.push(Layer {
-                qkv: Dense::new(&w, &b, h, 3 * h),
-                attn_out: dense(&a.pp("output.dense"), h, h)?,
+                qkv: Dense::new(&w, &b, h, 3 * h, precision)?,
+                attn_out: dense(&a.pp("output.dense"), h, h, precision)?,
                 attn_norm: norm(&a.pp("output.LayerNorm"), h)?,
-                up: dense(&l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
-                down: dense(&l.pp("output.dense"), cfg.intermediate_size, h)?,
+                up: dense(&l.pp("intermediate.dense"), h, cfg.intermediate_size, precision)?,
+                down: dense(&l.pp("output.dense"), cfg.intermediate_size, h, precision)?,
                 out_norm: norm(&l.pp("output.LayerNorm"), h)?,
             });
         }
         let head = match head_labels {
-            Some(labels) => Some(Head { pooler: dense(&root.pp("pooler.dense"), h, h)?, classifier: dense(&vb.pp("classifier"), h, labels)? }),
+            // The head is one row per input: f32 costs nothing there.
+            Some(labels) => Some(Head {
+                pooler: dense(&root.pp("pooler.dense"), h, h, Precision::Fp32)?,
+                classifier: dense(&vb.pp("classifier"), h, labels, Precision::Fp32)?,
+            }),
             None => None,
         };
         Ok(CpuBert {
@@ -144,6 +177,7 @@ impl CpuBert {
             type_vocab: cfg.type_vocab_size,
             vocab: cfg.vocab_size,
             threads: threads.max(1),
+            precision,
             scratch: Scratch::default(),
         })
     }
@@ -153,8 +187,9 @@ impl CpuBert {
         self.hidden
     }
 
-    fn run_dense(&self, d: &Dense, x: &[f32], out: &mut [f32], rows: usize, epilogue: Epilogue) {
-        d.packed.forward(x, rows, out, epilogue, self.threads);
+    /// The arithmetic of the dense layers.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Final hidden states of every token, packed `[total_tokens, H]` (borrowed from the
@@ -190,14 +225,14 @@ impl CpuBert {
         let d = h / self.heads;
         for layer in &self.layers {
             let i = layer.up.output;
-            self.run_dense(&layer.qkv, &s.x, &mut s.qkv, t, Epilogue::None);
+            layer.qkv.forward(&s.x, t, &mut s.qkv, Epilogue::None, self.threads, &mut s.acts);
             attention(&s.qkv[..3 * t * h], &mut s.ctx[..t * h], &batch.cu_seqlens, self.heads, d);
-            self.run_dense(&layer.attn_out, &s.ctx, &mut s.tmp, t, Epilogue::None);
+            layer.attn_out.forward(&s.ctx, t, &mut s.tmp, Epilogue::None, self.threads, &mut s.acts);
             add_layer_norm(&mut s.tmp[..t * h], &s.x[..t * h], &layer.attn_norm.gamma, &layer.attn_norm.beta, self.eps);
             std::mem::swap(&mut s.x, &mut s.tmp);
             // GELU is applied as the up-projection's outputs are stored (fused epilogue).
-            self.run_dense(&layer.up, &s.x, &mut s.inter, t, self.gelu);
-            self.run_dense(&layer.down, &s.inter[..t * i], &mut s.tmp, t, Epilogue::None);
+            layer.up.forward(&s.x, t, &mut s.inter, self.gelu, self.threads, &mut s.acts);
+            layer.down.forward(&s.inter[..t * i], t, &mut s.tmp, Epilogue::None, self.threads, &mut s.acts);
             add_layer_norm(&mut s.tmp[..t * h], &s.x[..t * h], &layer.out_norm.gamma, &layer.out_norm.beta, self.eps);
             std::mem::swap(&mut s.x, &mut s.tmp);
         }
@@ -215,11 +250,12 @@ impl CpuBert {
             cls.extend_from_slice(&self.scratch.x[start * h..(start + 1) * h]);
         }
         let mut pooled = vec![0f32; n * h];
-        head.pooler.packed.forward(&cls, n, &mut pooled, Epilogue::None, 1);
+        let mut acts = QActs::default(); // unused: the head is f32
+        head.pooler.forward(&cls, n, &mut pooled, Epilogue::None, 1, &mut acts);
         pooled.iter_mut().for_each(|v| *v = v.tanh());
         let labels = head.classifier.output;
         let mut logits = vec![0f32; n * labels];
-        head.classifier.packed.forward(&pooled, n, &mut logits, Epilogue::None, 1);
+        head.classifier.forward(&pooled, n, &mut logits, Epilogue::None, 1, &mut acts);
         Some(logits.chunks_exact(labels).map(<[f32]>::to_vec).collect())
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::batching::packed::PackedBatch;
 use crate::batching::queue::{BatchPolicy, Job, JobOutput, Output};
 use crate::batching::worker::{BatchError, BatchModel};
-use crate::config::Pooling;
+use crate::config::{Pooling, Precision};
 use crate::error::Error;
 use crate::telemetry::metrics::METRICS;
 use bert::Bert;
@@ -58,14 +58,25 @@ pub struct EncoderModel {
 }
 
 impl EncoderModel {
-    /// Loads the model with our CPU kernels (`native`) or candle's ops.
-    pub fn load(dir: &Path, files: &EncoderFiles, task: &EncoderTask, device: &Device, native: bool, threads: usize) -> Result<Self, String> {
+    /// Loads the model with our CPU kernels (`native`, its dense layers in `precision`) or
+    /// candle's ops (fp32 only).
+    pub fn load(
+        dir: &Path,
+        files: &EncoderFiles,
+        task: &EncoderTask,
+        device: &Device,
+        (native, precision): (bool, Precision),
+        threads: usize,
+    ) -> Result<Self, String> {
+        if !native && precision != Precision::Fp32 {
+            return Err("precision \"int8\" runs on our CPU engine only (engine \"native\" on a CPU device); this model runs on candle".into());
+        }
         if native {
             let labels = match task {
                 EncoderTask::Classify { labels, .. } => Some(labels.len()),
                 EncoderTask::Embed { .. } => None,
             };
-            let bert = CpuBert::load(dir, &files.config, labels, threads)?;
+            let bert = CpuBert::load(dir, &files.config, labels, threads, precision)?;
             return Ok(EncoderModel { backend: Backend::Native(Box::new(bert)), task: task.clone() });
         }
         Self::load_candle(dir, files, task, device)
@@ -76,6 +87,14 @@ impl EncoderModel {
         match self.backend {
             Backend::Candle(_) => "candle",
             Backend::Native(_) => "native",
+        }
+    }
+
+    /// The arithmetic of its dense layers.
+    pub fn precision(&self) -> Precision {
+        match &self.backend {
+            Backend::Candle(_) => Precision::Fp32,
+            Backend::Native(bert) => bert.precision(),
         }
     }
 
