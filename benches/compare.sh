@@ -6,7 +6,9 @@
 #   benches/compare.sh [embed] [generate] [card]
 #
 #   embed     the default MiniLM against sentence-transformers and ONNX Runtime (fp32, and
-#             its dynamically quantized int8 model) on the same folder
+#             its dynamically quantized int8 model) on the same folder, and our own int8
+#             MiniLM (precision = "int8") against our fp32, with both models' smallest cosine
+#             to sentence-transformers' golden vectors
 #   generate  the default SmolLM2 (Q4_1) against llama.cpp on the same file, and the cost of
 #             constrained decoding (a JSON schema) against our own unconstrained decode
 #   card      the card's models at their real size, on shape-faithful stand-ins written by
@@ -41,7 +43,10 @@ for w in "${what[@]}"; do
       "$py" benches/baselines/sentence_transformers_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" | tee "$out/st.txt"
       "$py" benches/baselines/onnxruntime_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" --int8 \
         2> "$out/ort.log" | tee "$out/ort.txt"
-      bench embed | tee "$out/edge-embed.txt" ;;
+      printf '[store]\ndir = "%s"\n' "$PWD/models" > "$out/embed.toml"
+      printf '\n[[models]]\nname = "%s"\nkind = "%s"\n' minilm embed smollm2 generate >> "$out/embed.toml"
+      printf '\n[[models]]\nname = "minilm-int8"\nkind = "embed"\nmanifest = "minilm"\nprecision = "int8"\n' >> "$out/embed.toml"
+      bench embed --config "$out/embed.toml" --embed-models minilm,minilm-int8 --golden | tee "$out/edge-embed.txt" ;;
     generate)
       "$py" benches/baselines/llama_cpp_bench.py models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --template chatml --threads "$threads" | tee "$out/llama.txt"
       bench generate structured | tee "$out/edge-generate.txt" ;;
@@ -121,7 +126,14 @@ def generate_rows(ll, g, label, bw=None):
         ours = g["weight_bytes_per_token"] * g["decode_tok_per_s"] / 1e9
         theirs = ll["weight_bytes_per_token"] * ll["decode_tok_per_s"] / 1e9
         print(f"| {label} decode weight reads, GB/s (share of {bw:.1f} GB/s measured) | {ours:.1f} ({ours/bw:.0%}; {g['weight_bytes_per_token']/1e6:.0f} MB/token) | llama.cpp {theirs:.1f} ({theirs/bw:.0%}; {ll['weight_bytes_per_token']/1e6:.0f} MB/token) | — |")
-embed_rows(kv("st.txt"), kv("edge-embed.txt", "edgenode embed"), "MiniLM", kv("ort.txt"))
+embed_rows(kv("st.txt"), kv("edge-embed.txt", "edgenode embed:"), "MiniLM", kv("ort.txt"))
+e32, e8, ort = kv("edge-embed.txt", "edgenode embed:"), kv("edge-embed.txt", "edgenode embed [minilm-int8]:"), kv("ort.txt")
+if e32 and e8:
+    print(f"| MiniLM int8 (`precision = \"int8\"`) batch 32, sentences/s | {e8['batch32_throughput_sent_per_s']:.0f} | edgenode fp32 {e32['batch32_throughput_sent_per_s']:.0f} | {e8['batch32_throughput_sent_per_s']/e32['batch32_throughput_sent_per_s']:.2f}× |")
+    if ort.get("int8_batch32_throughput_sent_per_s"):
+        print(f"| MiniLM int8 batch 32, sentences/s | {e8['batch32_throughput_sent_per_s']:.0f} | ONNX Runtime dynamic int8 {ort['int8_batch32_throughput_sent_per_s']:.0f} | {e8['batch32_throughput_sent_per_s']/ort['int8_batch32_throughput_sent_per_s']:.2f}× |")
+    print(f"| MiniLM int8 single sentence p50, ms | {e8['single_p50_ms']:.1f} | edgenode fp32 {e32['single_p50_ms']:.1f} | {e32['single_p50_ms']/e8['single_p50_ms']:.2f}× |")
+    print(f"| MiniLM smallest cosine to sentence-transformers over the 66 golden sentences | int8 {e8['golden_min_cosine']:.4f}, fp32 {e32['golden_min_cosine']:.4f} | ONNX Runtime int8 {ort.get('int8_min_cosine', float('nan')):.3f} (to its fp32) | — |")
 generate_rows(kv("llama.txt"), kv("edge-generate.txt", "edgenode generate"), "SmolLM2-135M Q4_1")
 bw = kv("bandwidth.txt").get("read_gb_per_s")
 generate_rows(kv("llama-q4_k_m.txt"), kv("edge-q4_k_m.txt", "edgenode generate"), "TinyLlama-shaped Q4_K_M", bw)
@@ -133,7 +145,7 @@ if js:
           f"edgenode unconstrained {js['decode_tok_per_s']:.1f} | {js['json_schema_decode_tok_per_s']/js['decode_tok_per_s']:.2f}× |")
     print(f"| the same, top-p sampling (the grammar's mask every step), tokens/s | {js['top_p_json_schema_decode_tok_per_s']:.1f} | "
           f"edgenode unconstrained {js['top_p_decode_tok_per_s']:.1f} | {js['top_p_json_schema_decode_tok_per_s']/js['top_p_decode_tok_per_s']:.2f}× |")
-for name, label in [("edge-embed.txt", "both default models, embed run"), ("edge-generate.txt", "both default models, generate run"),
+for name, label in [("edge-embed.txt", "MiniLM fp32 and int8 and SmolLM2, embed run"), ("edge-generate.txt", "both default models, generate run"),
                     ("edge-q4_k_m.txt", "TinyLlama-shaped Q4_K_M and MiniLM")]:
     mem = kv(name, "edgenode memory")
     if mem:

@@ -81,7 +81,11 @@ fn short_sentences() -> Vec<String> {
 /// What to measure, from the command line.
 struct Args {
     model: String,
-    embed_model: Option<String>,
+    /// `--embed-models a,b`: the embed models to measure, interleaved (`--embed-model a`: one).
+    embed_models: Vec<String>,
+    /// `--golden`: also report each model's smallest cosine to sentence-transformers' MiniLM
+    /// vectors (for models that serve MiniLM's files).
+    golden: bool,
     template: String,
     long_repeats: usize,
 }
@@ -92,58 +96,91 @@ fn embed(addr: &str, client: &reqwest::blocking::Client, texts: &[String], model
     let _ = r.bytes().unwrap();
 }
 
+/// Cosine similarity.
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / (a.iter().map(|x| x * x).sum::<f64>().sqrt() * b.iter().map(|x| x * x).sum::<f64>().sqrt())
+}
+
+/// The smallest cosine between `model`'s vectors and sentence-transformers' golden MiniLM
+/// vectors (tests/fixtures/minilm_public.json), one request of all 66 sentences.
+fn golden_min_cosine(addr: &str, client: &reqwest::blocking::Client, model: Option<&str>) -> f64 {
+    let golden: Value = serde_json::from_slice(&std::fs::read(root().join("tests/fixtures/minilm_public.json")).unwrap()).unwrap();
+    let rows = golden["rows"].as_array().unwrap();
+    let texts: Vec<&str> = rows.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    let r = client.post(format!("http://{addr}/embed")).json(&json!({"inputs": texts, "model": model, "truncate": true})).send().unwrap();
+    let got: Value = r.json().unwrap();
+    let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>();
+    rows.iter().zip(got.as_array().unwrap()).map(|(r, v)| cosine(&floats(v), &floats(&r["mean_normalized"]))).fold(1.0, f64::min)
+}
+
+/// Embedding throughput and latency of each model in `--embed-models` (default: the first
+/// embed model), measured interleaved so that a noisy host treats them alike. The first
+/// model's line is `edgenode embed:`, the others' `edgenode embed [NAME]:`.
 fn bench_embed(d: &Daemon, args: &Args) {
-    let model = args.embed_model.as_deref();
+    let models: Vec<Option<String>> = if args.embed_models.is_empty() { vec![None] } else { args.embed_models.iter().cloned().map(Some).collect() };
     let client = reqwest::blocking::Client::new();
     let short = short_sentences();
     let corpus: Vec<String> = short.iter().cycle().take(512).cloned().collect();
-    for chunk in corpus[..64].chunks(32) {
-        embed(&d.addr, &client, chunk, model);
+    for model in &models {
+        for chunk in corpus[..64].chunks(32) {
+            embed(&d.addr, &client, chunk, model.as_deref());
+        }
     }
     // Batch throughput: 512 sentences, 32 per request, one client; best of 3 (as bench_st.py).
-    let mut best = f64::MAX;
+    let mut best = vec![f64::MAX; models.len()];
     for _ in 0..3 {
-        let t = Instant::now();
-        for chunk in corpus.chunks(32) {
-            embed(&d.addr, &client, chunk, model);
-        }
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    let batch = corpus.len() as f64 / best;
-    // Single-sentence latency, one client, 200 calls.
-    let mut lat: Vec<f64> = (0..200)
-        .map(|i| {
+        for (m, model) in models.iter().enumerate() {
             let t = Instant::now();
-            embed(&d.addr, &client, &short[i % short.len()..i % short.len() + 1], model);
-            t.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
-    lat.sort_by(f64::total_cmp);
-    // 16 concurrent single-sentence clients over the 512 sentences.
+            for chunk in corpus.chunks(32) {
+                embed(&d.addr, &client, chunk, model.as_deref());
+            }
+            best[m] = best[m].min(t.elapsed().as_secs_f64());
+        }
+    }
     let corpus = Arc::new(corpus);
-    let t = Instant::now();
-    let handles: Vec<_> = (0..16)
-        .map(|c| {
-            let corpus = corpus.clone();
-            let addr = d.addr.clone();
-            let model = args.embed_model.clone();
-            std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::new();
-                for i in (c..corpus.len()).step_by(16) {
-                    embed(&addr, &client, &corpus[i..i + 1], model.as_deref());
-                }
+    for (m, model) in models.iter().enumerate() {
+        let batch = corpus.len() as f64 / best[m];
+        // Single-sentence latency, one client, 200 calls.
+        let mut lat: Vec<f64> = (0..200)
+            .map(|i| {
+                let t = Instant::now();
+                embed(&d.addr, &client, &short[i % short.len()..i % short.len() + 1], model.as_deref());
+                t.elapsed().as_secs_f64() * 1000.0
             })
-        })
-        .collect();
-    handles.into_iter().for_each(|h| h.join().unwrap());
-    let concurrent = corpus.len() as f64 / t.elapsed().as_secs_f64();
-    let one_client = 1000.0 / percentile(&lat, 0.5);
-    println!(
-        "edgenode embed: batch32_throughput_sent_per_s={batch:.1} single_p50_ms={:.2} single_p99_ms={:.2} concurrent16_sent_per_s={concurrent:.1} concurrent16_vs_one_client={:.2}",
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        concurrent / one_client
-    );
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        // 16 concurrent single-sentence clients over the 512 sentences.
+        let t = Instant::now();
+        let handles: Vec<_> = (0..16)
+            .map(|c| {
+                let corpus = corpus.clone();
+                let addr = d.addr.clone();
+                let model = model.clone();
+                std::thread::spawn(move || {
+                    let client = reqwest::blocking::Client::new();
+                    for i in (c..corpus.len()).step_by(16) {
+                        embed(&addr, &client, &corpus[i..i + 1], model.as_deref());
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().for_each(|h| h.join().unwrap());
+        let concurrent = corpus.len() as f64 / t.elapsed().as_secs_f64();
+        let one_client = 1000.0 / percentile(&lat, 0.5);
+        let label = match (m, model) {
+            (0, _) | (_, None) => String::new(),
+            (_, Some(name)) => format!(" [{name}]"),
+        };
+        let golden =
+            if args.golden { format!(" golden_min_cosine={:.4}", golden_min_cosine(&d.addr, &client, model.as_deref())) } else { String::new() };
+        println!(
+            "edgenode embed{label}: batch32_throughput_sent_per_s={batch:.1} single_p50_ms={:.2} single_p99_ms={:.2} concurrent16_sent_per_s={concurrent:.1} concurrent16_vs_one_client={:.2}{golden}",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            concurrent / one_client
+        );
+    }
 }
 
 /// Streams one completion (`/v1/completions`, the same raw prompts the llama.cpp baseline
@@ -331,7 +368,8 @@ fn main() {
     let config = flag("--config");
     let args = Args {
         model: flag("--model").unwrap_or_else(|| "smollm2".into()),
-        embed_model: flag("--embed-model"),
+        embed_models: flag("--embed-models").or(flag("--embed-model")).map(|v| v.split(',').map(str::to_string).collect()).unwrap_or_default(),
+        golden: argv.iter().any(|a| a == "--golden"),
         template: flag("--template").unwrap_or_else(|| "chatml".into()),
         long_repeats: flag("--long-repeats").map(|n| n.parse().expect("--long-repeats N")).unwrap_or(60),
     };
