@@ -10,12 +10,12 @@
 //! reaches 0.968 on MiniLM; spans of 128 rather than Q8_0's 32 let the kernel sum four
 //! blocks in integers before converting (measured: 1.56× our fp32 at spans of 128, 1.43× at
 //! 32; docs/performance.md). The bias and GELU, which the f32 kernel fuses into its stores,
-//! are one vectorized pass over the product, split by rows across the threads.
+//! follow inside each of the kernel's tasks, on the outputs it has just written.
 
 use super::gemm::Epilogue;
 use super::math::{add_bias, bias_gelu};
-use super::quant::{qmatmul, QActs, QMatrix};
-use super::{Disjoint, Parallel};
+use super::quant::{qmatmul_finish, QActs, QMatrix};
+use super::Parallel;
 
 /// A weight matrix `[n × k]` (PyTorch `Linear` layout) in Q8_0, and its bias.
 pub struct QuantLinear {
@@ -45,9 +45,6 @@ fn span_for(k: usize) -> usize {
 /// its lower threshold: the same change made its single sentence 50% slower.
 pub const MIN_PARALLEL_MACS: usize = 1 << 23;
 
-/// Fewest output values per task of the bias pass (smaller passes run on one thread).
-const MIN_VALUES_PER_TASK: usize = 1 << 14;
-
 impl QuantLinear {
     /// Quantizes `w` (`n × k`, row-major; `k` a multiple of 32) and keeps `bias` (`n`).
     pub fn new(w: &[f32], bias: &[f32], n: usize, k: usize) -> Result<QuantLinear, String> {
@@ -68,22 +65,17 @@ impl QuantLinear {
         let one = super::Rayon(1);
         let par = if m * self.n * self.k >= MIN_PARALLEL_MACS { par } else { &one };
         acts.quantize_spans(&x[..m * self.k], m, self.k, self.span, par);
-        let out = &mut out[..m * self.n];
-        qmatmul(&self.weights, acts, out, par);
-        let tasks = (m * self.n / MIN_VALUES_PER_TASK).clamp(1, par.threads().min(m));
-        let per = m.div_ceil(tasks);
-        let ptr = Disjoint::new(out.as_mut_ptr());
-        let (n, bias) = (self.n, &self.bias[..]);
-        par.for_each(tasks, &|t| {
-            let (r0, r1) = ((t * per).min(m), ((t + 1) * per).min(m));
-            // SAFETY: task t owns rows r0..r1 of `out`, which holds m × n values.
-            let rows = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r0 * n), (r1 - r0) * n) };
+        let bias = &self.bias[..];
+        // Bias and GELU inside the kernel's tasks, on outputs still in cache.
+        let finish = |outputs: &mut [f32], n0: usize| {
+            let bias = &bias[n0..n0 + outputs.len()];
             match epilogue {
-                Epilogue::None => add_bias(rows, bias),
-                Epilogue::Gelu => bias_gelu(rows, bias, false),
-                Epilogue::GeluTanh => bias_gelu(rows, bias, true),
+                Epilogue::None => add_bias(outputs, bias),
+                Epilogue::Gelu => bias_gelu(outputs, bias, false),
+                Epilogue::GeluTanh => bias_gelu(outputs, bias, true),
             }
-        });
+        };
+        qmatmul_finish(&self.weights, acts, &mut out[..m * self.n], par, &finish);
     }
 
     /// Bytes of weight data.

@@ -649,6 +649,22 @@ pub fn qmatmul_with(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], par
 /// parts of a projection stored in different formats (llama.cpp's Q4_K_M keeps some `v`
 /// projections in Q6_K beside Q4_K `q` and `k`) fill one output side by side.
 pub fn qmatmul_columns(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], ld: usize, col: usize, par: &dyn Parallel) {
+    qmatmul_inner(kernel, w, x, out, ld, col, par, None)
+}
+
+/// What a task does with its outputs once they are computed: `finish(outputs, n0)` gets,
+/// row by row, the outputs of the task's weight rows (from weight row `n0` on).
+pub type Finish<'a> = &'a (dyn Fn(&mut [f32], usize) + Sync);
+
+/// `qmatmul`, then `finish` on each task's outputs inside the task, while they are in cache:
+/// a dense layer's bias and activation without a second pass or parallel step.
+pub fn qmatmul_finish(w: &QMatrix, x: &QActs, out: &mut [f32], par: &dyn Parallel, finish: Finish) {
+    qmatmul_inner(Kernel::detect(), w, x, out, w.rows, 0, par, Some(finish))
+}
+
+// The product's operands and layout, as `qmatmul_columns` takes them, and the finish step.
+#[allow(clippy::too_many_arguments)]
+fn qmatmul_inner(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], ld: usize, col: usize, par: &dyn Parallel, finish: Option<Finish>) {
     assert_eq!(w.cols, x.cols, "qmatmul: widths differ");
     assert!(col + w.rows <= ld, "qmatmul: columns past the row");
     assert!(x.rows == 0 || out.len() >= (x.rows - 1) * ld + col + w.rows, "qmatmul: output too small");
@@ -678,6 +694,13 @@ pub fn qmatmul_columns(kernel: Kernel, w: &QMatrix, x: &QActs, out: &mut [f32], 
         // activations' (asserted); `out` holds x.rows rows of ld values from `col` on
         // (asserted), and this task writes only the columns of its own groups.
         unsafe { kernel.run(w, x, g0, g1, ptr.get(), ld) };
+        if let Some(finish) = finish {
+            let (n0, n1) = (g0 * LANES, (g1 * LANES).min(w.rows));
+            for r in 0..x.rows {
+                // SAFETY: as above: row r's columns n0..n1 are this task's own outputs.
+                finish(unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * ld + n0), n1 - n0) }, n0);
+            }
+        }
     };
     par.for_each(tasks, &run);
 }
@@ -1487,6 +1510,16 @@ mod tests {
             qmatmul(&w, &x, &mut fast, &crate::cpu::Rayon(2));
             for (a, b) in spec.iter().zip(&fast) {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{rows}x{cols} span {span}: {a} vs {b}");
+            }
+            // A finish step sees every output once, with its weight row's index.
+            let mut finished = vec![0f32; batch * rows];
+            qmatmul_finish(&w, &x, &mut finished, &crate::cpu::Rayon(2), &|outputs, n0| {
+                for (j, v) in outputs.iter_mut().enumerate() {
+                    *v += (n0 + j) as f32;
+                }
+            });
+            for (i, (f, b)) in finished.iter().zip(&fast).enumerate() {
+                assert_eq!(*f, b + (i % rows) as f32, "output {i}");
             }
         }
     }
