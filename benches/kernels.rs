@@ -65,7 +65,7 @@ fn main() {
         let s = time(|| linear(&x, &w, &b, &mut out, m, k, n, threads), reps);
         println!("gemm crate  {name} {m}x{k}x{n} {:>8.1} us  {:>6.1} GFLOP/s", s * 1e6, 2.0 * (m * n * k) as f64 / s / 1e9);
         let packed = PackedLinear::new(&w, &b, n, k);
-        let s = time(|| packed.forward(&x, m, &mut out, Epilogue::None, threads), reps);
+        let s = time(|| packed.forward(&x, m, &mut out, Epilogue::None, &edgenode::cpu::Rayon(threads)), reps);
         println!("packed      {name} {m}x{k}x{n} {:>8.1} us  {:>6.1} GFLOP/s", s * 1e6, 2.0 * (m * n * k) as f64 / s / 1e9);
     }
 }

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
+use super::{Disjoint, Parallel};
 
 use crate::multiversion;
 
@@ -50,32 +50,31 @@ fn scratch_len(len: usize, d: usize) -> usize {
 }
 
 /// Attention for a packed batch: input `i` owns rows `cu_seqlens[i]..cu_seqlens[i+1]` of
-/// `qkv` (`[T, 3·heads·d]`) and of `ctx` (`[T, heads·d]`).
-pub fn attention(qkv: &[f32], ctx: &mut [f32], cu_seqlens: &[u32], heads: usize, d: usize) {
+/// `qkv` (`[T, 3·heads·d]`) and of `ctx` (`[T, heads·d]`). Inputs are split over `par`.
+pub fn attention(qkv: &[f32], ctx: &mut [f32], cu_seqlens: &[u32], heads: usize, d: usize, par: &dyn Parallel) {
     let h_all = heads * d;
-    // Split ctx into one disjoint slice per input.
-    let mut pieces: Vec<(&[f32], &mut [f32])> = Vec::with_capacity(cu_seqlens.len());
-    let mut rest = &mut ctx[..];
-    for w in cu_seqlens.windows(2) {
-        let (a, b) = (w[0] as usize, w[1] as usize);
-        let (mine, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * h_all);
-        pieces.push((&qkv[a * 3 * h_all..b * 3 * h_all], mine));
-        rest = tail;
-    }
-    let run = |(q, c): (&[f32], &mut [f32])| {
-        let len = c.len() / h_all;
+    let inputs = cu_seqlens.len().saturating_sub(1);
+    let total = cu_seqlens.last().map_or(0, |&t| t as usize);
+    assert!(qkv.len() >= total * 3 * h_all && ctx.len() >= total * h_all, "attention: buffers shorter than the batch");
+    assert!(cu_seqlens.windows(2).all(|w| w[0] <= w[1]), "attention: offsets out of order");
+    let out = Disjoint::new(ctx.as_mut_ptr()); // each input writes its own rows
+    let run = |i: usize| {
+        let (a, b) = (cu_seqlens[i] as usize, cu_seqlens[i + 1] as usize);
+        // SAFETY: input i's rows a..b of ctx are its own (offsets ordered, asserted) and
+        // within ctx (asserted); no other task touches them.
+        let c = unsafe { std::slice::from_raw_parts_mut(out.get().add(a * h_all), (b - a) * h_all) };
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            if s.len() < scratch_len(len, d) {
-                s.resize(scratch_len(len, d), 0.0);
+            if s.len() < scratch_len(b - a, d) {
+                s.resize(scratch_len(b - a, d), 0.0);
             }
-            attend_one(q, c, heads, d, &mut s);
+            attend_one(&qkv[a * 3 * h_all..b * 3 * h_all], c, heads, d, &mut s);
         });
     };
-    if pieces.len() > 1 {
-        pieces.into_par_iter().for_each(run);
+    if inputs > 1 {
+        par.for_each(inputs, &run);
     } else {
-        pieces.into_iter().for_each(run);
+        (0..inputs).for_each(run);
     }
 }
 
@@ -245,7 +244,7 @@ mod tests {
         let t = 45;
         let qkv: Vec<f32> = (0..t * 3 * h_all).map(|i| ((i * 7919) % 1009) as f32 / 500.0 - 1.0).collect();
         let mut ctx = vec![f32::NAN; t * h_all];
-        attention(&qkv, &mut ctx, &cu, heads, d);
+        attention(&qkv, &mut ctx, &cu, heads, d, &crate::cpu::Rayon(2));
         for w in cu.windows(2) {
             let (a, b) = (w[0] as usize, w[1] as usize);
             for h in 0..heads {

@@ -10,8 +10,6 @@
 //! are stored (fused epilogue). AVX-512 tiles are 12 × 32, AVX2 6 × 16; a portable loop is
 //! the specification.
 
-use rayon::prelude::*;
-
 use super::math::{gelu, gelu_tanh};
 use super::Isa;
 
@@ -76,8 +74,8 @@ impl PackedLinear {
         PackedLinear { k, n, nr, isa, panels, bias: b }
     }
 
-    /// `out[m × n] = epilogue(x[m × k] · wᵀ + bias)`; splits panels over `threads`.
-    pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue, threads: usize) {
+    /// `out[m × n] = epilogue(x[m × k] · wᵀ + bias)`; splits panels over `par`'s threads.
+    pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32], epilogue: Epilogue, par: &dyn super::Parallel) {
         assert!(x.len() >= m * self.k && out.len() >= m * self.n, "packed linear: shape mismatch");
         if m == 0 {
             return;
@@ -89,8 +87,8 @@ impl PackedLinear {
             // which holds m × n values (asserted); panels are disjoint.
             unsafe { self.panel(x, m, p, out_ptr.get(), epilogue) };
         };
-        if threads > 1 && panels > 1 && m * self.n * self.k >= 1 << 18 {
-            (0..panels).into_par_iter().for_each(run);
+        if par.threads() > 1 && panels > 1 && m * self.n * self.k >= 1 << 18 {
+            par.for_each(panels, &run);
         } else {
             (0..panels).for_each(run);
         }
@@ -261,7 +259,7 @@ mod tests {
                     let l = PackedLinear::for_isa(&w, &b, n, k, isa);
                     for threads in [1, 2] {
                         let mut out = vec![f32::NAN; m * n];
-                        l.forward(&x, m, &mut out, e, threads);
+                        l.forward(&x, m, &mut out, e, &crate::cpu::Rayon(threads));
                         for i in 0..m {
                             for j in 0..n {
                                 let v = b[j] as f64 + (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>();

@@ -106,7 +106,7 @@ mod tests {
             let bias = random_f32(n, 2);
             let x = random_f32(m * k, 3 + m as u64);
             let mut want = vec![0f32; m * n];
-            PackedLinear::new(&w, &bias, n, k).forward(&x, m, &mut want, e, 1);
+            PackedLinear::new(&w, &bias, n, k).forward(&x, m, &mut want, e, &Rayon(1));
             let mut got = vec![f32::NAN; m * n];
             QuantLinear::new(&w, &bias, n, k).unwrap().forward(&x, m, &mut got, e, &mut QActs::default(), &Rayon(threads));
             let rms = |v: &mut dyn Iterator<Item = f32>| {

@@ -21,7 +21,8 @@ use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::norm::{add_layer_norm, layer_norm};
 use crate::cpu::qlinear::QuantLinear;
 use crate::cpu::quant::QActs;
-use crate::cpu::Rayon;
+use crate::cpu::team::Team;
+use crate::cpu::{Parallel, Rayon};
 
 /// A dense layer's weights, packed for the arithmetic it runs in.
 enum Weights {
@@ -45,10 +46,10 @@ impl Dense {
 
     /// `out = epilogue(x · wᵀ + b)` for `rows` rows; `acts` holds the int8 path's quantized
     /// activations between calls.
-    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], epilogue: Epilogue, threads: usize, acts: &mut QActs) {
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], epilogue: Epilogue, par: &dyn Parallel, acts: &mut QActs) {
         match &self.weights {
-            Weights::F32(packed) => packed.forward(x, rows, out, epilogue, threads),
-            Weights::Int8(q) => q.forward(x, rows, out, epilogue, acts, &Rayon(threads)),
+            Weights::F32(packed) => packed.forward(x, rows, out, epilogue, par),
+            Weights::Int8(q) => q.forward(x, rows, out, epilogue, acts, par),
         }
     }
 }
@@ -100,7 +101,10 @@ pub struct CpuBert {
     max_positions: usize,
     type_vocab: usize,
     vocab: usize,
-    threads: usize,
+    /// The threads of every parallel step of a forward pass. Its helpers spin briefly between
+    /// steps instead of sleeping: a forward pass is dozens of short steps, and waking a
+    /// sleeping thread for each cost a fifth of a single sentence's time (docs/performance.md).
+    team: Team,
     precision: Precision,
     scratch: Scratch,
 }
@@ -176,7 +180,7 @@ impl CpuBert {
             max_positions: cfg.max_position_embeddings,
             type_vocab: cfg.type_vocab_size,
             vocab: cfg.vocab_size,
-            threads: threads.max(1),
+            team: Team::new(threads.max(1), "encoder").map_err(|e| candle_core::Error::Msg(format!("cannot start the encoder's threads: {e}")))?,
             precision,
             scratch: Scratch::default(),
         })
@@ -225,14 +229,14 @@ impl CpuBert {
         let d = h / self.heads;
         for layer in &self.layers {
             let i = layer.up.output;
-            layer.qkv.forward(&s.x, t, &mut s.qkv, Epilogue::None, self.threads, &mut s.acts);
-            attention(&s.qkv[..3 * t * h], &mut s.ctx[..t * h], &batch.cu_seqlens, self.heads, d);
-            layer.attn_out.forward(&s.ctx, t, &mut s.tmp, Epilogue::None, self.threads, &mut s.acts);
+            layer.qkv.forward(&s.x, t, &mut s.qkv, Epilogue::None, &self.team, &mut s.acts);
+            attention(&s.qkv[..3 * t * h], &mut s.ctx[..t * h], &batch.cu_seqlens, self.heads, d, &self.team);
+            layer.attn_out.forward(&s.ctx, t, &mut s.tmp, Epilogue::None, &self.team, &mut s.acts);
             add_layer_norm(&mut s.tmp[..t * h], &s.x[..t * h], &layer.attn_norm.gamma, &layer.attn_norm.beta, self.eps);
             std::mem::swap(&mut s.x, &mut s.tmp);
             // GELU is applied as the up-projection's outputs are stored (fused epilogue).
-            layer.up.forward(&s.x, t, &mut s.inter, self.gelu, self.threads, &mut s.acts);
-            layer.down.forward(&s.inter[..t * i], t, &mut s.tmp, Epilogue::None, self.threads, &mut s.acts);
+            layer.up.forward(&s.x, t, &mut s.inter, self.gelu, &self.team, &mut s.acts);
+            layer.down.forward(&s.inter[..t * i], t, &mut s.tmp, Epilogue::None, &self.team, &mut s.acts);
             add_layer_norm(&mut s.tmp[..t * h], &s.x[..t * h], &layer.out_norm.gamma, &layer.out_norm.beta, self.eps);
             std::mem::swap(&mut s.x, &mut s.tmp);
         }
@@ -251,11 +255,11 @@ impl CpuBert {
         }
         let mut pooled = vec![0f32; n * h];
         let mut acts = QActs::default(); // unused: the head is f32
-        head.pooler.forward(&cls, n, &mut pooled, Epilogue::None, 1, &mut acts);
+        head.pooler.forward(&cls, n, &mut pooled, Epilogue::None, &Rayon(1), &mut acts);
         pooled.iter_mut().for_each(|v| *v = v.tanh());
         let labels = head.classifier.output;
         let mut logits = vec![0f32; n * labels];
-        head.classifier.forward(&pooled, n, &mut logits, Epilogue::None, 1, &mut acts);
+        head.classifier.forward(&pooled, n, &mut logits, Epilogue::None, &Rayon(1), &mut acts);
         Some(logits.chunks_exact(labels).map(<[f32]>::to_vec).collect())
     }
 }

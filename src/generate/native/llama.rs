@@ -78,7 +78,7 @@ impl Linear {
                     col += m.rows;
                 }
             }
-            Linear::Exact(p) => p.forward(x, n, out, Epilogue::None, par.threads()),
+            Linear::Exact(p) => p.forward(x, n, out, Epilogue::None, par),
         }
     }
 }
