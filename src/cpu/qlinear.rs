@@ -40,8 +40,9 @@ fn span_for(k: usize) -> usize {
 /// Multiply-adds below which a layer runs on the calling thread. Waking the second thread
 /// and waiting for it costs tens of microseconds, which the integer kernel spends on several
 /// million multiply-adds: a single sentence's layers stay on one thread, a batch's go
-/// parallel. Measured (docs/performance.md): int8 single-sentence p50 3.4–3.7 ms → 2.4–3.0
-/// ms, batch throughput unchanged. The f32 kernel, four times slower per multiply-add, keeps
+/// parallel. Measured with rayon's pool, before the encoder had a spinning team of its own
+/// (docs/performance.md): int8 single-sentence p50 3.4–3.7 ms → 2.4–3.0 ms, batch throughput
+/// unchanged. The f32 kernel, four times slower per multiply-add, keeps
 /// its lower threshold: the same change made its single sentence 50% slower.
 pub const MIN_PARALLEL_MACS: usize = 1 << 23;
 
