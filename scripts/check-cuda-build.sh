@@ -19,17 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-started=$SECONDS
-report() {
-    local rc=$? t=$((SECONDS - started))
-    printf 'check-cuda-build: %s after %dh %02dm %02ds\n' \
-        "$([ "$rc" -eq 0 ] && echo ok || echo "FAILED (exit $rc)")" $((t / 3600)) $((t % 3600 / 60)) $((t % 60))
-}
-trap report EXIT
-echo "check-cuda-build: started $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD"
-
 # shellcheck source=scripts/cuda-wheels.sh
 source scripts/cuda-wheels.sh
+cuda_wheels_timed check-cuda-build
 cuda_wheels_env
 nvcc --version
 echo "CUDA_ROOT=$CUDA_ROOT CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"

@@ -6,6 +6,7 @@
 #   cuda_wheels_env            # install (once) into its venv; export CUDA_ROOT, PATH, ...
 #   cuda_wheels_stub_libcuda   # only where no NVIDIA driver is installed (link step only)
 #   cuda_wheels_build [ARGS]   # the release build with --features cuda, in its own target folder
+#   cuda_wheels_timed NAME     # print NAME's start now, and at exit whether it passed and how long it took
 #
 # Used by scripts/check-cuda-build.sh, and by scripts/gpu-check.sh when the GPU machine has
 # no toolkit of its own.
@@ -20,6 +21,21 @@
 #   (bin, include, lib, nvvm), laid out as nvcc.profile expects.
 # - the libraries the binary links against (cudart, cublas/cublasLt, curand, nvrtc) are the
 #   ones CUDA 13.0 Update 2 shipped, and the headers of cub/thrust come from cccl.
+
+# Long builds are run unattended: the log says when a script started and, whatever its end,
+# how it ended and after how long.
+cuda_wheels_timed() {
+    cuda_wheels_script=$1
+    cuda_wheels_started=$SECONDS
+    trap cuda_wheels_report EXIT
+    echo "$cuda_wheels_script: started $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD"
+}
+
+cuda_wheels_report() {
+    local rc=$? t=$((SECONDS - cuda_wheels_started))
+    printf '%s: %s after %dh %02dm %02ds\n' "$cuda_wheels_script" \
+        "$([ "$rc" -eq 0 ] && echo ok || echo "FAILED (exit $rc)")" $((t / 3600)) $((t % 3600 / 60)) $((t % 60))
+}
 
 CUDA_WHEELS_PINS=(
     "nvidia-cuda-nvcc==13.0.88"

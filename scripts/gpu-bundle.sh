@@ -34,14 +34,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-started=$SECONDS
-report() {
-    local rc=$? t=$((SECONDS - started))
-    printf 'gpu-bundle: %s after %dh %02dm %02ds\n' \
-        "$([ "$rc" -eq 0 ] && echo ok || echo "FAILED (exit $rc)")" $((t / 3600)) $((t % 3600 / 60)) $((t % 60))
-}
-trap report EXIT
-echo "gpu-bundle: started $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD"
+# shellcheck source=scripts/cuda-wheels.sh
+source scripts/cuda-wheels.sh
+cuda_wheels_timed gpu-bundle
 
 out=".gpu-bundle"
 binary=""
@@ -58,8 +53,6 @@ max_mib="${EDGENODE_GPU_BUNDLE_MAX_MIB:-60}"
 gguf_pin="gguf==0.19.0"
 
 if [ -z "$binary" ]; then
-    # shellcheck source=scripts/cuda-wheels.sh
-    source scripts/cuda-wheels.sh
     cuda_wheels_env
     export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
     export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
@@ -78,7 +71,7 @@ fi
 [ -x "$binary" ] || { echo "gpu-bundle: no binary at $binary" >&2; exit 1; }
 
 stage="$(mktemp -d)"
-trap 'rm -rf "$stage"; report' EXIT
+trap 'rc=$?; rm -rf "$stage"; (exit $rc); cuda_wheels_report' EXIT
 mkdir -p "$stage/edgenode-gpu/bin" "$stage/edgenode-gpu/vocab" "$stage/edgenode-gpu/tokenizer" "$stage/edgenode-gpu/wheels"
 cp "$binary" "$stage/edgenode-gpu/bin/edgenode"
 strip "$stage/edgenode-gpu/bin/edgenode"
