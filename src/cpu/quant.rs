@@ -508,7 +508,7 @@ impl QMatrix {
     /// row (the int8 encoder's weights; see `span`). Stored as `Bytes`, like Q8_0.
     pub fn q8_from_f32_spans(values: &[f32], rows: usize, cols: usize, span: usize) -> QMatrix {
         assert!(span >= 1 && cols.is_multiple_of(QK * span) && values.len() >= rows * cols);
-        let (blocks, spans) = (cols / QK, cols / (QK * span));
+        let spans = cols / (QK * span);
         let scales: Vec<f32> =
             values[..rows * cols].chunks_exact(QK * span).map(|chunk| chunk.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0).collect();
         let mut m = QMatrix::build(rows, cols, Packing::Bytes, "Q8 (int8 encoder)", |r, b, codes| {
@@ -519,7 +519,6 @@ impl QMatrix {
             }
             (d, -128.0 * d)
         });
-        debug_assert_eq!(blocks % span, 0);
         m.span = span;
         m
     }
@@ -842,6 +841,33 @@ mod x86 {
         }
     }
 
+    /// Block `b` of `Bytes` weights (a group's 16 rows × 32 quants at `wq`) against
+    /// activation rows `r0..r0+R` of `xq` (rows `cols` apart): the integer dots accumulate
+    /// lane-wise into `ia` (quants 0..16) and `ib` (16..32).
+    #[inline(always)]
+    // The accumulators are a register tile indexed in lockstep with the rows' pointers.
+    #[allow(clippy::needless_range_loop)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn bytes_block<const R: usize>(
+        wq: *const u8,
+        xq: *const i8,
+        cols: usize,
+        r0: usize,
+        b: usize,
+        ia: &mut [__m512i; R],
+        ib: &mut [__m512i; R],
+    ) {
+        for c in 0..4 {
+            let va = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
+            let vb = _mm512_loadu_si512(wq.add((c + 4) * 64) as *const __m512i);
+            for r in 0..R {
+                let xr = xq.add((r0 + r) * cols + b * QK);
+                ia[r] = _mm512_dpbusd_epi32(ia[r], va, bcast4_512(xr.add(4 * c)));
+                ib[r] = _mm512_dpbusd_epi32(ib[r], vb, bcast4_512(xr.add(16 + 4 * c)));
+            }
+        }
+    }
+
     /// One group of 16 weight rows against activation rows `r0..r0+R`: 16 outputs per row.
     #[inline(always)]
     unsafe fn group_avx512<const R: usize>(w: &QMatrix, x: &QActs, g: usize, r0: usize, out: *mut f32, ld: usize) {
@@ -870,17 +896,7 @@ mod x86 {
                     }
                 }
                 Packing::Sixbits => unreachable!("Sixbits has its own kernel"),
-                Packing::Bytes => {
-                    for c in 0..4 {
-                        let va = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
-                        let vb = _mm512_loadu_si512(wq.add((c + 4) * 64) as *const __m512i);
-                        for r in 0..R {
-                            let xr = xq.add((r0 + r) * x.cols + b * QK);
-                            ia[r] = _mm512_dpbusd_epi32(ia[r], va, bcast4_512(xr.add(4 * c)));
-                            ib[r] = _mm512_dpbusd_epi32(ib[r], vb, bcast4_512(xr.add(16 + 4 * c)));
-                        }
-                    }
-                }
+                Packing::Bytes => bytes_block::<R>(wq, xq, x.cols, r0, b, &mut ia, &mut ib),
             }
             let dw = _mm512_loadu_ps(w.d.as_ptr().add((g * blocks + b) * LANES));
             let mw = _mm512_loadu_ps(w.m.as_ptr().add((g * blocks + b) * LANES));
@@ -912,16 +928,7 @@ mod x86 {
             let mut ib = [_mm512_setzero_si512(); R];
             let mut sums = [0f32; R];
             for b in b0..b0 + span {
-                let wq = w.q.as_ptr().add((g * blocks + b) * gb);
-                for c in 0..4 {
-                    let va = _mm512_loadu_si512(wq.add(c * 64) as *const __m512i);
-                    let vb = _mm512_loadu_si512(wq.add((c + 4) * 64) as *const __m512i);
-                    for r in 0..R {
-                        let xr = xq.add((r0 + r) * x.cols + b * QK);
-                        ia[r] = _mm512_dpbusd_epi32(ia[r], va, bcast4_512(xr.add(4 * c)));
-                        ib[r] = _mm512_dpbusd_epi32(ib[r], vb, bcast4_512(xr.add(16 + 4 * c)));
-                    }
-                }
+                bytes_block::<R>(w.q.as_ptr().add((g * blocks + b) * gb), xq, x.cols, r0, b, &mut ia, &mut ib);
                 for r in 0..R {
                     sums[r] += *x.s.get_unchecked((r0 + r) * blocks + b);
                 }
