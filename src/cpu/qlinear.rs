@@ -78,11 +78,6 @@ impl QuantLinear {
         };
         qmatmul_finish(&self.weights, acts, &mut out[..m * self.n], par, &finish);
     }
-
-    /// Bytes of weight data.
-    pub fn bytes(&self) -> usize {
-        self.weights.bytes() + 4 * self.bias.len()
-    }
 }
 
 #[cfg(test)]

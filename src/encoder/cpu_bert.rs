@@ -105,7 +105,6 @@ pub struct CpuBert {
     /// steps instead of sleeping: a forward pass is dozens of short steps, and waking a
     /// sleeping thread for each cost a fifth of a single sentence's time (docs/performance.md).
     team: Team,
-    precision: Precision,
     scratch: Scratch,
 }
 
@@ -181,7 +180,6 @@ impl CpuBert {
             type_vocab: cfg.type_vocab_size,
             vocab: cfg.vocab_size,
             team: Team::new(threads.max(1), "encoder").map_err(|e| candle_core::Error::Msg(format!("cannot start the encoder's threads: {e}")))?,
-            precision,
             scratch: Scratch::default(),
         })
     }
@@ -193,7 +191,10 @@ impl CpuBert {
 
     /// The arithmetic of the dense layers.
     pub fn precision(&self) -> Precision {
-        self.precision
+        match self.layers.first().map(|l| &l.qkv.weights) {
+            Some(Weights::Int8(_)) => Precision::Int8,
+            _ => Precision::Fp32,
+        }
     }
 
     /// Final hidden states of every token, packed `[total_tokens, H]` (borrowed from the
