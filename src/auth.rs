@@ -1,20 +1,26 @@
 //! API keys: `Authorization: Bearer <key>`, compared in constant time.
 //!
-//! Keys come from `auth.api_keys` and the environment variable named by
-//! `auth.api_keys_env` (comma-separated). Only their sha256 digests are kept, so a key never
+//! Keys come from `auth.api_keys`, the environment variable named by `auth.api_keys_env`
+//! (comma-separated), and the named `[[auth.keys]]` (by sha256, or from a variable), which
+//! carry their own limits (`crate::accounts`). Only sha256 digests are kept, so a key never
 //! sits in memory the logs or `/info` could show; comparing fixed-length digests with
 //! `subtle` also hides the key's length and where a guess first differs.
 
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+use crate::accounts::KeyPolicy;
 use crate::config::AuthConfig;
 
 /// The keys a node accepts.
 #[derive(Clone, Default)]
 pub struct ApiKeys {
     digests: Vec<[u8; 32]>,
-    /// What `/info` may show of each key: its last four characters.
+    /// Each key's name and limits, in the same order.
+    policies: Vec<Arc<KeyPolicy>>,
+    /// What `/info` may show of each key: its last four characters (a named key: its name).
     hints: Vec<String>,
 }
 
@@ -29,11 +35,56 @@ fn digest(key: &str) -> [u8; 32] {
 }
 
 impl ApiKeys {
-    /// The configured keys plus those in `auth.api_keys_env`.
-    pub fn from_config(cfg: &AuthConfig) -> Self {
+    /// The configured keys, those in `auth.api_keys_env`, and the named `[[auth.keys]]`.
+    /// Fails when a named key's `key_env` variable is unset or empty.
+    pub fn from_config(cfg: &AuthConfig) -> Result<Self, String> {
+        let mut keys = ApiKeys::default();
+        let mut plain = |key: &str, name: String| {
+            keys.digests.push(digest(key));
+            keys.hints.push(redact(key));
+            keys.policies.push(Arc::new(KeyPolicy::unlimited(name)));
+        };
+        for (i, k) in cfg.api_keys.iter().map(|k| k.trim()).enumerate() {
+            plain(k, format!("api_keys[{i}]"));
+        }
         let from_env = std::env::var(&cfg.api_keys_env).unwrap_or_default();
-        let keys: Vec<&str> = cfg.api_keys.iter().map(String::as_str).chain(from_env.split(',')).map(str::trim).filter(|k| !k.is_empty()).collect();
-        ApiKeys { digests: keys.iter().map(|k| digest(k)).collect(), hints: keys.iter().map(|k| redact(k)).collect() }
+        for (i, k) in from_env.split(',').map(str::trim).filter(|k| !k.is_empty()).enumerate() {
+            plain(k, format!("{}[{i}]", cfg.api_keys_env));
+        }
+        for k in &cfg.keys {
+            let d = match (&k.sha256, &k.key_env) {
+                (Some(hex_digest), _) => {
+                    let bytes = hex::decode(hex_digest).map_err(|e| format!("auth.keys {:?}: sha256: {e}", k.name))?;
+                    bytes.try_into().map_err(|_| format!("auth.keys {:?}: sha256 must be 32 bytes", k.name))?
+                }
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(v) if !v.trim().is_empty() => digest(v.trim()),
+                    _ => return Err(format!("auth.keys {:?}: the variable {var} named by key_env is not set", k.name)),
+                },
+                (None, None) => return Err(format!("auth.keys {:?}: give sha256 or key_env", k.name)),
+            };
+            keys.digests.push(d);
+            keys.hints.push(k.name.clone());
+            keys.policies.push(Arc::new(KeyPolicy::from_config(k)));
+        }
+        Ok(keys)
+    }
+
+    /// The key this `Authorization` header value carries, if accepted. Every key is
+    /// compared, whatever matched, so the time taken says nothing about which.
+    pub fn identify(&self, authorization: Option<&str>) -> Option<Arc<KeyPolicy>> {
+        let presented = authorization.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))?;
+        let d = digest(presented.trim());
+        let mut found = u32::MAX;
+        for (i, k) in self.digests.iter().enumerate() {
+            found.conditional_assign(&(i as u32), k.ct_eq(&d));
+        }
+        self.policies.get(found as usize).cloned()
+    }
+
+    /// Every key's name and limits.
+    pub fn policies(&self) -> &[Arc<KeyPolicy>] {
+        &self.policies
     }
 
     /// True when any key is configured.
@@ -41,18 +92,9 @@ impl ApiKeys {
         !self.digests.is_empty()
     }
 
-    /// Does this `Authorization` header value carry an accepted key? Every key is compared,
-    /// whatever matched, so the time taken says nothing about which.
+    /// Does this `Authorization` header value carry an accepted key?
     pub fn accepts(&self, authorization: Option<&str>) -> bool {
-        let Some(presented) = authorization.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))) else {
-            return false;
-        };
-        let d = digest(presented.trim());
-        let mut ok = subtle::Choice::from(0u8);
-        for k in &self.digests {
-            ok |= k.ct_eq(&d);
-        }
-        ok.into()
+        self.identify(authorization).is_some()
     }
 
     /// Redacted keys for `/info`.
@@ -77,15 +119,30 @@ mod tests {
 
     #[test]
     fn accepts_only_configured_keys_as_bearer_tokens() {
-        let cfg =
-            AuthConfig { api_keys: vec!["sk-edge-0123456789".into()], api_keys_env: "EDGENODE_TEST_NO_SUCH_VAR_".into(), protect_probes: false };
-        let keys = ApiKeys::from_config(&cfg);
+        let named = crate::config::KeyConfig {
+            name: "mobile".into(),
+            sha256: Some(hex::encode(Sha256::digest(b"sk-mobile-key"))),
+            key_env: None,
+            requests_per_minute: Some(5),
+            tokens_per_minute: None,
+            daily_budget_usd: None,
+            models: vec![],
+        };
+        let cfg = AuthConfig {
+            api_keys: vec!["sk-edge-0123456789".into()],
+            api_keys_env: "EDGENODE_TEST_NO_SUCH_VAR_".into(),
+            protect_probes: false,
+            keys: vec![named],
+        };
+        let keys = ApiKeys::from_config(&cfg).unwrap();
+        assert_eq!(keys.identify(Some("Bearer sk-mobile-key")).unwrap().requests_per_minute, Some(5));
+        assert_eq!(keys.identify(Some("Bearer sk-edge-0123456789")).unwrap().name, "api_keys[0]");
         assert!(keys.enabled());
         assert!(keys.accepts(Some("Bearer sk-edge-0123456789")));
         assert!(!keys.accepts(Some("Bearer sk-edge-012345678")));
         assert!(!keys.accepts(Some("sk-edge-0123456789")));
         assert!(!keys.accepts(None));
-        assert_eq!(keys.hints(), ["…6789"]);
+        assert_eq!(keys.hints(), ["…6789", "mobile"]);
         assert!(!format!("{keys:?}").contains("sk-edge"));
     }
 }

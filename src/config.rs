@@ -34,6 +34,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     pub costs: CostsConfig,
     pub auth: AuthConfig,
+    pub cache: CacheConfig,
+    pub fleet: FleetConfig,
     pub debug: DebugConfig,
     /// The models this node serves, one `[[models]]` table each.
     pub models: Vec<ModelConfig>,
@@ -67,6 +69,88 @@ pub struct AuthConfig {
     pub api_keys_env: String,
     /// Require a key on `/livez`, `/readyz` and `/metrics` too (platform probes usually have none).
     pub protect_probes: bool,
+    /// Named keys with their own limits and budgets, one `[[auth.keys]]` table each.
+    pub keys: Vec<KeyConfig>,
+}
+
+/// `[[auth.keys]]`: one named key and its limits. Exactly one of `sha256` and `key_env`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// What the ledger, `/stats`, `/metrics` and error messages call the key.
+    pub name: String,
+    /// The key's sha256, hex (`printf %s "$KEY" | sha256sum`): the file never holds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// An environment variable holding the key (not under `EDGENODE_`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    /// Prompt and completion (or input) tokens per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Spend over the rolling day, priced like the ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_budget_usd: Option<f64>,
+    /// Models the key may use (`auto` included); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+}
+
+/// `[cache]`: answers kept so that a repeated request does not run the model again.
+///
+/// Generation answers are cached only when they are reproducible: greedy decoding
+/// (`temperature` 0) or an explicit `seed`. Embeddings are cached per input. Entries are
+/// evicted least-recently/least-frequently used (TinyLFU) when either bound is reached, and
+/// expire after `ttl_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Off by default: a cache changes what a client sees for a repeated sampled request.
+    pub enabled: bool,
+    /// Most entries kept (generation answers and embedding vectors together).
+    pub max_entries: u64,
+    /// Most bytes the entries may hold (text, log-probabilities, vectors, bookkeeping).
+    pub max_bytes: u64,
+    /// Seconds an entry lives after it was written.
+    pub ttl_s: u64,
+    /// Cosine (0..1] at or above which a chat request whose last user message is close to a
+    /// cached one's, with the same model, parameters and earlier messages, is answered from
+    /// the cache (`semantic-hit`). Absent: semantic matching is off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semantic_threshold: Option<f32>,
+    /// The embed model that embeds last user messages for semantic matching; empty: the
+    /// node's first embed model.
+    pub embedder: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            max_entries: 10_000,
+            max_bytes: 64 * 1024 * 1024,
+            ttl_s: 3600,
+            semantic_threshold: None,
+            embedder: String::new(),
+        }
+    }
+}
+
+/// `[fleet]`: spilling over to other Machines of the same Fly app through Fly's proxy.
+///
+/// On Fly (`FLY_APP_NAME` set) with `replay` on, a request this node would refuse because a
+/// model's queue is full, or that names a model it does not serve, is answered with a
+/// `fly-replay` header instead, and Fly's proxy replays it on another Machine. A request
+/// that was itself replayed (`fly-replay-src`) is never replayed again.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    pub replay: bool,
+    /// Where a model this node does not serve lives: model name → Fly region (`ams`);
+    /// models not listed are replayed `elsewhere=true`.
+    pub model_regions: std::collections::BTreeMap<String, String>,
 }
 
 /// `[debug]`: switches for tests, off in every deployment.
@@ -527,7 +611,7 @@ impl Default for CostsConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { api_keys: Vec::new(), api_keys_env: "API_KEYS".into(), protect_probes: false }
+        AuthConfig { api_keys: Vec::new(), api_keys_env: "API_KEYS".into(), protect_probes: false, keys: Vec::new() }
     }
 }
 
@@ -563,6 +647,8 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             costs: CostsConfig::default(),
             auth: AuthConfig::default(),
+            cache: CacheConfig::default(),
+            fleet: FleetConfig::default(),
             debug: DebugConfig::default(),
             models: default_models(),
         }
@@ -718,6 +804,29 @@ impl Config {
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err(ConfigError("auth.api_keys: a key must not be empty".into()));
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            let at = format!("auth.keys[{i}] ({:?})", k.name);
+            if k.name.is_empty() || !names.insert(k.name.as_str()) {
+                return Err(ConfigError(format!("{at}: name must be non-empty and unique")));
+            }
+            match (&k.sha256, &k.key_env) {
+                (Some(h), None) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
+                (Some(_), None) => return Err(ConfigError(format!("{at}: sha256 must be 64 hex digits"))),
+                (None, Some(v)) if !v.is_empty() && !v.starts_with(ENV_PREFIX) => {}
+                (None, Some(_)) => return Err(ConfigError(format!("{at}: key_env must name a variable outside {ENV_PREFIX}*"))),
+                _ => return Err(ConfigError(format!("{at}: give exactly one of sha256 and key_env"))),
+            }
+            if k.requests_per_minute == Some(0) || k.tokens_per_minute == Some(0) {
+                return Err(ConfigError(format!("{at}: requests_per_minute and tokens_per_minute must be at least 1")));
+            }
+            if k.daily_budget_usd.is_some_and(|b| !b.is_finite() || b < 0.0) {
+                return Err(ConfigError(format!("{at}: daily_budget_usd must be a non-negative number")));
+            }
+            if let Some(m) = k.models.iter().find(|m| *m != "auto" && self.model(m).is_none()) {
+                return Err(ConfigError(format!("{at}: models names {m:?}, which this node does not serve")));
+            }
+        }
         if !self.sync.expected_manifest.is_empty() && (self.sync.interval_s == 0 || self.sync.timeout_s == 0) {
             return Err(ConfigError("sync: interval_s and timeout_s must be at least 1".into()));
         }
@@ -739,6 +848,23 @@ impl Config {
             if u.circuit_failures == 0 || u.first_byte_timeout_ms == 0 || u.timeout_s == 0 || u.connect_timeout_ms == 0 {
                 return Err(ConfigError("upstream: timeouts and circuit_failures must be at least 1".into()));
             }
+        }
+        let k = &self.cache;
+        if k.enabled && (k.max_entries == 0 || k.max_bytes < 1024 || k.ttl_s == 0) {
+            return Err(ConfigError("cache: max_entries and ttl_s must be at least 1, max_bytes at least 1024".into()));
+        }
+        if let Some(t) = k.semantic_threshold {
+            if !(t > 0.0 && t <= 1.0) {
+                return Err(ConfigError(format!("cache.semantic_threshold must be in (0, 1], got {t}")));
+            }
+            let embedder = if k.embedder.is_empty() { self.models.iter().find(|m| m.kind == ModelKind::Embed) } else { self.model(&k.embedder) };
+            match embedder {
+                Some(m) if m.kind == ModelKind::Embed => {}
+                _ => return Err(ConfigError(format!("cache.embedder: {:?} is not an embed model this node serves", k.embedder))),
+            }
+        }
+        if let Some((m, r)) = self.fleet.model_regions.iter().find(|(_, r)| r.is_empty() || !r.chars().all(|c| c.is_ascii_alphanumeric())) {
+            return Err(ConfigError(format!("fleet.model_regions.{m}: {r:?} is not a Fly region code")));
         }
         if self.telemetry.stats_window_s == 0 {
             return Err(ConfigError("telemetry: stats_window_s must be at least 1".into()));

@@ -70,6 +70,15 @@ pub enum Error {
     /// A spending budget forbids every tier that could answer.
     #[error("{0}")]
     BudgetExceeded(String),
+    /// An API key is over one of its `[[auth.keys]]` rate limits; other keys are unaffected.
+    #[error("key {key:?} is over its limit of {limit}; retry after {retry_after_s} s")]
+    RateLimited { key: String, limit: String, retry_after_s: u64 },
+    /// An API key spent its `daily_budget_usd` over the rolling day.
+    #[error("key {key:?} spent its daily budget of ${budget_usd} over the rolling day; retry after {retry_after_s} s")]
+    KeyBudgetExceeded { key: String, budget_usd: f64, retry_after_s: u64 },
+    /// An API key may not use this model (`[[auth.keys]] models`).
+    #[error("key {key:?} may not use model {model:?}; it may use: {allowed}")]
+    ModelNotAllowed { key: String, model: String, allowed: String },
     /// The model is not loaded and warm yet, or it failed to load.
     #[error("{message}")]
     NotReady { message: String, retry_after_s: u64 },
@@ -106,6 +115,7 @@ impl Error {
         match self {
             InvalidJson(_) | InvalidField { .. } | MissingField(_) | EmptyInput(_) => StatusCode::BAD_REQUEST,
             Unauthorized => StatusCode::UNAUTHORIZED,
+            ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             UnknownModel { .. } | UnknownRoute { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | TooManyInputs { .. } | InputTooManyChars { .. } | RequestTooManyTokens { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -114,7 +124,7 @@ impl Error {
             MaxTokensTooLarge { .. } | ContextExceeded { .. } => StatusCode::BAD_REQUEST,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             InputTooLong { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Overloaded { .. } | BudgetExceeded(_) => StatusCode::TOO_MANY_REQUESTS,
+            Overloaded { .. } | BudgetExceeded(_) | RateLimited { .. } | KeyBudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Upstream(_) => StatusCode::BAD_GATEWAY,
             NotReady { .. } | Draining | TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -144,7 +154,9 @@ impl Error {
             MethodNotAllowed { .. } => "method_not_allowed",
             Unauthorized => "invalid_api_key",
             Overloaded { .. } => "overloaded",
-            BudgetExceeded(_) => "budget_exceeded",
+            BudgetExceeded(_) | KeyBudgetExceeded { .. } => "budget_exceeded",
+            RateLimited { .. } => "rate_limited",
+            ModelNotAllowed { .. } => "model_not_allowed",
             NotReady { .. } => "not_ready",
             Draining => "draining",
             Timeout(_) => "timeout",
@@ -159,6 +171,7 @@ impl Error {
     fn kind(&self) -> &'static str {
         match self.status().as_u16() {
             401 => "authentication_error",
+            403 => "permission_error",
             429 => "rate_limit_error",
             400..=499 => "invalid_request_error",
             _ => "server_error",
@@ -176,7 +189,10 @@ impl Error {
 
     pub fn retry_after_s(&self) -> Option<u64> {
         match self {
-            Error::Overloaded { retry_after_s, .. } | Error::NotReady { retry_after_s, .. } => Some(*retry_after_s),
+            Error::Overloaded { retry_after_s, .. }
+            | Error::NotReady { retry_after_s, .. }
+            | Error::RateLimited { retry_after_s, .. }
+            | Error::KeyBudgetExceeded { retry_after_s, .. } => Some(*retry_after_s),
             Error::Draining => Some(5),
             Error::TooManyConnections(_) => Some(1),
             _ => None,
@@ -196,7 +212,7 @@ impl Error {
                 (StatusCode::UNPROCESSABLE_ENTITY, "Validation")
             }
             RequestTooManyTokens { .. } | MaxTokensTooLarge { .. } | ContextExceeded { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
-            Overloaded { .. } | BudgetExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
+            Overloaded { .. } | BudgetExceeded(_) | RateLimited { .. } | KeyBudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
             NotReady { .. } | Draining | TooManyConnections(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
             Internal(_) | Upstream(_) => (StatusCode::FAILED_DEPENDENCY, "Backend"),
             Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "Backend"),
@@ -206,6 +222,7 @@ impl Error {
             | UnknownModel { .. }
             | UnknownRoute { .. }
             | MethodNotAllowed { .. }
+            | ModelNotAllowed { .. }
             | Unauthorized => (self.status(), "Validation"),
         };
         (status, json!({"error": self.to_string(), "error_type": kind}))

@@ -5,15 +5,18 @@
 //! ready, and proves which model versions it serves. See `docs/architecture.md` for how
 //! the pieces fit; each module's doc says what it owns.
 
+pub mod accounts;
 pub mod auth;
 pub mod batching;
 pub mod boot;
+pub mod cache;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod cpu;
 pub mod encoder;
 pub mod error;
+pub mod fleet;
 pub mod generate;
 pub mod gpu;
 pub mod http;

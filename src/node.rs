@@ -4,9 +4,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::accounts::Accounts;
 use crate::auth::ApiKeys;
+use crate::cache::ResponseCache;
 use crate::config::Config;
 use crate::encoder::tokenize::TokenizerPool;
+use crate::fleet::Fleet;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
 use crate::models::sync::SyncReport;
@@ -32,6 +35,12 @@ pub struct Node {
     pub router: Router,
     /// The latency profile `/stats` reports.
     pub stats: Stats,
+    /// Spend by key and user, and the keys' limits.
+    pub accounts: Accounts,
+    /// Spill-over to other Machines of a Fly app (`[fleet]`).
+    pub fleet: Fleet,
+    /// The response cache, when `[cache] enabled`.
+    pub cache: Option<Arc<ResponseCache>>,
     /// The last model-sync check, when `[sync]` is on (published by `models::sync::run`).
     sync: watch::Receiver<Option<SyncReport>>,
 }
@@ -48,7 +57,9 @@ impl Node {
         let threads = crate::runtime::compute_threads(&config).clamp(1, 4);
         let stats = Stats::new(Duration::from_secs(config.telemetry.stats_window_s));
         let router = Router::new(&config).map_err(std::io::Error::other)?;
-        let keys = ApiKeys::from_config(&config.auth);
+        let keys = ApiKeys::from_config(&config.auth).map_err(std::io::Error::other)?;
+        let cache = ResponseCache::new(&config.cache).map(Arc::new);
+        let fleet = Fleet::new(&config.fleet, std::env::var("FLY_APP_NAME").ok().as_deref());
         Ok(Node {
             config,
             manifest,
@@ -62,6 +73,9 @@ impl Node {
             stats,
             router,
             keys,
+            accounts: Accounts::default(),
+            fleet,
+            cache,
         })
     }
 

@@ -105,6 +105,32 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+/// A finished generation's output as the response cache keeps it: replaying it
+/// (`Generation::replay`) yields the same pieces, so a cached answer streams or collects
+/// through the same code as a fresh one.
+#[derive(Debug, Clone)]
+pub struct Transcript {
+    /// Text pieces as they were released (stop sequences already cut), with their tokens'
+    /// log-probabilities when the request asked for them.
+    pub pieces: Vec<(String, Vec<TokenLogprob>)>,
+    pub completion_tokens: usize,
+    pub reason: FinishReason,
+    /// Seconds the model spent: what a replay saves.
+    pub compute_s: f64,
+}
+
+impl Transcript {
+    /// Bytes it holds, for the cache's memory bound.
+    pub fn bytes(&self) -> usize {
+        let logprob = |l: &TokenLogprob| 48 + l.bytes.len() + l.top.iter().map(|(_, b, _)| 40 + b.len()).sum::<usize>();
+        self.pieces.iter().map(|(t, l)| 56 + t.len() + l.iter().map(logprob).sum::<usize>()).sum::<usize>() + 64
+    }
+}
+
+/// Called once with the transcript when a generation finishes normally (not on an error,
+/// a timeout or a client that went away).
+pub type OnFinished = Box<dyn FnOnce(Transcript) + Send>;
+
 /// The generation service of one model.
 pub struct GenerateService {
     pub name: String,
@@ -275,6 +301,11 @@ impl GenerateService {
         Ok(sampler)
     }
 
+    /// No free sequence slot and the waiting queue full: a new request would get 429.
+    pub fn saturated(&self) -> bool {
+        self.slots.available_permits() == 0 && self.waiting() >= self.max_waiting
+    }
+
     /// Takes a sequence slot (waiting in the bounded queue if need be) and starts generating.
     pub async fn start(&self, prepared: Prepared, mut sampler: Sampler, stop: Vec<String>) -> Result<Generation, Error> {
         let started = Instant::now();
@@ -300,7 +331,10 @@ impl GenerateService {
             prefill_span: tracing::info_span!("prefill", model = %self.name, prompt_tokens),
             request_span: tracing::Span::current(),
             decode_span: tracing::Span::none(),
-            _permit: permit,
+            _permit: Some(permit),
+            replayed: false,
+            cache: None,
+            recorder: None,
         })
     }
 
@@ -367,12 +401,79 @@ pub struct Generation {
     prefill_span: tracing::Span,
     /// Open from the first token to the end.
     decode_span: tracing::Span,
-    _permit: OwnedSemaphorePermit,
+    /// The sequence slot (none for a replay, which runs no model).
+    _permit: Option<OwnedSemaphorePermit>,
+    /// A replay of a cached transcript: no model ran, so no model metrics are counted.
+    replayed: bool,
+    /// What the response cache said about this request (`hit`, `semantic-hit`, `miss`,
+    /// `bypass`), for the `x-edgenode-cache` header; `None` when the cache is off.
+    pub cache: Option<&'static str>,
+    /// Pieces released so far and who wants them once the generation finishes.
+    recorder: Option<(Vec<(String, Vec<TokenLogprob>)>, OnFinished)>,
 }
 
 impl Generation {
+    /// A generation that yields a cached transcript's pieces without running the model.
+    /// `prompt_tokens` is this request's (a semantic hit's prompt differs from the cached one).
+    pub fn replay(model: &str, prompt_tokens: usize, transcript: &Transcript, timeout: Duration) -> Generation {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let last = transcript.pieces.len();
+        for (i, (text, logprobs)) in transcript.pieces.iter().enumerate() {
+            // Only the final count is known; spread it so `completion_tokens()` grows.
+            let tokens = transcript.completion_tokens * (i + 1) / last.max(1);
+            let _ = tx.send(GenEvent::Text { text: text.clone(), tokens, logprobs: logprobs.clone() });
+        }
+        let _ = tx.send(GenEvent::Done { reason: transcript.reason, completion_tokens: transcript.completion_tokens });
+        let now = Instant::now();
+        Generation {
+            stream: TokenStream { events },
+            matcher: StopMatcher::new(&[]),
+            prompt_tokens,
+            completion_tokens: 0,
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout_s: timeout.as_secs(),
+            started: now,
+            admitted: now,
+            first_piece: None,
+            pending_done: None,
+            logprobs: Vec::new(),
+            finished: false,
+            model: model.to_string(),
+            request_span: tracing::Span::current(),
+            prefill_span: tracing::Span::none(),
+            decode_span: tracing::Span::none(),
+            _permit: None,
+            replayed: true,
+            cache: None,
+            recorder: None,
+        }
+    }
+
+    /// Hands the transcript to `on_finished` if this generation finishes normally.
+    pub fn record_into(&mut self, on_finished: OnFinished) {
+        self.recorder = Some((Vec::new(), on_finished));
+    }
+
     /// The next piece, or `None` after `Done` / `Error`.
     pub async fn next(&mut self) -> Option<Piece> {
+        let piece = self.next_piece().await;
+        match &piece {
+            Some(Piece::Text { text, logprobs }) => {
+                if let Some((pieces, _)) = &mut self.recorder {
+                    pieces.push((text.clone(), logprobs.clone()));
+                }
+            }
+            Some(Piece::Done(usage, reason)) => {
+                if let Some((pieces, on_finished)) = self.recorder.take() {
+                    on_finished(Transcript { pieces, completion_tokens: usage.completion_tokens, reason: *reason, compute_s: self.compute_s() });
+                }
+            }
+            Some(Piece::Error(_)) | None => self.recorder = None,
+        }
+        piece
+    }
+
+    async fn next_piece(&mut self) -> Option<Piece> {
         if let Some(reason) = self.pending_done.take() {
             self.finish();
             return Some(Piece::Done(self.usage(), reason));
@@ -450,6 +551,9 @@ impl Generation {
         if self.first_piece.is_none() {
             let now = Instant::now();
             self.first_piece = Some(now);
+            if self.replayed {
+                return;
+            }
             METRICS.ttft_seconds.with_label_values(&[self.model.as_str()]).observe(now.duration_since(self.started).as_secs_f64());
             self.prefill_span = tracing::Span::none();
             self.decode_span =
@@ -463,6 +567,9 @@ impl Generation {
         self.prefill_span = tracing::Span::none();
         self.decode_span.record("completion_tokens", self.completion_tokens as u64);
         self.decode_span = tracing::Span::none();
+        if self.replayed {
+            return;
+        }
         let m = &*METRICS;
         let model = self.model.as_str();
         m.tokens.with_label_values(&[model, "prompt"]).inc_by(self.prompt_tokens as u64);

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -17,9 +18,11 @@ use serde::{Deserialize, Serialize};
 
 use serde_json::{json, Value};
 
+use super::cached;
 use super::fields;
 use super::json::{from_value, JsonBody};
 use super::{inference_headers, AppState, Served};
+use crate::cache::Directive;
 use crate::config::{LimitsConfig, ModelKind};
 use crate::encoder::tokenize::{Text, Truncation};
 use crate::encoder::{Encoded, EncoderService};
@@ -145,7 +148,7 @@ async fn ready_encoder(node: &Node, slot: &ModelSlot) -> Result<Arc<EncoderServi
     Ok(slot.ready_service(node.ready_wait()).await?.encoder(slot.name())?.clone())
 }
 
-fn answer(body: impl Serialize, slot: &ModelSlot, encoded: &Encoded, workload: &'static str) -> Response {
+fn answer(body: impl Serialize, slot: &ModelSlot, encoded: &Encoded, workload: &'static str, cache: Option<&'static str>) -> Response {
     let mut response = Json(body).into_response();
     let input_tokens = encoded.tokens.iter().sum();
     record_tokens(&tracing::Span::current(), input_tokens, None);
@@ -157,6 +160,8 @@ fn answer(body: impl Serialize, slot: &ModelSlot, encoded: &Encoded, workload: &
         input_tokens,
         output_tokens: 0,
         streaming: false,
+        cache,
+        caller: crate::accounts::current(),
     };
     inference_headers(&mut response, &slot.label(), served);
     response
@@ -200,15 +205,15 @@ async fn prepare_embed(node: &AppState, req: EmbedRequest) -> Result<(&Arc<Model
 }
 
 /// `POST /embed`: one vector per input, in input order.
-pub async fn embed(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+pub async fn embed(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
     fields::check(&raw, fields::EMBED)?;
     let req: EmbedRequest = from_value(raw)?;
     let (normalize, requested_dims) = (req.normalize, req.dimensions);
     let (slot, encoder, texts, truncate) = prepare_embed(&node, req).await?;
     let dims = dimensions(requested_dims, &encoder)?;
-    let encoded = encoder.encode(texts, truncate, normalize).await?;
+    let (encoded, cache) = cached::encode(&node, slot, &encoder, texts, truncate, normalize, Directive::from_headers(&headers)).await?;
     let rows: Vec<Vec<f32>> = encoded.rows.iter().map(|r| shorten(r.clone(), dims, normalize)).collect();
-    Ok(answer(&rows, slot, &encoded, "embed"))
+    Ok(answer(&rows, slot, &encoded, "embed", cache))
 }
 
 /// `POST /embed_all`: every token's final hidden state per input, unpooled and not
@@ -222,7 +227,7 @@ pub async fn embed_all(State(node): State<AppState>, JsonBody(raw): JsonBody<Val
     let encoded = encoder.encode_tokens(texts, truncate).await?;
     let dims = encoder.dims;
     let rows: Vec<Vec<&[f32]>> = encoded.rows.iter().map(|r| r.chunks_exact(dims).collect()).collect();
-    Ok(answer(&rows, slot, &encoded, "embed"))
+    Ok(answer(&rows, slot, &encoded, "embed", None))
 }
 
 /// `POST /v1/embeddings` body (OpenAI).
@@ -255,7 +260,7 @@ pub enum EncodingFormat {
 }
 
 /// `POST /v1/embeddings`: OpenAI's shape, with `usage` token counts, base64 and `dimensions`.
-pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+pub async fn openai_embeddings(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
     fields::check(&raw, fields::EMBEDDINGS)?;
     super::generate::record_attribution(&raw)?;
     let req: OpenAiEmbeddingRequest = from_value(raw)?;
@@ -265,7 +270,8 @@ pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(raw): Json
     let encoder = ready_encoder(&node, slot).await?;
     let dims = dimensions(req.dimensions, &encoder)?;
     let texts = encoder.with_prompt(req.input.texts, req.prompt_name.as_deref())?;
-    let encoded = encoder.encode(texts, truncation(&node, req.truncate, None), true).await?;
+    let truncate = truncation(&node, req.truncate, None);
+    let (encoded, cache) = cached::encode(&node, slot, &encoder, texts, truncate, true, Directive::from_headers(&headers)).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
     let data: Vec<EmbeddingItem> = encoded
         .rows
@@ -285,7 +291,7 @@ pub async fn openai_embeddings(State(node): State<AppState>, JsonBody(raw): Json
         .collect();
     let tokens: usize = encoded.tokens.iter().sum();
     let body = EmbeddingList { object: "list", data, model: slot.name(), usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens } };
-    Ok(answer(&body, slot, &encoded, "embed"))
+    Ok(answer(&body, slot, &encoded, "embed", cache))
 }
 
 /// OpenAI's embeddings answer.
@@ -428,9 +434,9 @@ async fn classify_as(node: AppState, raw: Value, tei_pairs: bool) -> Result<Resp
         scored.into_iter().map(|row| row.into_iter().map(|(label, score)| LabelScore { label, score }).collect()).collect();
     if inputs.flat {
         // A single input answers with one flat list, as TEI does.
-        return Ok(answer(rows.pop().unwrap_or_default(), slot, &encoded, "classify"));
+        return Ok(answer(rows.pop().unwrap_or_default(), slot, &encoded, "classify", None));
     }
-    Ok(answer(&rows, slot, &encoded, "classify"))
+    Ok(answer(&rows, slot, &encoded, "classify", None))
 }
 
 /// `POST /rerank` body (TEI). The fields are `fields::RERANK`.
@@ -503,5 +509,5 @@ pub async fn rerank(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>
         .map(|(index, row)| Ranked { index, text: req.return_text.then(|| req.texts[index].clone()), score: row.first().map_or(f32::NAN, |r| r.1) })
         .collect();
     ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
-    Ok(answer(&ranked, slot, &encoded, "classify"))
+    Ok(answer(&ranked, slot, &encoded, "classify", None))
 }

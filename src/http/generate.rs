@@ -9,16 +9,19 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::cached::{start_generation, GenerationLookup};
 use super::fields;
 use super::json::{from_value, JsonBody};
 use super::sse::{stream_response, OnEnd, PieceFormat};
 use super::{inference_headers, record_request, AppState, Served};
+use crate::cache::Directive;
 use crate::config::ModelKind;
 use crate::error::Error;
 use crate::generate::constrain::Grammar;
@@ -394,15 +397,16 @@ async fn ready_generator(node: &Node, slot: &ModelSlot) -> Result<Arc<GenerateSe
     Ok(slot.ready_service(node.ready_wait()).await?.generator(slot.name())?.clone())
 }
 
-/// Prepares, admits and starts one generation.
+/// Prepares, admits and starts one generation (or replays it from the response cache).
 pub(crate) async fn begin(
     node: &Node,
     slot: &ModelSlot,
     prompt: PromptInput,
     sampling: &SamplingFields,
     style: LogprobStyle,
+    directive: Directive,
 ) -> Result<(Arc<GenerateService>, Generation), Error> {
-    begin_prepared(node, slot, prompt, sampling, style, None).await
+    begin_prepared(node, slot, prompt, sampling, style, None, directive).await
 }
 
 /// `begin`, reusing a prompt this model already prepared (the router's decision did).
@@ -413,6 +417,7 @@ pub(crate) async fn begin_prepared(
     sampling: &SamplingFields,
     style: LogprobStyle,
     prepared: Option<Prepared>,
+    directive: Directive,
 ) -> Result<(Arc<GenerateService>, Generation), Error> {
     let decoding = sampling.decoding(style)?;
     if sampling.choices()? > 1 {
@@ -424,10 +429,12 @@ pub(crate) async fn begin_prepared(
     let service = ready_generator(node, slot).await?;
     let prepared = match prepared {
         Some(p) => p,
-        None => service.prepare(prompt, sampling.max_tokens()?).await?,
+        None => service.prepare(prompt.clone(), sampling.max_tokens()?).await?,
     };
-    let sampler = service.sampler(decoding).await?;
-    let generation = service.start(prepared, sampler, sampling.stops()?).await?;
+    let stops = sampling.stops()?;
+    let seeded = sampling.seed.as_ref().is_some_and(|s| !s.is_null());
+    let lookup = GenerationLookup { slot, prompt: &prompt, decoding, stops, seeded, directive };
+    let generation = start_generation(node, &service, lookup, prepared).await?;
     Ok((service, generation))
 }
 
@@ -468,6 +475,8 @@ pub(crate) async fn collect(generation: Generation) -> Result<Collected, Error> 
 
 pub(crate) fn served(slot: &ModelSlot, generation: &Generation, streaming: bool) -> Served {
     Served {
+        cache: generation.cache,
+        caller: crate::accounts::current(),
         workload: "generate",
         model: slot.name().to_string(),
         queue_s: generation.queue_s(),
@@ -556,6 +565,9 @@ pub(crate) fn record_attribution(body: &Value) -> Result<(), Error> {
         }
     }
     let user = body.get("user").and_then(Value::as_str);
+    if let Some(u) = user {
+        crate::accounts::set_user(u);
+    }
     let safety = body.get("safety_identifier").and_then(Value::as_str);
     let metadata = body.get("metadata").filter(|m| !m.is_null()).map(|m| m.to_string());
     if user.is_some() || safety.is_some() || metadata.is_some() {
@@ -612,14 +624,14 @@ impl PieceFormat for NativeFormat {
 }
 
 /// `POST /generate`: `{"text", "finish_reason", "usage", "model"}`, or SSE with `stream`.
-pub async fn generate(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+pub async fn generate(State(node): State<AppState>, request_headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
     fields::check(&raw, fields::GENERATE)?;
     record_attribution(&raw)?;
     let req: GenerateRequest = from_value(raw)?;
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Generate)?;
     slot.record_on_span();
     let prompt = native_prompt(req.prompt, req.messages)?;
-    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat).await?;
+    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat, Directive::from_headers(&request_headers)).await?;
     let model = slot.name().to_string();
     let logprobs = req.sampling.logprobs(LogprobStyle::Chat)?.is_some();
     if req.stream {
@@ -646,10 +658,12 @@ pub(crate) fn stream_response_with_headers<F: PieceFormat>(
     also_on_end: Option<OnEnd>,
 ) -> Response {
     let mut head = served(slot, &generation, true);
-    let (node, slot_for_end, span) = (node.clone(), slot.clone(), tracing::Span::current());
+    let (node, slot_for_end, span, caller) = (node.clone(), slot.clone(), tracing::Span::current(), head.caller.clone());
     let on_end: OnEnd = Box::new(move |generation: &Generation, completed: bool| {
         record_tokens(&span, generation.prompt_tokens, Some(generation.completion_tokens()));
         let mut s = served(&slot_for_end, generation, false);
+        // The stream ends outside the request's task: its caller was taken at the start.
+        s.caller = caller;
         s.streaming = true;
         let status = if completed { 200 } else { 499 };
         record_request(&node, route, status, generation.started.elapsed().as_secs_f64(), Some(&s));
@@ -844,7 +858,7 @@ impl PieceFormat for ChatFormat {
 }
 
 /// A chat request answered by the local model it names (or the first generate model).
-pub(crate) async fn chat_local(node: AppState, req: ChatRequest) -> Result<Response, Error> {
+pub(crate) async fn chat_local(node: AppState, req: ChatRequest, directive: Directive) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
     slot.record_on_span();
     let service = ready_generator(&node, slot).await?;
@@ -853,7 +867,7 @@ pub(crate) async fn chat_local(node: AppState, req: ChatRequest) -> Result<Respo
     }
     let format = ChatFormat::new(slot.name(), &req)?;
     let prompt = PromptInput::Chat(to_chat(&req.messages)?);
-    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat).await?;
+    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat, directive).await?;
     if req.stream {
         let first = format.opening();
         return Ok(stream_response_with_headers(&node, "/v1/chat/completions", slot, generation, vec![first], format, None));
@@ -943,7 +957,7 @@ impl PieceFormat for CompletionFormat {
 const COMPLETIONS_DEFAULT_MAX_TOKENS: i64 = 16;
 
 /// `POST /v1/completions`.
-pub async fn completions(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+pub async fn completions(State(node): State<AppState>, request_headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
     fields::check(&raw, fields::COMPLETIONS)?;
     record_attribution(&raw)?;
     let mut req: CompletionRequest = from_value(raw)?;
@@ -955,7 +969,9 @@ pub async fn completions(State(node): State<AppState>, JsonBody(raw): JsonBody<V
     if req.sampling.max_tokens()?.is_none() {
         req.sampling.max_tokens = Some(json!(COMPLETIONS_DEFAULT_MAX_TOKENS));
     }
-    let (_, generation) = begin(&node, slot, PromptInput::Text(req.prompt.0), &req.sampling, LogprobStyle::Completions).await?;
+    let (_, generation) =
+        begin(&node, slot, PromptInput::Text(req.prompt.0), &req.sampling, LogprobStyle::Completions, Directive::from_headers(&request_headers))
+            .await?;
     let format = CompletionFormat {
         id: request_id("cmpl"),
         created: now_s(),

@@ -1,25 +1,32 @@
 //! The JSON body extractor every route uses, so that every way a body can be wrong — too
 //! large, not JSON, not UTF-8, a field of the wrong type — answers with our one error type,
-//! naming the field (`messages[0].role: unknown variant ...`).
+//! naming the field (`messages[0].role: unknown variant ...`). It is also where a key
+//! limited to some models (`[[auth.keys]] models`) meets the model a request names.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::AppState;
+use crate::accounts::Caller;
+use crate::config::ModelKind;
 use crate::error::Error;
 
 /// A JSON request body deserialized into `T`.
 pub struct JsonBody<T>(pub T);
 
-impl<S, T> FromRequest<S> for JsonBody<T>
+impl<T> FromRequest<AppState> for JsonBody<T>
 where
-    S: Send + Sync,
     T: DeserializeOwned,
 {
     type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, node: &AppState) -> Result<Self, Self::Rejection> {
         if let Some(ct) = req.headers().get(CONTENT_TYPE) {
             let ct = ct.to_str().unwrap_or("");
             let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
@@ -27,10 +34,34 @@ where
                 return Err(Error::UnsupportedMediaType(ct.to_string()));
             }
         }
-        let _ = state;
         let limit = req.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(usize::MAX);
+        let key = req.extensions().get::<Arc<Caller>>().and_then(|c| c.key.clone()).filter(|k| !k.models.is_empty());
+        let kind = route_kind(req.uri().path());
         let bytes = read_limited(req.into_body(), limit).await?;
+        if let Some(key) = key {
+            let body: Value = parse(&bytes)?;
+            let named = body.get("model").and_then(Value::as_str).filter(|m| !m.is_empty());
+            // No model named: the route's default model is the one it would use.
+            let model = match (named, kind) {
+                (Some(m), _) => Some(m.to_string()),
+                (None, Some(kind)) => node.registry.resolve(None, kind).ok().map(|s| s.name().to_string()),
+                (None, None) => None,
+            };
+            if let Some(model) = model {
+                key.allows(&model)?;
+            }
+        }
         parse(&bytes).map(JsonBody)
+    }
+}
+
+/// The kind of model a route uses when a request names none.
+fn route_kind(path: &str) -> Option<ModelKind> {
+    match path {
+        "/embed" | "/embed_all" | "/v1/embeddings" => Some(ModelKind::Embed),
+        "/classify" | "/predict" | "/rerank" => Some(ModelKind::Classify),
+        "/generate" | "/v1/chat/completions" | "/v1/completions" | "/route" => Some(ModelKind::Generate),
+        _ => None,
     }
 }
 

@@ -5,6 +5,7 @@
 //! `/generate` and the operations routes. Unknown routes, wrong methods and oversized
 //! bodies answer in the same JSON error shape as everything else.
 
+pub mod cached;
 pub mod embed;
 pub mod fields;
 #[cfg(test)]
@@ -28,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
+use crate::accounts::{Caller, CALLER};
 use crate::error::Error;
 use crate::node::Node;
 use crate::telemetry::metrics::METRICS;
@@ -153,10 +155,12 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
     let matched = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string());
     let (class, dialect) = matched.as_deref().and_then(|m| classes.get(m)).copied().unwrap_or((Class::Work, Dialect::OpenAi));
     let route = matched.unwrap_or_else(|| "unmatched".into());
+    let mut key = None;
     if node.keys.enabled() && (class != Class::Probe || node.config.auth.protect_probes) {
         let authorization = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        key = node.keys.identify(authorization);
         // A browser's CORS preflight carries no credentials; the CORS layer answers it.
-        if !node.keys.accepts(authorization) && req.method() != Method::OPTIONS {
+        if key.is_none() && req.method() != Method::OPTIONS {
             let response = in_dialect(dialect, Error::Unauthorized.into_response());
             record_request(&node, &route, response.status().as_u16(), 0.0, None);
             return response;
@@ -165,17 +169,31 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
     if class != Class::Work {
         return in_dialect(dialect, next.run(req).await);
     }
+    if let Some(refusal) = key.as_deref().and_then(|k| node.accounts.admit(k).err()) {
+        let response = in_dialect(dialect, refusal.into_response());
+        record_request(&node, &route, response.status().as_u16(), 0.0, None);
+        return response;
+    }
+    let replayable = node.fleet.may_replay(req.headers());
+    if let Some(response) = replayable.then(|| node.fleet.replay_before(&route, generators_saturated(&node))).flatten() {
+        record_request(&node, &route, response.status().as_u16(), 0.0, None);
+        return response;
+    }
+    let caller = Arc::new(Caller { key, user: Default::default() });
+    req.extensions_mut().insert(caller.clone());
     let span = request_span(req.method().as_str(), &route, req.headers());
     let started = std::time::Instant::now();
     let response = if node.is_draining() {
         Error::Draining.into_response()
     } else {
         let timeout = std::time::Duration::from_secs(node.config.limits.request_timeout_s);
-        match tokio::time::timeout(timeout, next.run(req).instrument(span.clone())).await {
+        let run = CALLER.scope(caller, next.run(req).instrument(span.clone()));
+        match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
             Err(_) => Error::Timeout(node.config.limits.request_timeout_s).into_response(),
         }
     };
+    let response = if replayable { node.fleet.replay_after(response) } else { response };
     let mut response = in_dialect(dialect, response);
     let total_s = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
@@ -190,6 +208,18 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
         response.headers_mut().insert("x-total-time", v);
     }
     response
+}
+
+/// One flag per ready generation model: is it saturated (slots and waiting queue full)?
+fn generators_saturated(node: &Node) -> Vec<bool> {
+    node.registry
+        .slots()
+        .iter()
+        .filter_map(|s| match s.current_service() {
+            Some(crate::service::Service::Generator(g)) => Some(g.saturated()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// An error answer re-rendered in the route's dialect (its headers kept).
@@ -218,6 +248,10 @@ pub struct Served {
     pub output_tokens: usize,
     /// A stream records itself when it ends.
     pub streaming: bool,
+    /// What the response cache did (`x-edgenode-cache`); `None` when it is off.
+    pub cache: Option<&'static str>,
+    /// Who asked: the request's tokens and cost are charged to its key and user.
+    pub caller: Option<Arc<Caller>>,
 }
 
 /// Counts one answered request in `/metrics` and, when a model answered, in `/stats`.
@@ -237,6 +271,10 @@ pub fn record_request(node: &Node, route: &str, status: u16, total_s: f64, serve
             output_tokens: s.output_tokens,
         };
         node.stats.record(s.workload, &s.model, sample);
+        let tokens = (s.input_tokens + s.output_tokens) as u64;
+        let cached = matches!(s.cache, Some("hit" | "semantic-hit"));
+        let cost = if cached { 0.0 } else { node.router.ledger.price(crate::routing::ledger::Tier::Edge, tokens) };
+        node.accounts.charge(s.caller.as_deref(), if cached { 0 } else { tokens }, cost, cached);
     }
 }
 
@@ -256,6 +294,9 @@ pub fn inference_headers(response: &mut Response, model_label: &str, served: Ser
     }
     if let Ok(v) = HeaderValue::from_str(&format!("queue;dur={q:.2}, inference;dur={c:.2}")) {
         h.insert("server-timing", v);
+    }
+    if let Some(outcome) = served.cache {
+        h.insert("x-edgenode-cache", HeaderValue::from_static(outcome));
     }
     response.extensions_mut().insert(served);
 }

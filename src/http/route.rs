@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, StreamExt};
@@ -25,6 +25,7 @@ use super::generate::{
 use super::json::{from_value, JsonBody};
 use super::sse::{OnEnd, PieceFormat};
 use super::AppState;
+use crate::cache::Directive;
 use crate::config::ModelKind;
 use crate::encoder::tokenize::{Text, Truncation};
 use crate::error::Error;
@@ -39,13 +40,14 @@ use crate::routing::Answered;
 pub const AUTO: &str = "auto";
 
 /// `POST /v1/chat/completions`.
-pub async fn chat(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+pub async fn chat(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    let directive = Directive::from_headers(&headers);
     fields::check(&raw, fields::CHAT)?;
     record_attribution(&raw)?;
     let req: ChatRequest = from_value(raw.clone())?;
     let model = req.model.clone().unwrap_or_default();
     if model == AUTO {
-        return routed(node, raw, req).await;
+        return routed(node, raw, req, directive).await;
     }
     let explicit_cloud = node.router.upstream.as_ref().is_some_and(|u| u.model == model) && node.registry.get(&model).is_none();
     if explicit_cloud {
@@ -57,7 +59,7 @@ pub async fn chat(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) 
         mark(&mut response, Tier::Cloud, "explicit");
         return Ok(response);
     }
-    chat_local(node, req).await
+    chat_local(node, req, directive).await
 }
 
 /// `POST /route`: the decision for a chat request, without running it.
@@ -82,14 +84,14 @@ pub async fn route(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>)
 }
 
 /// Decides, runs, and falls back.
-async fn routed(node: AppState, raw: Value, req: ChatRequest) -> Result<Response, Error> {
+async fn routed(node: AppState, raw: Value, req: ChatRequest, directive: Directive) -> Result<Response, Error> {
     req.sampling.decoding(LogprobStyle::Chat)?;
     let started = Instant::now();
     let stream = req.stream;
     let mut decision = decide(&node, &req).await?;
     let prepared = decision.prepared.take();
     let router = &node.router;
-    let edge = EdgeRequest { messages: decision.messages.take().unwrap_or_default(), stream, req };
+    let edge = EdgeRequest { messages: decision.messages.take().unwrap_or_default(), stream, req, directive };
     let (mut response, tier, reason) = match decision.tier {
         Tier::Edge => {
             let deadline = router.cloud_usable().then(|| Duration::from_millis(router.cfg.edge_timeout_ms));
@@ -282,6 +284,7 @@ struct EdgeRequest {
     messages: Vec<ChatMessage>,
     stream: bool,
     req: ChatRequest,
+    directive: Directive,
 }
 
 /// Runs the request on the local model. With `first_token_within`, gives up (cancelling
@@ -298,7 +301,7 @@ async fn run_edge(
     let router = &node.router;
     let slot = node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate)?.clone();
     let prompt = PromptInput::Chat(edge.messages.clone());
-    let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.req.sampling, LogprobStyle::Chat, prepared).await?;
+    let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.req.sampling, LogprobStyle::Chat, prepared, edge.directive).await?;
     let first = match first_token_within {
         Some(limit) => tokio::time::timeout(limit, generation.next()).await.map_err(|_| Error::FirstTokenTimeout { ms: limit.as_millis() })?,
         None => generation.next().await,
@@ -310,11 +313,13 @@ async fn run_edge(
     };
     let mut format = ChatFormat::new(slot.name(), &edge.req)?;
     let (split, model) = (decision.split, slot.name().to_string());
+    let cached = matches!(generation.cache, Some("hit" | "semantic-hit"));
     let answered = move |prompt_tokens: usize, completion_tokens: usize| Answered {
         tier: Tier::Edge,
         model,
         split,
         fallback,
+        cached,
         total_s: started.elapsed().as_secs_f64(),
         prompt_tokens: prompt_tokens as u64,
         completion_tokens: completion_tokens as u64,
@@ -347,20 +352,23 @@ async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant,
     }
     let model = upstream.model.clone();
     let base_url = upstream.base_url.clone();
+    let caller = crate::accounts::current();
     match upstream.chat(&body, stream).await? {
         Answer::Json { status, body } => {
             if (200..300).contains(&status) {
                 let usage = &body["usage"];
                 let (p, c) = (usage["prompt_tokens"].as_u64().unwrap_or(0), usage["completion_tokens"].as_u64().unwrap_or(0));
-                router.record(&Answered {
+                let cost = router.record(&Answered {
                     tier: Tier::Cloud,
                     model,
                     split,
                     fallback,
+                    cached: false,
                     total_s: started.elapsed().as_secs_f64(),
                     prompt_tokens: p,
                     completion_tokens: c,
                 });
+                node.accounts.charge(caller.as_deref(), p + c, cost, false);
             }
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut response = (code, Json(body)).into_response();
@@ -368,7 +376,8 @@ async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant,
             Ok(response)
         }
         Answer::Stream { first, rest } => {
-            let mut ledger = StreamLedger { node: node.clone(), model, split, fallback, started, sniffer: UsageSniffer::default(), open: true };
+            let mut ledger =
+                StreamLedger { node: node.clone(), model, split, fallback, started, sniffer: UsageSniffer::default(), open: true, caller };
             let chunks = stream::once(async move { Ok(first) }).chain(rest);
             let body = chunks.map(move |chunk| match chunk {
                 Ok(bytes) => {
@@ -399,6 +408,8 @@ struct StreamLedger {
     started: Instant,
     sniffer: UsageSniffer,
     open: bool,
+    /// Whom the stream's tokens are charged to (taken while the request was handled).
+    caller: Option<std::sync::Arc<crate::accounts::Caller>>,
 }
 
 impl StreamLedger {
@@ -412,15 +423,17 @@ impl StreamLedger {
     fn close(&mut self) {
         if std::mem::take(&mut self.open) {
             let (p, c) = (self.sniffer.prompt_tokens, self.sniffer.completion_tokens);
-            self.node.router.record(&Answered {
+            let cost = self.node.router.record(&Answered {
                 tier: Tier::Cloud,
                 model: self.model.clone(),
                 split: self.split,
                 fallback: self.fallback,
+                cached: false,
                 total_s: self.started.elapsed().as_secs_f64(),
                 prompt_tokens: p,
                 completion_tokens: c,
             });
+            self.node.accounts.charge(self.caller.as_deref(), p + c, cost, false);
         }
     }
 }

@@ -15,6 +15,9 @@ use crate::telemetry::metrics::METRICS;
 /// `GET /metrics`: every metric in Prometheus text format 0.0.4.
 pub async fn metrics(State(node): State<AppState>) -> Response {
     let m = &*METRICS;
+    if let Some(cache) = &node.cache {
+        cache.export_gauges();
+    }
     // Load gauges are read from the services when scraped, so they cannot drift.
     for slot in node.registry.slots() {
         let name = slot.name();
@@ -61,5 +64,7 @@ pub async fn stats(
         "uptime_s": node.started.elapsed().as_secs(),
         "workloads": workloads,
         "routing": node.router.stats(),
+        "accounts": node.accounts.stats(node.keys.policies()),
+        "cache": node.cache.as_ref().map_or(json!({"enabled": false}), |c| c.stats(node.config.costs.edge_usd_per_1m_tokens / 1e6)),
     })))
 }

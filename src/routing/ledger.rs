@@ -47,6 +47,8 @@ pub struct Totals {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost_usd: f64,
+    /// Requests answered from the response cache: counted, at no cost and no tokens.
+    pub cache_hits: u64,
 }
 
 impl Totals {
@@ -55,6 +57,19 @@ impl Totals {
         self.prompt_tokens += prompt;
         self.completion_tokens += completion;
         self.cost_usd += cost;
+    }
+
+    fn add_cached(&mut self) {
+        self.requests += 1;
+        self.cache_hits += 1;
+    }
+
+    fn merge(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.cost_usd += other.cost_usd;
+        self.cache_hits += other.cache_hits;
     }
 }
 
@@ -94,6 +109,21 @@ impl Ledger {
     /// What `tokens` cost on `tier`.
     pub fn price(&self, tier: Tier, tokens: u64) -> f64 {
         tokens as f64 * self.prices[tier.index()] / 1e6
+    }
+
+    /// Records one answer from the response cache: a request at no cost.
+    pub fn record_cached(&self, tier: Tier, model: &str) {
+        let now = minute_now();
+        let mut inner = self.inner.lock();
+        match inner.minutes.back_mut() {
+            Some((m, totals)) if *m == now => totals[tier.index()].add_cached(),
+            _ => {
+                let mut totals = [Totals::default(); 2];
+                totals[tier.index()].add_cached();
+                inner.minutes.push_back((now, totals));
+            }
+        }
+        inner.by_model.entry((tier, model.to_string())).or_default().add_cached();
     }
 
     /// Records one answered request; returns its cost.
@@ -138,10 +168,7 @@ impl Ledger {
         for (m, t) in minutes {
             if now.saturating_sub(*m) < DAY_MINUTES {
                 for i in 0..2 {
-                    day[i].requests += t[i].requests;
-                    day[i].prompt_tokens += t[i].prompt_tokens;
-                    day[i].completion_tokens += t[i].completion_tokens;
-                    day[i].cost_usd += t[i].cost_usd;
+                    day[i].merge(&t[i]);
                 }
             }
         }

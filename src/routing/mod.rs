@@ -38,6 +38,8 @@ pub struct Answered {
     pub model: String,
     pub split: bool,
     pub fallback: bool,
+    /// Answered from the response cache: no model ran, nothing was spent.
+    pub cached: bool,
     pub total_s: f64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -112,9 +114,14 @@ impl Router {
         *self.decisions.lock().entry((tier, key)).or_default() += 1;
     }
 
-    /// Records one answered routed request in the ledger and `/stats`.
-    pub fn record(&self, a: &Answered) {
-        let cost_usd = self.ledger.record(a.tier, &a.model, a.prompt_tokens, a.completion_tokens);
+    /// Records one answered routed request in the ledger and `/stats`; returns its cost.
+    pub fn record(&self, a: &Answered) -> f64 {
+        let cost_usd = if a.cached {
+            self.ledger.record_cached(a.tier, &a.model);
+            0.0
+        } else {
+            self.ledger.record(a.tier, &a.model, a.prompt_tokens, a.completion_tokens)
+        };
         let mut samples = self.samples.lock();
         samples.push_back(RouteSample {
             at: Instant::now(),
@@ -129,6 +136,7 @@ impl Router {
         while samples.len() > MAX_SAMPLES || samples.front().is_some_and(|s| s.at.elapsed() > WINDOW) {
             samples.pop_front();
         }
+        cost_usd
     }
 
     /// The routing section of `/stats`.

@@ -52,6 +52,25 @@ pub struct Metrics {
     pub resident_bytes: Gauge,
     /// Per-model labelled gauges that are not request-driven.
     pub model_info: GaugeVec,
+    /// Response-cache lookups, by kind (`generate`, `embed`) and result (`hit`,
+    /// `semantic_hit`, `miss`, `bypass`).
+    pub cache_requests: IntCounterVec,
+    /// Model seconds the response cache's hits saved, by kind.
+    pub cache_saved_seconds: prometheus::CounterVec,
+    /// Entries the response cache dropped, by cause (`size`, `expired`).
+    pub cache_evictions: IntCounterVec,
+    /// Entries in the response cache.
+    pub cache_entries: prometheus::IntGauge,
+    /// Bytes the response cache's entries weigh.
+    pub cache_bytes: prometheus::IntGauge,
+    /// Requests an API key was refused, by key name and the limit it hit.
+    pub key_refusals: IntCounterVec,
+    /// Tokens charged to each named API key.
+    pub key_tokens: IntCounterVec,
+    /// Spend charged to each named API key, in US dollars.
+    pub key_cost_usd: prometheus::CounterVec,
+    /// Requests handed to another Machine with `fly-replay`, by reason.
+    pub fleet_replays: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -97,6 +116,23 @@ impl Metrics {
         )
         .expect("valid gauge definition");
         r.register(Box::new(model_info.clone())).expect("metric names are unique");
+        let cache_saved_seconds = prometheus::CounterVec::new(
+            Opts::new("edgenode_cache_saved_seconds_total", "Model seconds the response cache's hits saved, by kind."),
+            &["kind"],
+        )
+        .expect("valid counter definition");
+        r.register(Box::new(cache_saved_seconds.clone())).expect("metric names are unique");
+        let int_gauge = |name: &str, help: &str| {
+            let g = prometheus::IntGauge::new(name, help).expect("valid gauge definition");
+            r.register(Box::new(g.clone())).expect("metric names are unique");
+            g
+        };
+        let key_cost_usd =
+            prometheus::CounterVec::new(Opts::new("edgenode_key_cost_usd_total", "Spend charged to each API key, in US dollars."), &["key"])
+                .expect("valid counter definition");
+        r.register(Box::new(key_cost_usd.clone())).expect("metric names are unique");
+        let cache_entries = int_gauge("edgenode_cache_entries", "Entries in the response cache.");
+        let cache_bytes = int_gauge("edgenode_cache_bytes", "Bytes the response cache's entries weigh.");
         Metrics {
             requests: counter(&r, "edgenode_requests_total", "Requests answered, by route, model and HTTP status.", &["route", "model", "status"]),
             request_seconds: histogram(
@@ -157,6 +193,35 @@ impl Metrics {
             upstream_circuit_open: gauge(&r, "edgenode_upstream_circuit_open", "1 while the upstream's circuit breaker is open."),
             resident_bytes: gauge(&r, "edgenode_process_resident_memory_bytes", "Resident memory of this process."),
             model_info,
+            cache_requests: counter(
+                &r,
+                "edgenode_cache_requests_total",
+                "Response-cache lookups by kind (generate, embed) and result (hit, semantic_hit, miss, bypass).",
+                &["kind", "result"],
+            ),
+            cache_saved_seconds,
+            cache_evictions: counter(
+                &r,
+                "edgenode_cache_evictions_total",
+                "Entries the response cache dropped, by cause (size, expired).",
+                &["cause"],
+            ),
+            cache_entries,
+            cache_bytes,
+            key_refusals: counter(
+                &r,
+                "edgenode_key_refusals_total",
+                "Requests an API key was refused, by key and the limit it hit.",
+                &["key", "limit"],
+            ),
+            key_tokens: counter(&r, "edgenode_key_tokens_total", "Tokens charged to each API key.", &["key"]),
+            key_cost_usd,
+            fleet_replays: counter(
+                &r,
+                "edgenode_fleet_replays_total",
+                "Requests handed to another Machine with fly-replay, by reason (overloaded, model_not_served).",
+                &["reason"],
+            ),
             registry: r,
         }
     }
