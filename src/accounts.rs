@@ -174,10 +174,12 @@ impl Accounts {
                 limit: format!("tokens_per_minute = {}", key.tokens_per_minute.unwrap_or(0)),
                 retry_after_s: retry_minute,
             })
-        } else if let Some(budget) = key.daily_budget_usd.filter(|b| usage.day_cost(now) >= *b) {
-            Some(Error::KeyBudgetExceeded { key: key.name.clone(), budget_usd: budget, retry_after_s: usage.day_retry_s(now) })
         } else {
-            None
+            key.daily_budget_usd.filter(|b| usage.day_cost(now) >= *b).map(|budget| Error::KeyBudgetExceeded {
+                key: key.name.clone(),
+                budget_usd: budget,
+                retry_after_s: usage.day_retry_s(now),
+            })
         };
         if let Some(e) = refusal {
             usage.refused += 1;

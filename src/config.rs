@@ -327,6 +327,16 @@ pub struct RoutingConfig {
     pub split_edge_share: f64,
     /// split mode: the seed of the draw, so a run can be repeated.
     pub split_seed: u64,
+    /// Share (0..1) of edge-answered `auto` requests also sent to the cloud in the background,
+    /// after the client has its answer, to score the edge answer against the cloud's (cosine
+    /// of their embeddings). Drawn from a generator seeded with `split_seed`; shadow calls
+    /// are cloud spend, counted in the ledger and stopped by the cloud budget.
+    pub shadow_rate: f64,
+    /// Seconds an answer's id is kept for `POST /v1/feedback`.
+    pub feedback_window_s: u64,
+    /// The largest gap between the cloud's and the edge's mean quality at which the viability
+    /// verdict still calls the edge justified.
+    pub max_quality_gap: f64,
 }
 
 /// `[costs]`: prices, the rolling-day ledger and budgets.
@@ -591,6 +601,9 @@ impl Default for RoutingConfig {
             max_edge_messages: 16,
             split_edge_share: 0.5,
             split_seed: 0,
+            shadow_rate: 0.0,
+            feedback_window_s: 3600,
+            max_quality_gap: 0.1,
         }
     }
 }
@@ -831,8 +844,11 @@ impl Config {
             return Err(ConfigError("sync: interval_s and timeout_s must be at least 1".into()));
         }
         let r = &self.routing;
-        if !(0.0..=1.0).contains(&r.threshold) || !(0.0..=1.0).contains(&r.split_edge_share) {
-            return Err(ConfigError("routing: threshold and split_edge_share must be between 0 and 1".into()));
+        if [r.threshold as f64, r.split_edge_share, r.shadow_rate, r.max_quality_gap].iter().any(|v| !(0.0..=1.0).contains(v)) {
+            return Err(ConfigError("routing: threshold, split_edge_share, shadow_rate and max_quality_gap must be between 0 and 1".into()));
+        }
+        if r.feedback_window_s == 0 {
+            return Err(ConfigError("routing: feedback_window_s must be at least 1".into()));
         }
         let c = &self.costs;
         let prices = [c.edge_usd_per_1m_tokens, c.cloud_usd_per_1m_tokens, c.latency_usd_per_hour, c.assumed_cloud_latency_ms];

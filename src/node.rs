@@ -58,6 +58,9 @@ impl Node {
         let stats = Stats::new(Duration::from_secs(config.telemetry.stats_window_s));
         let router = Router::new(&config).map_err(std::io::Error::other)?;
         let keys = ApiKeys::from_config(&config.auth).map_err(std::io::Error::other)?;
+        for key in keys.policies() {
+            crate::telemetry::metrics::METRICS.initialize_key(&key.name);
+        }
         let cache = ResponseCache::new(&config.cache).map(Arc::new);
         let fleet = Fleet::new(&config.fleet, std::env::var("FLY_APP_NAME").ok().as_deref());
         Ok(Node {

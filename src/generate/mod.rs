@@ -105,6 +105,9 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
+/// A released piece of text with its tokens' log-probabilities (when asked for).
+pub type TextPiece = (String, Vec<TokenLogprob>);
+
 /// A finished generation's output as the response cache keeps it: replaying it
 /// (`Generation::replay`) yields the same pieces, so a cached answer streams or collects
 /// through the same code as a fresh one.
@@ -112,7 +115,7 @@ pub struct Usage {
 pub struct Transcript {
     /// Text pieces as they were released (stop sequences already cut), with their tokens'
     /// log-probabilities when the request asked for them.
-    pub pieces: Vec<(String, Vec<TokenLogprob>)>,
+    pub pieces: Vec<TextPiece>,
     pub completion_tokens: usize,
     pub reason: FinishReason,
     /// Seconds the model spent: what a replay saves.
@@ -120,6 +123,11 @@ pub struct Transcript {
 }
 
 impl Transcript {
+    /// The whole text.
+    pub fn text(&self) -> String {
+        self.pieces.iter().map(|(t, _)| t.as_str()).collect()
+    }
+
     /// Bytes it holds, for the cache's memory bound.
     pub fn bytes(&self) -> usize {
         let logprob = |l: &TokenLogprob| 48 + l.bytes.len() + l.top.iter().map(|(_, b, _)| 40 + b.len()).sum::<usize>();
@@ -409,7 +417,7 @@ pub struct Generation {
     /// `bypass`), for the `x-edgenode-cache` header; `None` when the cache is off.
     pub cache: Option<&'static str>,
     /// Pieces released so far and who wants them once the generation finishes.
-    recorder: Option<(Vec<(String, Vec<TokenLogprob>)>, OnFinished)>,
+    recorder: Option<(Vec<TextPiece>, Vec<OnFinished>)>,
 }
 
 impl Generation {
@@ -449,9 +457,10 @@ impl Generation {
         }
     }
 
-    /// Hands the transcript to `on_finished` if this generation finishes normally.
+    /// Hands the transcript to `on_finished` if this generation finishes normally (each
+    /// caller gets its own copy).
     pub fn record_into(&mut self, on_finished: OnFinished) {
-        self.recorder = Some((Vec::new(), on_finished));
+        self.recorder.get_or_insert_with(|| (Vec::new(), Vec::new())).1.push(on_finished);
     }
 
     /// The next piece, or `None` after `Done` / `Error`.
@@ -464,8 +473,11 @@ impl Generation {
                 }
             }
             Some(Piece::Done(usage, reason)) => {
-                if let Some((pieces, on_finished)) = self.recorder.take() {
-                    on_finished(Transcript { pieces, completion_tokens: usage.completion_tokens, reason: *reason, compute_s: self.compute_s() });
+                if let Some((pieces, callbacks)) = self.recorder.take() {
+                    let transcript = Transcript { pieces, completion_tokens: usage.completion_tokens, reason: *reason, compute_s: self.compute_s() };
+                    for on_finished in callbacks {
+                        on_finished(transcript.clone());
+                    }
                 }
             }
             Some(Piece::Error(_)) | None => self.recorder = None,

@@ -140,19 +140,21 @@ async fn semantic_probe(node: &Node, cache: &ResponseCache, lookup: &GenerationL
     cache.semantic_threshold()?;
     let (bucket, text) = lookup.bucket(prepared)?;
     let name = Some(cache.embedder()).filter(|n| !n.is_empty());
-    let embedded = async {
-        let slot = node.registry.resolve(name, ModelKind::Embed)?;
-        let encoder = slot.ready_service(node.ready_wait()).await?.encoder(slot.name())?.clone();
-        let mut encoded = encoder.encode(vec![text.to_string()], Truncation::Right, true).await?;
-        Ok::<_, Error>(encoded.rows.swap_remove(0))
-    };
-    match embedded.await {
-        Ok(v) => Some((bucket, v)),
+    match embed_normalized(node, name, vec![text.to_string()]).await {
+        Ok(mut v) => Some((bucket, v.swap_remove(0))),
         Err(e) => {
             tracing::warn!("the semantic cache cannot embed the last user message: {e}");
             None
         }
     }
+}
+
+/// Normalized pooled vectors of `texts` from an embed model (`name`, or the node's first),
+/// cut at the model's limit: what semantic matching and shadow scoring compare.
+pub(crate) async fn embed_normalized(node: &Node, name: Option<&str>, texts: Vec<String>) -> Result<Vec<Vec<f32>>, Error> {
+    let slot = node.registry.resolve(name, ModelKind::Embed)?;
+    let encoder = slot.ready_service(node.ready_wait()).await?.encoder(slot.name())?.clone();
+    Ok(encoder.encode(texts, Truncation::Right, true).await?.rows)
 }
 
 /// Encodes texts to pooled vectors, answering each input the cache holds from it. The

@@ -123,6 +123,9 @@ pub const EMBEDDINGS: &[Field] = &[
     honoured("prompt_name"),
 ];
 
+/// `POST /v1/feedback`.
+pub const FEEDBACK: &[Field] = &[honoured("id"), honoured("score"), honoured("comment")];
+
 /// `POST /embed` (TEI).
 pub const EMBED: &[Field] = &[
     honoured("inputs"),

@@ -866,6 +866,7 @@ pub(crate) async fn chat_local(node: AppState, req: ChatRequest, directive: Dire
         return Err(e);
     }
     let format = ChatFormat::new(slot.name(), &req)?;
+    node.router.quality.remember(&format.id, crate::routing::ledger::Tier::Edge, false);
     let prompt = PromptInput::Chat(to_chat(&req.messages)?);
     let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat, directive).await?;
     if req.stream {

@@ -85,6 +85,7 @@ fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppSta
         ("/generate", Class::Work, OpenAi, post(generate::generate)),
         ("/v1/chat/completions", Class::Work, OpenAi, post(route::chat)),
         ("/route", Class::Work, OpenAi, post(route::route)),
+        ("/v1/feedback", Class::Work, OpenAi, post(route::feedback)),
         ("/v1/completions", Class::Work, OpenAi, post(generate::completions)),
     ];
     if node.config.debug.fault_injection {

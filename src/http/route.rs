@@ -18,6 +18,7 @@ use axum::Json;
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
+use super::cached::embed_normalized;
 use super::fields;
 use super::generate::{
     begin_prepared, chat_local, collect_after, record_attribution, stream_response_with_headers, to_chat, ChatFormat, ChatRequest, LogprobStyle,
@@ -33,8 +34,10 @@ use crate::generate::template::ChatMessage;
 use crate::generate::{Generation, Piece, PromptInput};
 use crate::routing::ledger::Tier;
 use crate::routing::policy::{self, Confidence, EdgeFit, Features, Verdict};
+use crate::routing::quality::FeedbackRefusal;
 use crate::routing::upstream::{Answer, UpstreamError, UsageSniffer};
 use crate::routing::Answered;
+use crate::telemetry::metrics::METRICS;
 
 /// The model name that asks the router to choose.
 pub const AUTO: &str = "auto";
@@ -95,7 +98,8 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest, directive: Directi
     let (mut response, tier, reason) = match decision.tier {
         Tier::Edge => {
             let deadline = router.cloud_usable().then(|| Duration::from_millis(router.cfg.edge_timeout_ms));
-            match run_edge(&node, &edge, prepared, deadline, &decision, false, started).await {
+            let shadow = router.draw_shadow().then(|| raw.clone());
+            match run_edge(&node, &edge, prepared, deadline, &decision, false, started, shadow).await {
                 Ok(r) => (r, Tier::Edge, decision.reason.clone()),
                 Err(e) if fallback_worthy(&e) && router.cloud_usable() => {
                     let why = format!("fallback_from_edge: {}; routed edge: {}", e.code(), decision.reason);
@@ -113,7 +117,7 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest, directive: Directi
             Err(e) if decision.fits_edge && !router.ledger.over_budget(Tier::Edge) => {
                 let why = format!("fallback_from_cloud: {}; routed cloud: {}", e.code(), decision.reason);
                 tracing::warn!(reason = %why, "cloud failed; answering at the edge: {e}");
-                match run_edge(&node, &edge, prepared, None, &decision, true, started).await {
+                match run_edge(&node, &edge, prepared, None, &decision, true, started, None).await {
                     Ok(r) => (r, Tier::Edge, why),
                     Err(local) => return Err(both_failed(&local, &e)),
                 }
@@ -288,7 +292,10 @@ struct EdgeRequest {
 }
 
 /// Runs the request on the local model. With `first_token_within`, gives up (cancelling
-/// the sequence) when no token arrives in time, so the caller can try the cloud.
+/// the sequence) when no token arrives in time, so the caller can try the cloud. With
+/// `shadow` (the request as the client sent it), the finished answer is also scored against
+/// the cloud's, in the background.
+#[allow(clippy::too_many_arguments)]
 async fn run_edge(
     node: &AppState,
     edge: &EdgeRequest,
@@ -297,11 +304,19 @@ async fn run_edge(
     decision: &Decision,
     fallback: bool,
     started: Instant,
+    shadow: Option<Value>,
 ) -> Result<Response, Error> {
     let router = &node.router;
     let slot = node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate)?.clone();
     let prompt = PromptInput::Chat(edge.messages.clone());
     let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.req.sampling, LogprobStyle::Chat, prepared, edge.directive).await?;
+    // Attached before the first piece is taken, so the transcript is the whole answer.
+    if let Some(request) = shadow.filter(|_| !matches!(generation.cache, Some("hit" | "semantic-hit"))) {
+        let (node, split) = (node.clone(), decision.split);
+        generation.record_into(Box::new(move |transcript| {
+            tokio::spawn(shadow_compare(node, request, transcript.text(), split));
+        }));
+    }
     let first = match first_token_within {
         Some(limit) => tokio::time::timeout(limit, generation.next()).await.map_err(|_| Error::FirstTokenTimeout { ms: limit.as_millis() })?,
         None => generation.next().await,
@@ -313,6 +328,7 @@ async fn run_edge(
     };
     let mut format = ChatFormat::new(slot.name(), &edge.req)?;
     let (split, model) = (decision.split, slot.name().to_string());
+    router.quality.remember(&format.id, Tier::Edge, split);
     let cached = matches!(generation.cache, Some("hit" | "semantic-hit"));
     let answered = move |prompt_tokens: usize, completion_tokens: usize| Answered {
         tier: Tier::Edge,
@@ -358,6 +374,7 @@ async fn run_cloud(node: &AppState, raw: &Value, stream: bool, started: Instant,
             if (200..300).contains(&status) {
                 let usage = &body["usage"];
                 let (p, c) = (usage["prompt_tokens"].as_u64().unwrap_or(0), usage["completion_tokens"].as_u64().unwrap_or(0));
+                router.quality.remember(body["id"].as_str().unwrap_or(""), Tier::Cloud, split);
                 let cost = router.record(&Answered {
                     tier: Tier::Cloud,
                     model,
@@ -423,6 +440,9 @@ impl StreamLedger {
     fn close(&mut self) {
         if std::mem::take(&mut self.open) {
             let (p, c) = (self.sniffer.prompt_tokens, self.sniffer.completion_tokens);
+            if let Some(id) = &self.sniffer.id {
+                self.node.router.quality.remember(id, Tier::Cloud, self.split);
+            }
             let cost = self.node.router.record(&Answered {
                 tier: Tier::Cloud,
                 model: self.model.clone(),
@@ -448,4 +468,80 @@ fn upstream_header(response: &mut Response, base_url: &str) {
     if let Ok(v) = HeaderValue::from_str(base_url) {
         response.headers_mut().insert("x-edgenode-upstream", v);
     }
+}
+
+/// Sends an edge-answered request to the cloud as well and scores the edge's answer by the
+/// cosine of the two answers' embeddings. Runs after the client has its answer; the cloud's
+/// tokens are spend like any other (the ledger counts them, its budget stops them).
+async fn shadow_compare(node: AppState, mut request: Value, edge_text: String, split: bool) {
+    let router = &node.router;
+    let Some(upstream) = router.upstream.as_ref().filter(|_| router.cloud_usable()) else {
+        METRICS.shadow_requests.with_label_values(&["skipped"]).inc();
+        return;
+    };
+    request["model"] = json!(upstream.model);
+    request["stream"] = json!(false);
+    if let Some(o) = request.as_object_mut() {
+        o.remove("stream_options");
+    }
+    let outcome = async {
+        let body = match upstream.chat(&request, false).await? {
+            Answer::Json { status, body } if (200..300).contains(&status) => body,
+            Answer::Json { status, .. } => return Err(Error::Upstream(format!("the cloud answered {status}"))),
+            Answer::Stream { .. } => return Err(Error::Upstream("the cloud streamed a non-streamed request".into())),
+        };
+        let usage = &body["usage"];
+        router.ledger.record(
+            Tier::Cloud,
+            &upstream.model,
+            usage["prompt_tokens"].as_u64().unwrap_or(0),
+            usage["completion_tokens"].as_u64().unwrap_or(0),
+        );
+        let cloud_text = body["choices"][0]["message"]["content"].as_str().unwrap_or("").to_string();
+        let vectors = embed_normalized(&node, None, vec![edge_text, cloud_text]).await?;
+        let cosine: f32 = vectors[0].iter().zip(&vectors[1]).map(|(a, b)| a * b).sum();
+        Ok::<f64, Error>(cosine.clamp(0.0, 1.0) as f64)
+    };
+    match outcome.await {
+        Ok(score) => {
+            METRICS.shadow_requests.with_label_values(&["scored"]).inc();
+            router.quality.shadow(split, score);
+        }
+        Err(e) => {
+            METRICS.shadow_requests.with_label_values(&["failed"]).inc();
+            tracing::warn!("shadow comparison failed: {e}");
+        }
+    }
+}
+
+/// `POST /v1/feedback {"id", "score", "comment"?}`: a client's score (0..1) for an answer it
+/// got within `routing.feedback_window_s`, counted for the tier that answered it.
+pub async fn feedback(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Json<Value>, Error> {
+    fields::check(&raw, fields::FEEDBACK)?;
+    let id = match raw.get("id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err(Error::EmptyInput("id".into())),
+        Some(other) => return Err(Error::field("id", format!("must be a response id string, got {other}"))),
+        None => return Err(Error::MissingField("id".into())),
+    };
+    let score = match raw.get("score") {
+        Some(Value::Number(n)) => {
+            n.as_f64().filter(|s| (0.0..=1.0).contains(s)).ok_or_else(|| Error::field("score", format!("must be between 0 and 1, got {n}")))?
+        }
+        Some(other) => return Err(Error::field("score", format!("must be a number between 0 and 1, got {other}"))),
+        None => return Err(Error::MissingField("score".into())),
+    };
+    let comment = match raw.get("comment") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(c)) if c.chars().count() <= 4096 => Some(c.as_str()),
+        Some(Value::String(_)) => return Err(Error::field("comment", "at most 4096 characters")),
+        Some(other) => return Err(Error::field("comment", format!("must be a string, got {other}"))),
+    };
+    let window = node.router.cfg.feedback_window_s;
+    let tier = node.router.quality.feedback(&id, score).map_err(|refusal| match refusal {
+        FeedbackRefusal::Unknown => Error::field("id", format!("no answer {id:?} within the last {window} s (routing.feedback_window_s)")),
+        FeedbackRefusal::AlreadyScored => Error::field("id", format!("answer {id:?} was scored already; the first score counts")),
+    })?;
+    tracing::info!(id = %id, tier = tier.as_str(), score, comment, "feedback");
+    Ok(Json(json!({"id": id, "tier": tier, "score": score, "recorded": true})))
 }

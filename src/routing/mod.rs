@@ -13,6 +13,7 @@
 pub mod breaker;
 pub mod ledger;
 pub mod policy;
+pub mod quality;
 pub mod upstream;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -28,6 +29,7 @@ use crate::telemetry::metrics::METRICS;
 use crate::telemetry::stats::percentile;
 use ledger::{Ledger, Tier};
 use policy::{Confidence, EdgeFit, Features, Inputs};
+use quality::Quality;
 use upstream::Upstream;
 
 /// One answered routed request, as the ledger and `/stats` count it.
@@ -69,6 +71,11 @@ pub struct Router {
     pub upstream: Option<Upstream>,
     pub ledger: Ledger,
     rng: Mutex<StdRng>,
+    /// Draws which edge answers are shadowed (its own stream, so shadowing does not change
+    /// the split's draws).
+    shadow_rng: Mutex<StdRng>,
+    /// Quality scores per tier, from feedback and shadow comparisons.
+    pub quality: Quality,
     samples: Mutex<VecDeque<RouteSample>>,
     decisions: Mutex<BTreeMap<(Tier, String), u64>>,
 }
@@ -81,6 +88,8 @@ impl Router {
             upstream: Upstream::new(&config.upstream)?,
             ledger: Ledger::new(&config.costs),
             rng: Mutex::new(StdRng::seed_from_u64(config.routing.split_seed)),
+            shadow_rng: Mutex::new(StdRng::seed_from_u64(config.routing.split_seed ^ 0x5348_4144_4f57)),
+            quality: Quality::new(Duration::from_secs(config.routing.feedback_window_s)),
             samples: Mutex::new(VecDeque::new()),
             decisions: Mutex::new(BTreeMap::new()),
         })
@@ -105,6 +114,13 @@ impl Router {
             cloud_over_budget: self.ledger.over_budget(Tier::Cloud),
             split_draw_edge,
         }
+    }
+
+    /// Whether this edge answer is also sent to the cloud for scoring (`shadow_rate`); never
+    /// when the cloud cannot take it (no upstream, open circuit, over budget).
+    pub fn draw_shadow(&self) -> bool {
+        let usable = self.cloud_usable() && self.upstream.as_ref().is_some_and(|u| u.breaker.accepting());
+        self.cfg.shadow_rate > 0.0 && usable && self.shadow_rng.lock().random_bool(self.cfg.shadow_rate)
     }
 
     /// Counts a decision as finally taken (after any fallback).
@@ -165,6 +181,7 @@ impl Router {
             json!({"base_url": u.base_url, "model": u.model, "circuit": circuit, "consecutive_failures": failures, "times_opened": opens})
         });
         let mut out = json!({
+            "quality": self.quality.stats(self.cfg.mode == RoutingMode::Split),
             "mode": self.cfg.mode,
             "threshold": (self.cfg.threshold as f64 * 1000.0).round() / 1000.0,
             "decisions": decisions,
@@ -176,12 +193,20 @@ impl Router {
             "viability": self.viability(&samples),
             "upstream": upstream,
         });
+        // The article's A/B table, live: latency, cost and quality side by side per tier.
+        let quality = self.quality.stats(self.cfg.mode == RoutingMode::Split);
+        for tier in ["edge", "cloud"] {
+            out["tiers"][tier]["quality"] = quality[tier]["all"].clone();
+        }
         if self.cfg.mode == RoutingMode::Split {
             out["split"] = json!({
                 "edge_share_target": self.cfg.split_edge_share,
                 "edge": bucket(&|s| s.split && s.tier == Tier::Edge),
                 "cloud": bucket(&|s| s.split && s.tier == Tier::Cloud),
             });
+            for tier in ["edge", "cloud"] {
+                out["split"][tier]["quality"] = quality["split"][tier]["all"].clone();
+            }
         }
         out
     }
@@ -203,8 +228,15 @@ impl Router {
         let premium = edge_cost - cloud_cost_same;
         let saved_s: f64 = edge.iter().map(|s| (cloud_ms / 1000.0 - s.total_s).max(0.0)).sum();
         let value = saved_s / 3600.0 * self.costs.latency_usd_per_hour;
+        let (edge_q, cloud_q) = (self.quality.mean(Tier::Edge), self.quality.mean(Tier::Cloud));
+        // The gap counts once both tiers have scores; shadow scores compare the edge with
+        // the cloud directly (the cloud's answer scores 1 against itself).
+        let cloud_ref = cloud_q.or(edge_q.map(|_| 1.0).filter(|_| self.quality.count(Tier::Edge, quality::Source::Shadow) > 0));
+        let gap = edge_q.zip(cloud_ref).map(|(e, c)| c - e);
         let verdict = if edge.is_empty() {
             "no edge traffic yet"
+        } else if gap.is_some_and(|g| g > self.cfg.max_quality_gap) {
+            "edge not justified (quality)"
         } else if value > premium {
             "edge justified"
         } else {
@@ -222,6 +254,12 @@ impl Router {
             "latency_saved_s": saved_s,
             "latency_usd_per_hour": self.costs.latency_usd_per_hour,
             "latency_value_usd": value,
+            "quality": {
+                "edge_mean": edge_q,
+                "cloud_mean": cloud_ref,
+                "gap": gap,
+                "max_quality_gap": self.cfg.max_quality_gap,
+            },
             "verdict": verdict,
         })
     }

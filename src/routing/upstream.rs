@@ -168,6 +168,8 @@ pub struct UsageSniffer {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub seen: bool,
+    /// The answer's `id`, from the first chunk that has one.
+    pub id: Option<String>,
 }
 
 impl UsageSniffer {
@@ -177,6 +179,9 @@ impl UsageSniffer {
             let line: String = self.partial.drain(..=i).collect();
             let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
             if let Ok(v) = serde_json::from_str::<Value>(data) {
+                if self.id.is_none() {
+                    self.id = v.get("id").and_then(Value::as_str).map(str::to_string);
+                }
                 if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                     self.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0);
                     self.completion_tokens = u["completion_tokens"].as_u64().unwrap_or(0);

@@ -71,6 +71,10 @@ pub struct Metrics {
     pub key_cost_usd: prometheus::CounterVec,
     /// Requests handed to another Machine with `fly-replay`, by reason.
     pub fleet_replays: IntCounterVec,
+    /// Quality scores (0..1) by tier and source (`feedback`, `shadow`).
+    pub quality_score: HistogramVec,
+    /// Shadow comparisons by result (`scored`, `failed`, `skipped`).
+    pub shadow_requests: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -222,7 +226,54 @@ impl Metrics {
                 "Requests handed to another Machine with fly-replay, by reason (overloaded, model_not_served).",
                 &["reason"],
             ),
+            quality_score: histogram(
+                &r,
+                "edgenode_quality_score",
+                "Quality scores (0..1) by tier and source (feedback, shadow).",
+                &["tier", "source"],
+                &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0],
+            ),
+            shadow_requests: counter(&r, "edgenode_shadow_requests_total", "Shadow comparisons by result (scored, failed, skipped).", &["result"]),
             registry: r,
+        }
+    }
+
+    /// Creates the series whose label values are known in advance at zero, so that they are
+    /// exposed (and `rate()` works) before the first event: cache lookups, evictions, fleet
+    /// replays, shadow results, quality scores, spend per tier.
+    fn initialize(&self) {
+        for kind in ["generate", "embed"] {
+            for result in ["hit", "semantic_hit", "miss", "bypass"] {
+                self.cache_requests.with_label_values(&[kind, result]);
+            }
+            self.cache_saved_seconds.with_label_values(&[kind]);
+        }
+        for cause in ["size", "expired"] {
+            self.cache_evictions.with_label_values(&[cause]);
+        }
+        for reason in ["overloaded", "model_not_served"] {
+            self.fleet_replays.with_label_values(&[reason]);
+        }
+        for result in ["scored", "failed", "skipped"] {
+            self.shadow_requests.with_label_values(&[result]);
+        }
+        for tier in ["edge", "cloud"] {
+            self.cost_usd.with_label_values(&[tier]);
+            for source in ["feedback", "shadow"] {
+                self.quality_score.with_label_values(&[tier, source]);
+            }
+            for kind in ["prompt", "completion"] {
+                self.tier_tokens.with_label_values(&[tier, kind]);
+            }
+        }
+    }
+
+    /// Creates a named API key's series at zero.
+    pub fn initialize_key(&self, key: &str) {
+        self.key_tokens.with_label_values(&[key]);
+        self.key_cost_usd.with_label_values(&[key]);
+        for limit in ["requests_per_minute", "tokens_per_minute", "daily_budget_usd"] {
+            self.key_refusals.with_label_values(&[key, limit]);
         }
     }
 
@@ -240,7 +291,11 @@ impl Metrics {
 }
 
 /// The process-wide metrics.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = Metrics::new();
+    m.initialize();
+    m
+});
 
 /// Resident set size from `/proc/self/statm` (Linux); `None` elsewhere.
 pub fn resident_bytes() -> Option<u64> {

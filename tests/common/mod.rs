@@ -288,3 +288,32 @@ pub fn pin(name: &str, kind: &str, dir: &Path) -> String {
     assert!(out.status.success(), "models pin failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// Two real processes for routing tests. B: the "cloud", an edgenode that serves only SmolLM2.
+pub fn start_cloud(addr: Option<String>) -> Daemon {
+    let d = Daemon::start(Options { config: Some("[[models]]\nname = \"smollm2\"\nkind = \"generate\"\n".into()), addr, ..Default::default() });
+    d.wait_ready(Duration::from_secs(180));
+    d
+}
+
+pub fn toml_list(items: &[&str]) -> String {
+    format!("[{}]", items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", "))
+}
+
+/// A: the edge node, with B as its upstream and the default router's examples.
+pub fn start_edge(cloud: &Daemon, extra: &str, smollm2: &str) -> Daemon {
+    let config = format!(
+        "[upstream]\nbase_url = \"http://{}/v1\"\nmodel = \"smollm2\"\ncircuit_failures = 2\ncircuit_open_s = 1\n\
+         first_byte_timeout_ms = 10000\n\n[routing]\nedge_timeout_ms = 10000\n{extra}\n\n\
+         [[models]]\nname = \"minilm\"\nkind = \"embed\"\n\n\
+         [[models]]\nname = \"router\"\nkind = \"classify\"\nembedder = \"minilm\"\ntemperature = 0.05\n\
+         [models.labels]\nedge = {}\ncloud = {}\n\n\
+         [[models]]\nname = \"smollm2\"\nkind = \"generate\"\n{smollm2}\n",
+        cloud.addr,
+        toml_list(edgenode::config::ROUTER_EDGE),
+        toml_list(edgenode::config::ROUTER_CLOUD),
+    );
+    let d = Daemon::start(Options { config: Some(config), ..Default::default() });
+    d.wait_ready(Duration::from_secs(180));
+    d
+}
