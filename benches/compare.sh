@@ -3,7 +3,7 @@
 # the figures with ratios, the date and the CPU. The machine is shared and noisy: quote
 # ratios from one run, not figures across runs.
 #
-#   benches/compare.sh [embed] [generate] [card]
+#   benches/compare.sh [embed] [generate] [card] [cache]
 #
 #   embed     the default MiniLM against sentence-transformers and ONNX Runtime (fp32, and
 #             its dynamically quantized int8 model) on the same folder, and our own int8
@@ -17,6 +17,9 @@
 #             1,000-token prompt and decode as a share of the measured memory bandwidth; the
 #             daemon's peak memory with TinyLlama Q4_K_M and MiniLM resident; the 12-layer
 #             bge-small-shaped folder against sentence-transformers on the same folder.
+#   cache     the response cache: a hit's latency over HTTP (chat and embeddings), and the
+#             throughput it gains on a chat workload where half the requests repeat one,
+#             against the same workload sent with Cache-Control: no-store
 #
 # Baselines (benches/baselines/, ours): sentence-transformers, ONNX Runtime (the folder exported
 # with torch.onnx.export, run in-process with every graph optimization), and llama.cpp through
@@ -88,7 +91,11 @@ for w in "${what[@]}"; do
       bench generate --config "$out/q4.toml" --model tinyllama --template zephyr --long-repeats 111 | tee "$out/edge-q4_k_m.txt"
       bench generate --config "$out/q8.toml" --model tinyllama-q8 --template zephyr --long-repeats 111 | tee "$out/edge-q8_0.txt"
       bench embed --config "$out/bge.toml" --embed-model bge-small | tee "$out/edge-bge.txt" ;;
-    *) echo "unknown benchmark $w (embed, generate, card)"; exit 2 ;;
+    cache)
+      printf '[store]\ndir = "%s"\n\n[cache]\nenabled = true\n' "$PWD/models" > "$out/cache.toml"
+      printf '\n[[models]]\nname = "%s"\nkind = "%s"\n' minilm embed smollm2 generate >> "$out/cache.toml"
+      bench cache --config "$out/cache.toml" | tee "$out/edge-cache.txt" ;;
+    *) echo "unknown benchmark $w (embed, generate, card, cache)"; exit 2 ;;
   esac
 done
 
@@ -145,6 +152,12 @@ if js:
           f"edgenode unconstrained {js['decode_tok_per_s']:.1f} | {js['json_schema_decode_tok_per_s']/js['decode_tok_per_s']:.2f}× |")
     print(f"| the same, top-p sampling (the grammar's mask every step), tokens/s | {js['top_p_json_schema_decode_tok_per_s']:.1f} | "
           f"edgenode unconstrained {js['top_p_decode_tok_per_s']:.1f} | {js['top_p_json_schema_decode_tok_per_s']/js['top_p_decode_tok_per_s']:.2f}× |")
+c = kv("edge-cache.txt", "edgenode cache")
+if c:
+    print(f"| response cache hit, chat, p50 / p99 over HTTP, ms | {c['hit_p50_ms']:.2f} / {c['hit_p99_ms']:.2f} | target p50 ≤ 1 ms | — |")
+    print(f"| response cache hit, embeddings, p50 / p99 over HTTP, ms | {c['embed_hit_p50_ms']:.2f} / {c['embed_hit_p99_ms']:.2f} | — | — |")
+    print(f"| SmolLM2 chat, half the requests repeated, 4 clients, requests/s | {c['repeat50_req_per_s']:.2f} ({c['repeat50_hits']:.0f} hits of 64) | "
+          f"edgenode without the cache {c['repeat50_no_cache_req_per_s']:.2f} | {c['repeat50_gain']:.2f}× |")
 for name, label in [("edge-embed.txt", "MiniLM fp32 and int8 and SmolLM2, embed run"), ("edge-generate.txt", "both default models, generate run"),
                     ("edge-q4_k_m.txt", "TinyLlama-shaped Q4_K_M and MiniLM")]:
     mem = kv(name, "edgenode memory")

@@ -2,7 +2,7 @@
 //! way a client sees it. `benches/compare.sh` runs it beside the baselines (sentence-
 //! transformers, llama.cpp) on the same machine and prints the ratios.
 //!
-//!     cargo bench --bench edge -- [embed] [generate] [structured] [bandwidth] [--config FILE]
+//!     cargo bench --bench edge -- [embed] [generate] [structured] [bandwidth] [cache] [--config FILE]
 //!         [--model NAME] [--embed-model NAME] [--template chatml|zephyr] [--long-repeats N]
 //!
 //! `--model` is the generate model (default `smollm2`), `--template` the chat template its
@@ -10,7 +10,10 @@
 //! `--long-repeats` the length of the prompt-processing prompt. `bandwidth` measures this
 //! machine's memory read bandwidth with a streaming read (what decode at this size is bound
 //! by). `structured` measures the decode cost of `response_format` (a JSON schema) against
-//! the same chat unconstrained. Prints one `key=value` line per measurement (machine-readable).
+//! the same chat unconstrained. `cache` (a config with `[cache] enabled`) measures a cache
+//! hit's latency over HTTP and what the cache gains on a chat workload where half the
+//! requests repeat an earlier one, against the same workload sent with `Cache-Control:
+//! no-store`. Prints one `key=value` line per measurement (machine-readable).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -327,6 +330,92 @@ fn bench_structured(d: &Daemon, args: &Args) {
     );
 }
 
+/// Sends one non-streamed chat request; returns (seconds, x-edgenode-cache).
+fn chat_once(client: &reqwest::blocking::Client, addr: &str, body: &Value, store: bool) -> (f64, String) {
+    let t = Instant::now();
+    let mut r = client.post(format!("http://{addr}/v1/chat/completions")).json(body);
+    if !store {
+        r = r.header("cache-control", "no-store");
+    }
+    let r = r.send().expect("chat request");
+    assert_eq!(r.status(), 200);
+    let outcome = r.headers().get("x-edgenode-cache").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    r.bytes().expect("chat answer");
+    (t.elapsed().as_secs_f64(), outcome)
+}
+
+fn bench_cache(d: &Daemon, args: &Args) {
+    let client = reqwest::blocking::Client::new();
+    let chat = |content: String| json!({"model": args.model, "messages": [{"role": "user", "content": content}], "max_tokens": 24, "temperature": 0});
+    // A hit's latency, chat and embeddings, over HTTP.
+    let first = chat("What is the capital of France?".into());
+    assert_eq!(chat_once(&client, &d.addr, &first, true).1, "miss", "the benchmark needs [cache] enabled");
+    let mut hits: Vec<f64> = (0..300).map(|_| chat_once(&client, &d.addr, &first, true).0 * 1000.0).collect();
+    hits.sort_by(f64::total_cmp);
+    let body = json!({"input": "a sentence that is embedded once and then served from the cache"});
+    let embed_hit = |c: &reqwest::blocking::Client| {
+        let t = Instant::now();
+        let r = c.post(format!("http://{}/v1/embeddings", d.addr)).json(&body).send().unwrap();
+        r.bytes().unwrap();
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    embed_hit(&client);
+    let mut embed_hits: Vec<f64> = (0..300).map(|_| embed_hit(&client)).collect();
+    embed_hits.sort_by(f64::total_cmp);
+    // Half the requests repeat an earlier prompt (one answered at least eight requests
+    // before), from four concurrent clients; the same workload with no-store runs the model
+    // every time. Each run gets its own prompts so neither starts warm.
+    let workload = |run: &str| -> Vec<Value> {
+        let mut rng = 0x2545F4914F6CDD1Du64;
+        let mut fresh = 0usize;
+        (0..64)
+            .map(|i| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let content = if i < 8 || i % 2 == 0 {
+                    fresh += 1;
+                    format!("{run}: write one sentence about the number {fresh}.")
+                } else {
+                    format!("{run}: write one sentence about the number {}.", 1 + (rng as usize) % (fresh - 4).max(1))
+                };
+                chat(content)
+            })
+            .collect()
+    };
+    let run = |requests: Vec<Value>, store: bool| -> (f64, usize) {
+        let queue = Arc::new(std::sync::Mutex::new(requests.into_iter()));
+        let t = Instant::now();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let (queue, addr) = (queue.clone(), d.addr.clone());
+                std::thread::spawn(move || {
+                    let client = reqwest::blocking::Client::new();
+                    let mut hits = 0;
+                    loop {
+                        let next = queue.lock().unwrap().next();
+                        let Some(body) = next else { return hits };
+                        hits += (chat_once(&client, &addr, &body, store).1 == "hit") as usize;
+                    }
+                })
+            })
+            .collect();
+        let hits = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        (64.0 / t.elapsed().as_secs_f64(), hits)
+    };
+    let (without, _) = run(workload("no-store"), false);
+    let (with, hit_count) = run(workload("cached"), true);
+    println!(
+        "edgenode cache: hit_p50_ms={:.2} hit_p99_ms={:.2} embed_hit_p50_ms={:.2} embed_hit_p99_ms={:.2} \
+         repeat50_req_per_s={with:.2} repeat50_no_cache_req_per_s={without:.2} repeat50_gain={:.2} repeat50_hits={hit_count}",
+        percentile(&hits, 0.5),
+        percentile(&hits, 0.99),
+        percentile(&embed_hits, 0.5),
+        percentile(&embed_hits, 0.99),
+        with / without
+    );
+}
+
 /// This machine's memory read bandwidth: every core summing its share of a 2 GiB buffer
 /// (far larger than any cache), best of 5. Decode at TinyLlama's size reads every weight
 /// once per token, so tokens/s × bytes per token against this says how close to the
@@ -373,7 +462,8 @@ fn main() {
         template: flag("--template").unwrap_or_else(|| "chatml".into()),
         long_repeats: flag("--long-repeats").map(|n| n.parse().expect("--long-repeats N")).unwrap_or(60),
     };
-    let wanted: Vec<&str> = argv.iter().map(String::as_str).filter(|a| ["embed", "generate", "structured", "bandwidth"].contains(a)).collect();
+    let wanted: Vec<&str> =
+        argv.iter().map(String::as_str).filter(|a| ["embed", "generate", "structured", "bandwidth", "cache"].contains(a)).collect();
     let all = wanted.is_empty();
     if wanted.contains(&"bandwidth") {
         bench_bandwidth();
@@ -390,6 +480,9 @@ fn main() {
     }
     if all || wanted.contains(&"structured") {
         bench_structured(&d, &args);
+    }
+    if wanted.contains(&"cache") {
+        bench_cache(&d, &args);
     }
     // The daemon's peak resident memory over the whole run (Linux).
     if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())) {
