@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use common::*;
@@ -39,18 +38,8 @@ fn stream_text(d: &Daemon, body: &Value) -> (String, String) {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let r = client().post(d.url("/v1/chat/completions")).json(&body).send().unwrap();
-    assert_eq!(r.status(), 200);
     let cache = r.headers().get("x-edgenode-cache").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-    let mut text = String::new();
-    for line in BufReader::new(r).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else { continue };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data).unwrap();
-        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
-    }
+    let text: String = sse_events(r).iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
     (text, cache)
 }
 

@@ -25,25 +25,6 @@ fn chat(content: &str, extra: Value) -> Value {
     body
 }
 
-/// Reads an SSE response into its JSON payloads (stopping at `[DONE]`, which must come last).
-fn sse_events(response: reqwest::blocking::Response) -> Vec<Value> {
-    assert_eq!(response.status(), 200);
-    let mut events = Vec::new();
-    let mut done = false;
-    for line in BufReader::new(response).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else { continue };
-        assert!(!done, "data after [DONE]");
-        if data == "[DONE]" {
-            done = true;
-            continue;
-        }
-        events.push(serde_json::from_str(data).unwrap());
-    }
-    assert!(done, "stream did not end with [DONE]");
-    events
-}
-
 fn stream_chat(d: &Daemon, body: &Value) -> (String, Vec<Value>) {
     let mut body = body.clone();
     body["stream"] = json!(true);

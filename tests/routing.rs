@@ -38,18 +38,7 @@ fn send_stream(d: &Daemon, body: &Value) -> (String, String, Vec<Value>) {
     assert_eq!(r.status(), 200);
     let header = |k: &str| r.headers().get(k).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
     let (route, reason) = (header("x-edgenode-route"), header("x-edgenode-route-reason"));
-    let mut events = Vec::new();
-    let mut done = false;
-    for line in BufReader::new(r).lines() {
-        let line = line.unwrap();
-        let Some(data) = line.strip_prefix("data: ") else { continue };
-        if data == "[DONE]" {
-            done = true;
-            break;
-        }
-        events.push(serde_json::from_str(data).unwrap());
-    }
-    assert!(done, "the stream ends with [DONE]");
+    let events = sse_events(r);
     (route, reason, events)
 }
 

@@ -317,3 +317,22 @@ pub fn start_edge(cloud: &Daemon, extra: &str, smollm2: &str) -> Daemon {
     d.wait_ready(Duration::from_secs(180));
     d
 }
+
+/// Reads an SSE response into its JSON payloads (stopping at `[DONE]`, which must come last).
+pub fn sse_events(response: reqwest::blocking::Response) -> Vec<serde_json::Value> {
+    assert_eq!(response.status(), 200);
+    let mut events = Vec::new();
+    let mut done = false;
+    for line in BufReader::new(response).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        assert!(!done, "data after [DONE]");
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        events.push(serde_json::from_str(data).unwrap());
+    }
+    assert!(done, "stream did not end with [DONE]");
+    events
+}
