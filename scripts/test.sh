@@ -7,7 +7,10 @@
 # which scripts/standins.py writes the TinyLlama- and bge-shaped stand-ins;
 # sentence-transformers, with PyTorch and transformers, for the GPU check's dry run, which
 # computes its reference vectors and decode baseline on the CPU; NVRTC from the
-# nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA kernels without a GPU), checks
+# nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA kernels without a GPU), installs
+# Debian's chromium and prometheus packages where it can (a real browser loads /dashboard,
+# a real Prometheus scrapes /metrics and evaluates the Grafana dashboard's queries; those
+# tests say so and skip where neither can be installed), checks
 # style (rustfmt, clippy), fetches and verifies the default models, then runs every test in
 # release mode (candle in debug is too slow to test with).
 set -euo pipefail
@@ -35,6 +38,18 @@ PY
 export LD_LIBRARY_PATH="${nvrtc_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export OPENAI_CLIENT_PYTHON="$venv/bin/python"
 export TEST_PYTHON="$venv/bin/python"
+
+# A real browser and a real Prometheus for tests/dashboard.rs, from Debian's packages.
+if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then
+    sudo_cmd=""
+    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo -n"
+    if command -v apt-get >/dev/null && $sudo_cmd true 2>/dev/null; then
+        $sudo_cmd apt-get install -y -q chromium prometheus >/dev/null ||
+            echo "test set-up: could not install chromium and prometheus; tests/dashboard.rs will skip those checks"
+    else
+        echo "test set-up: no apt-get (or no root): tests/dashboard.rs will skip its browser and Prometheus checks"
+    fi
+fi
 
 # Style first: it is the cheapest check. rustfmt.toml is the code base's style; clippy's
 # lints are errors (a lint allowed in the code says why, beside it).

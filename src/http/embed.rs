@@ -157,6 +157,8 @@ fn answer(body: impl Serialize, slot: &ModelSlot, encoded: &Encoded, workload: &
         model: slot.name().to_string(),
         queue_s: encoded.queue_s,
         compute_s: encoded.compute_s,
+        tokenize_s: encoded.tokenize_s,
+        first_token_s: None,
         input_tokens,
         output_tokens: 0,
         streaming: false,

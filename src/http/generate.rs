@@ -480,6 +480,8 @@ pub(crate) fn served(slot: &ModelSlot, generation: &Generation, streaming: bool)
         workload: "generate",
         model: slot.name().to_string(),
         queue_s: generation.queue_s(),
+        tokenize_s: 0.0,
+        first_token_s: generation.first_piece.map(|t| t.duration_since(generation.started).as_secs_f64()),
         compute_s: if streaming { 0.0 } else { generation.compute_s() },
         input_tokens: generation.prompt_tokens,
         output_tokens: generation.completion_tokens(),

@@ -6,6 +6,7 @@
 //! bodies answer in the same JSON error shape as everything else.
 
 pub mod cached;
+pub mod dashboard;
 pub mod embed;
 pub mod fields;
 #[cfg(test)]
@@ -70,6 +71,13 @@ fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppSta
         ("/readyz", Class::Probe, OpenAi, get(ops::readyz)),
         ("/health", Class::Probe, Tei, get(ops::health)),
         ("/metrics", Class::Probe, OpenAi, get(stats::metrics)),
+        // The dashboard's page and assets carry no figures on a node with keys (its script
+        // sends the key to /stats and /info), so they are open like the probes.
+        ("/dashboard", Class::Probe, OpenAi, get(dashboard::page)),
+        ("/dashboard/app.js", Class::Probe, OpenAi, get(dashboard::app_js)),
+        ("/dashboard/app.css", Class::Probe, OpenAi, get(dashboard::app_css)),
+        ("/dashboard/uplot.js", Class::Probe, OpenAi, get(dashboard::uplot_js)),
+        ("/dashboard/uplot.css", Class::Probe, OpenAi, get(dashboard::uplot_css)),
         ("/info", Class::Ops, OpenAi, get(ops::info)),
         ("/v1/models", Class::Ops, OpenAi, get(ops::list_models)),
         ("/stats", Class::Ops, OpenAi, get(stats::stats)),
@@ -245,6 +253,10 @@ pub struct Served {
     pub model: String,
     pub queue_s: f64,
     pub compute_s: f64,
+    /// Seconds tokenizing (encoders).
+    pub tokenize_s: f64,
+    /// Seconds from arrival to the first token (generation).
+    pub first_token_s: Option<f64>,
     pub input_tokens: usize,
     pub output_tokens: usize,
     /// A stream records itself when it ends.
@@ -268,6 +280,8 @@ pub fn record_request(node: &Node, route: &str, status: u16, total_s: f64, serve
             total_s,
             queue_s: s.queue_s,
             compute_s: s.compute_s,
+            tokenize_s: s.tokenize_s,
+            first_token_s: s.first_token_s,
             input_tokens: s.input_tokens,
             output_tokens: s.output_tokens,
         };

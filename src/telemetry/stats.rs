@@ -20,6 +20,10 @@ pub struct Sample {
     pub queue_s: f64,
     /// In the model, seconds.
     pub compute_s: f64,
+    /// Tokenizing (encoders; a generation's prompt is tokenized before it queues), seconds.
+    pub tokenize_s: f64,
+    /// From arrival to the first token (generation only), seconds.
+    pub first_token_s: Option<f64>,
     /// Tokens read (inputs, or the prompt).
     pub input_tokens: usize,
     /// Tokens produced (generation).
@@ -47,7 +51,11 @@ pub struct Summary {
     pub queue_ms_mean: f64,
     /// Mean milliseconds in the model.
     pub compute_ms_mean: f64,
-    /// Mean milliseconds elsewhere: parsing, tokenizing, serializing, streaming.
+    /// Mean milliseconds tokenizing (encoders).
+    pub tokenize_ms_mean: f64,
+    /// Time to first token (generation), over the requests that had one.
+    pub first_token_ms: Option<Percentiles>,
+    /// Mean milliseconds elsewhere: parsing, serializing, streaming (and a prompt's tokenizing).
     pub other_ms_mean: f64,
     /// Tokens (read + produced) per second of model compute.
     pub tokens_per_s: f64,
@@ -131,6 +139,16 @@ fn summarize(workload: &str, model: &str, q: &VecDeque<Sample>, saving_ms: f64, 
     let mean = totals.iter().sum::<f64>() / n;
     let queue = q.iter().map(|s| s.queue_s).sum::<f64>() * 1000.0 / n;
     let compute = q.iter().map(|s| s.compute_s).sum::<f64>() * 1000.0 / n;
+    let tokenize = q.iter().map(|s| s.tokenize_s).sum::<f64>() * 1000.0 / n;
+    let mut firsts: Vec<f64> = q.iter().filter_map(|s| s.first_token_s).map(|s| s * 1000.0).collect();
+    firsts.sort_by(|a, b| a.total_cmp(b));
+    let first_token_ms = (!firsts.is_empty()).then(|| Percentiles {
+        p50: r2(percentile(&firsts, 0.50)),
+        p95: r2(percentile(&firsts, 0.95)),
+        p99: r2(percentile(&firsts, 0.99)),
+        mean: r2(firsts.iter().sum::<f64>() / firsts.len() as f64),
+        max: r2(*firsts.last().unwrap_or(&0.0)),
+    });
     let input_tokens: usize = q.iter().map(|s| s.input_tokens).sum();
     let output_tokens: usize = q.iter().map(|s| s.output_tokens).sum();
     let compute_s: f64 = q.iter().map(|s| s.compute_s).sum();
@@ -151,7 +169,9 @@ fn summarize(workload: &str, model: &str, q: &VecDeque<Sample>, saving_ms: f64, 
         },
         queue_ms_mean: r2(queue),
         compute_ms_mean: r2(compute),
-        other_ms_mean: r2((mean - queue - compute).max(0.0)),
+        tokenize_ms_mean: r2(tokenize),
+        first_token_ms,
+        other_ms_mean: r2((mean - queue - compute - tokenize).max(0.0)),
         tokens_per_s: if compute_s > 0.0 { r2((input_tokens + output_tokens) as f64 / compute_s) } else { 0.0 },
         output_tokens_per_s: (workload == "generate" && total_s > 0.0).then(|| r2(output_tokens as f64 / total_s)),
         input_tokens,
@@ -177,7 +197,16 @@ mod tests {
     fn the_design_arithmetic() {
         // "50 ms on a 4,500 ms chatbot answer is 1.1%."
         let stats = Stats::new(Duration::from_secs(60));
-        let s = Sample { at: Instant::now(), total_s: 4.5, queue_s: 0.5, compute_s: 3.9, input_tokens: 10, output_tokens: 100 };
+        let s = Sample {
+            at: Instant::now(),
+            total_s: 4.5,
+            queue_s: 0.5,
+            compute_s: 3.9,
+            tokenize_s: 0.0,
+            first_token_s: Some(0.6),
+            input_tokens: 10,
+            output_tokens: 100,
+        };
         stats.record("generate", "m", s);
         let sum = &stats.summaries(50.0)[0];
         assert_eq!(sum.saving_pct_of_mean, 1.11);
