@@ -127,10 +127,13 @@ impl Usage {
         while self.minutes.front().is_some_and(|(m, ..)| now.saturating_sub(*m) >= DAY_MINUTES) {
             self.minutes.pop_front();
         }
-        if self.minutes.back().is_none_or(|(m, ..)| *m != now) {
-            self.minutes.push_back((now, 0, 0, 0.0));
+        match self.minutes.back_mut() {
+            Some(last) if last.0 == now => {}
+            _ => self.minutes.push_back((now, 0, 0, 0.0)),
         }
-        self.minutes.back_mut().expect("a bucket was just pushed")
+        // Not empty: a bucket for `now` is last.
+        let last = self.minutes.len() - 1;
+        &mut self.minutes[last]
     }
 
     fn this_minute(&self, now: u64) -> (u64, u64) {

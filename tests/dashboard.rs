@@ -17,6 +17,16 @@ fn tool(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
+/// Stops a helper process (Chromium, Prometheus) when the test ends, however it ends.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Where tests leave what people look at (screenshots).
 fn output_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
@@ -54,13 +64,6 @@ fn narrow_layout(browser: &Path, url: &str, shot: &Path) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let stderr = child.stderr.take().unwrap();
     let _browser = Kill(child);
     let port = std::io::BufReader::new(stderr)
@@ -243,14 +246,6 @@ fn a_real_prometheus_scrapes_the_node_and_every_grafana_query_returns_data() {
         format!("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: edgenode\n    static_configs:\n      - targets: [\"{}\"]\n", d.addr),
     )
     .unwrap();
-    /// Stops Prometheus when the test ends, however it ends.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _prometheus = Kill(
         Command::new(&prometheus)
             .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))

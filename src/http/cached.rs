@@ -141,7 +141,7 @@ async fn semantic_probe(node: &Node, cache: &ResponseCache, lookup: &GenerationL
     let (bucket, text) = lookup.bucket(prepared)?;
     let name = Some(cache.embedder()).filter(|n| !n.is_empty());
     match embed_normalized(node, name, vec![text.to_string()]).await {
-        Ok(mut v) => Some((bucket, v.swap_remove(0))),
+        Ok(v) => v.into_iter().next().map(|v| (bucket, v)),
         Err(e) => {
             tracing::warn!("the semantic cache cannot embed the last user message: {e}");
             None

@@ -499,7 +499,10 @@ async fn shadow_compare(node: AppState, mut request: Value, edge_text: String, s
         );
         let cloud_text = body["choices"][0]["message"]["content"].as_str().unwrap_or("").to_string();
         let vectors = embed_normalized(&node, None, vec![edge_text, cloud_text]).await?;
-        let cosine: f32 = vectors[0].iter().zip(&vectors[1]).map(|(a, b)| a * b).sum();
+        let [edge, cloud] = vectors.as_slice() else {
+            return Err(Error::Internal(format!("the embedder answered {} vectors for 2 texts", vectors.len())));
+        };
+        let cosine: f32 = edge.iter().zip(cloud).map(|(a, b)| a * b).sum();
         Ok::<f64, Error>(cosine.clamp(0.0, 1.0) as f64)
     };
     match outcome.await {

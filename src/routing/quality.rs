@@ -87,29 +87,29 @@ impl Quality {
             return;
         }
         let mut guard = self.ids.lock();
+        self.forget_old(&mut guard, MAX_IDS - 1);
         let (map, order) = &mut *guard;
+        map.insert(id.to_string(), Answered { tier, split, scored: false });
+        order.push_back((Instant::now(), id.to_string()));
+    }
+
+    /// Forgets ids older than the window, and the oldest beyond `keep`.
+    fn forget_old(&self, answers: &mut Answers, keep: usize) {
+        let (map, order) = answers;
         let now = Instant::now();
-        while order.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) || order.len() >= MAX_IDS {
+        while order.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) || order.len() > keep {
             if let Some((_, old)) = order.pop_front() {
                 map.remove(&old);
             }
         }
-        map.insert(id.to_string(), Answered { tier, split, scored: false });
-        order.push_back((now, id.to_string()));
     }
 
     /// Records a client's score (0..1) for answer `id`; returns the tier that answered.
     pub fn feedback(&self, id: &str, score: f64) -> Result<Tier, FeedbackRefusal> {
         let answered = {
             let mut guard = self.ids.lock();
-            let (map, order) = &mut *guard;
-            let now = Instant::now();
-            while order.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) {
-                if let Some((_, old)) = order.pop_front() {
-                    map.remove(&old);
-                }
-            }
-            let a = map.get_mut(id).ok_or(FeedbackRefusal::Unknown)?;
+            self.forget_old(&mut guard, MAX_IDS);
+            let a = guard.0.get_mut(id).ok_or(FeedbackRefusal::Unknown)?;
             if a.scored {
                 return Err(FeedbackRefusal::AlreadyScored);
             }
