@@ -21,9 +21,11 @@ use crate::encoder::{self, EncoderModel, EncoderService, EncoderTask};
 use crate::generate::engine::Generator;
 use crate::generate::native::NativeGenerator;
 use crate::generate::{mistral, GenerateService};
-use crate::models::fetch::fetch;
+use crate::models::download::Progress;
+use crate::models::fetch::{fetch, FetchOptions};
+use crate::models::manifest::SourceKind;
 use crate::models::registry::{ModelSlot, Stage};
-use crate::models::verify::{all_present, verify_model};
+use crate::models::verify::{needs_fetch, verify_model};
 use crate::node::Node;
 use crate::service::Service;
 
@@ -140,11 +142,17 @@ async fn boot_model(
 async fn verify_files(node: &Arc<Node>, slot: &Arc<ModelSlot>, entry: crate::models::manifest::ManifestEntry) -> Result<std::path::PathBuf, String> {
     let store = node.config.store.dir.clone();
     let dir = entry.dir(&store);
-    if !all_present(&entry, &dir) && node.config.store.fetch_missing && entry.source.dir.is_none() {
+    if needs_fetch(&entry, &dir) && node.config.store.fetch_missing && entry.source.kind() != Some(SourceKind::Dir) {
         slot.set_stage(Stage::Fetching);
         let python = node.config.store.python.clone();
-        let e = entry.clone();
-        blocking(move || fetch(&e, &store, &python).map_err(|e| e.to_string())).await?;
+        let (e, s) = (entry.clone(), slot.clone());
+        let fetched = blocking(move || {
+            let progress = |p: &Progress| s.update_facts(|f| f.fetch = Some(p.clone()));
+            fetch(&e, &store, &FetchOptions { python: &python, progress: &progress }).map_err(|e| e.to_string())
+        })
+        .await;
+        slot.update_facts(|f| f.fetch = None);
+        fetched?;
     }
     slot.set_stage(Stage::Verifying);
     let d = dir.clone();

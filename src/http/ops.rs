@@ -27,6 +27,10 @@ pub async fn readyz(State(node): State<AppState>) -> Response {
             let stage = s.stage();
             let v = match &stage {
                 Stage::Failed(msg) => json!({"stage": "failed", "error": msg}),
+                Stage::Fetching => match s.facts().fetch {
+                    Some(p) => json!({"stage": "fetching", "file": p.file, "bytes_done": p.bytes_done, "bytes_total": p.bytes_total}),
+                    None => json!({"stage": "fetching"}),
+                },
                 other => json!({"stage": other.name()}),
             };
             (s.name().to_string(), v)
@@ -88,6 +92,7 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
                 "stage": stage.name(),
                 "error": match &stage { Stage::Failed(m) => Some(m.clone()), _ => None },
                 "stage_seconds": stages,
+                "fetch": facts.fetch,
                 "details": facts.details,
             })
         })

@@ -76,6 +76,8 @@ pub struct ModelFacts {
     pub stage_seconds: Vec<(String, f64)>,
     /// Facts the model reports about itself (dimensions, max tokens, context...).
     pub details: BTreeMap<String, serde_json::Value>,
+    /// While its files download: which file, bytes done and in all.
+    pub fetch: Option<crate::models::download::Progress>,
 }
 
 /// One served model.
