@@ -75,10 +75,10 @@ pub enum ModelsCommand {
     },
     /// List the manifest's models, their versions, digests and whether their files are present.
     List,
-    /// Print a manifest entry (TOML) for model files you already have: every file under
-    /// `--dir` (or only the FILES named), each with its sha256 — or add it to a manifest
-    /// file with `--manifest`. Point `store.manifest` at that file and add a `[[models]]`
-    /// table to serve it.
+    /// Print a manifest entry (TOML) for model files — the ones you already have under
+    /// `--dir`, or a Hugging Face Hub repository's with `--hf` — each with its sha256, or add
+    /// it to a manifest file with `--manifest`. Point `store.manifest` at that file and add a
+    /// `[[models]]` table to serve it.
     Pin {
         /// The entry's name (what `[[models]]` tables refer to as `manifest`).
         name: String,
@@ -89,8 +89,14 @@ pub enum ModelsCommand {
         #[arg(long)]
         version: String,
         /// The folder that holds the files; written as the entry's `source.dir`.
-        #[arg(long, value_name = "DIR")]
-        dir: PathBuf,
+        #[arg(long, value_name = "DIR", required_unless_present = "hf", conflicts_with = "hf")]
+        dir: Option<PathBuf>,
+        /// A Hub repository, at a branch, tag or commit (default `main`): the revision is
+        /// resolved to its commit, large files' sha256 are read from the Hub's listing
+        /// without downloading them, small ones are downloaded and hashed. Honours
+        /// `HF_ENDPOINT`, `HF_TOKEN`.
+        #[arg(long, value_name = "ORG/REPO[@REVISION]")]
+        hf: Option<String>,
         /// One line on what the model is.
         #[arg(long, default_value = "")]
         description: String,
@@ -98,7 +104,10 @@ pub enum ModelsCommand {
         /// exist yet starts as a copy of the built-in manifest (the default models).
         #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
-        /// Files to pin, relative to DIR (default: every file under it).
+        /// Files to pin, relative to DIR or the repository. Default with `--dir`: every file
+        /// under it; with `--hf`: what the loader reads for `--kind` (an encoder's config,
+        /// weights, tokenizer and sentence-transformers files; a generate model's one GGUF
+        /// file, which must be named when the repository has several).
         files: Vec<String>,
     },
 }

@@ -6,10 +6,11 @@ use anyhow::{bail, Context};
 
 use crate::cli::{Command, KernelsCommand, ModelsCommand};
 use crate::config::{Config, ModelKind};
-use crate::models::fetch::{fetch, Fetched};
+use crate::models::download::Progress;
+use crate::models::fetch::{fetch, FetchOptions, Fetched};
 use crate::models::manifest::{FileEntry, Manifest, ManifestEntry, Source};
 use crate::models::sync::{self, Drift, Pin};
-use crate::models::verify::{all_present, sha256_file, verify_model};
+use crate::models::verify::{all_present, sha256_file, verify_model, Recorded};
 
 /// Runs one command to completion.
 pub async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
@@ -54,7 +55,19 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
             let mut failed = false;
             for entry in entries {
                 let started = std::time::Instant::now();
-                match fetch(entry, &config.store.dir, &config.store.python) {
+                let bar = progress_bar(&entry.name);
+                let progress = |p: &Progress| {
+                    if let Some(bar) = &bar {
+                        bar.set_length(p.bytes_total);
+                        bar.set_position(p.bytes_done);
+                        bar.set_message(p.file.clone());
+                    }
+                };
+                let fetched = fetch(entry, &config.store.dir, &FetchOptions { python: &config.store.python, progress: &progress });
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                }
+                match fetched {
                     Ok(f) => {
                         let how = if matches!(f, Fetched::Downloaded(_)) { "fetched" } else { "present" };
                         let dir = entry.dir(&config.store.dir);
@@ -118,8 +131,15 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
             }
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
-        ModelsCommand::Pin { name, kind, version, dir, description, manifest, files } => {
-            let entry = pin(name.clone(), &kind, version, dir, description, files)?;
+        ModelsCommand::Pin { name, kind, version, dir, hf, description, manifest, files } => {
+            let kind = parse_kind(&kind)?;
+            let (source, files) = match (dir, hf) {
+                (Some(dir), None) => pin_dir(dir, files)?,
+                (None, Some(spec)) => pin_hub(&spec, kind, files)?,
+                _ => bail!("give either --dir or --hf"),
+            };
+            let entry = ManifestEntry { name: name.clone(), kind, version, description, source, files };
+            let entry = entry_toml(entry)?;
             match manifest {
                 None => print!("{entry}"),
                 Some(path) => {
@@ -150,6 +170,21 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A progress bar on stderr when it is a terminal (logs every few seconds otherwise).
+fn progress_bar(model: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    let style = indicatif::ProgressStyle::with_template("{prefix:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(model.to_string());
+    Some(bar)
+}
+
 /// The named manifest entries, or those the config serves when none are named.
 fn select<'m>(manifest: &'m Manifest, config: &Config, names: &[String]) -> anyhow::Result<Vec<&'m ManifestEntry>> {
     if names.is_empty() {
@@ -174,14 +209,17 @@ fn select<'m>(manifest: &'m Manifest, config: &Config, names: &[String]) -> anyh
         .collect()
 }
 
-/// A manifest entry (TOML) for files already on disk: `models pin`.
-fn pin(name: String, kind: &str, version: String, dir: std::path::PathBuf, description: String, files: Vec<String>) -> anyhow::Result<String> {
-    let kind = match kind {
+fn parse_kind(kind: &str) -> anyhow::Result<ModelKind> {
+    Ok(match kind {
         "embed" => ModelKind::Embed,
         "classify" => ModelKind::Classify,
         "generate" => ModelKind::Generate,
         other => bail!("--kind {other:?}: one of embed, classify, generate"),
-    };
+    })
+}
+
+/// `models pin --dir`: the files already on disk, each hashed.
+fn pin_dir(dir: std::path::PathBuf, files: Vec<String>) -> anyhow::Result<(Source, Vec<FileEntry>)> {
     if !dir.is_dir() {
         bail!("--dir {}: not a folder", dir.display());
     }
@@ -193,9 +231,10 @@ fn pin(name: String, kind: &str, version: String, dir: std::path::PathBuf, descr
         while let Some(d) = stack.pop() {
             for item in std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))? {
                 let path = item?.path();
+                let ours = path.file_name().is_some_and(|n| n.to_string_lossy() == Recorded::FILE);
                 if path.is_dir() {
                     stack.push(path);
-                } else if path.extension().is_none_or(|e| e != "partial") {
+                } else if path.extension().is_none_or(|e| e != "partial") && !ours {
                     let rel = path.strip_prefix(&dir)?.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
                     paths.push(rel);
                 }
@@ -208,11 +247,76 @@ fn pin(name: String, kind: &str, version: String, dir: std::path::PathBuf, descr
     }
     let mut entries = Vec::with_capacity(paths.len());
     for path in paths {
-        let sha256 = sha256_file(&dir.join(&path)).with_context(|| format!("cannot read {}", dir.join(&path).display()))?;
-        entries.push(FileEntry { path, sha256 });
+        let file = dir.join(&path);
+        let sha256 = sha256_file(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let size = std::fs::metadata(&file).map(|m| m.len()).ok();
+        entries.push(FileEntry { path, sha256: Some(sha256), size });
     }
-    let source = Source { package: None, version: None, sha256: None, prefix: String::new(), dir: Some(dir) };
-    let entry = ManifestEntry { name, kind, version, description, source, files: entries };
+    Ok((Source { dir: Some(dir), ..Source::default() }, entries))
+}
+
+/// `models pin --hf ORG/REPO[@REVISION]`: the revision resolved to its commit, large files'
+/// sha256 from the Hub's listing, small files downloaded and hashed (after checking them
+/// against the git object id the listing gives).
+fn pin_hub(spec: &str, kind: ModelKind, files: Vec<String>) -> anyhow::Result<(Source, Vec<FileEntry>)> {
+    use crate::models::download::{download, Expected, FileRequest};
+    use crate::models::hub::{Hub, HubSettings};
+    let (repo, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+    if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
+        bail!("--hf {spec:?}: expected ORG/REPO or ORG/REPO@REVISION");
+    }
+    let hub = Hub::new(HubSettings::from_env())?;
+    let commit = hub.resolve_commit(repo, revision)?;
+    let listing = hub.list_files(repo, &commit)?;
+    let paths = if files.is_empty() { loader_files(kind, repo, &listing)? } else { files };
+    let tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
+    let mut entries = Vec::with_capacity(paths.len());
+    for path in paths {
+        let Some(listed) = listing.iter().find(|l| l.path == path) else {
+            let names: Vec<&str> = listing.iter().map(|l| l.path.as_str()).collect();
+            bail!("{path} is not in {repo} at {commit} (it has: {})", names.join(", "));
+        };
+        let sha256 = match &listed.lfs_sha256 {
+            Some(sha) => sha.clone(),
+            None => {
+                let dest = tmp.path().join(path.replace('/', "_"));
+                let url = hub.file_url(repo, &commit, &path)?;
+                let expected = Expected::GitBlob(listed.oid.clone());
+                let req = FileRequest { url, token: hub.settings.token.as_deref(), dest: &dest, expected: &expected };
+                download(hub.client(), &req, &mut |_| {}).map_err(|e| hub.explain(&e, repo, Some(&commit), Some(&path)))?
+            }
+        };
+        entries.push(FileEntry { path, sha256: Some(sha256), size: Some(listed.size) });
+    }
+    let source = Source { hf: Some(repo.to_string()), revision: Some(commit), ..Source::default() };
+    Ok((source, entries))
+}
+
+/// What the loader reads for a kind, as present in a repository's listing.
+fn loader_files(kind: ModelKind, repo: &str, listing: &[crate::models::hub::HubFile]) -> anyhow::Result<Vec<String>> {
+    let has = |p: &str| listing.iter().any(|l| l.path == p);
+    match kind {
+        ModelKind::Generate => {
+            let ggufs: Vec<&str> = listing.iter().map(|l| l.path.as_str()).filter(|p| p.ends_with(".gguf")).collect();
+            match ggufs.as_slice() {
+                [one] => Ok(vec![one.to_string()]),
+                [] => bail!("{repo} has no GGUF file; a generate model is one GGUF file"),
+                many => bail!("{repo} has {} GGUF files: name the one to pin ({})", many.len(), many.join(", ")),
+            }
+        }
+        ModelKind::Embed | ModelKind::Classify => {
+            for required in ["config.json", "model.safetensors", "tokenizer.json"] {
+                if !has(required) {
+                    bail!("{repo} has no {required}, which an encoder needs (safetensors weights and a tokenizer.json)");
+                }
+            }
+            Ok(crate::encoder::files::READS.iter().filter(|p| has(p)).map(|p| p.to_string()).collect())
+        }
+    }
+}
+
+/// The entry as manifest TOML, checked to read back as a manifest.
+fn entry_toml(entry: ManifestEntry) -> anyhow::Result<String> {
     let text = toml::to_string(&Manifest { models: vec![entry] }).context("cannot write the entry as TOML")?;
     // What we print must load as a manifest; a blank line keeps appended entries apart.
     Manifest::parse(&text, "(the pinned entry)")?;
