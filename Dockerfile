@@ -109,6 +109,9 @@ COPY --from=build-cuda /usr/local/bin/edgenode /usr/local/bin/edgenode
 COPY scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint
 # The shipped config (the built-in defaults, commented), where an operator can mount another.
 COPY edgenode.toml /etc/edgenode/edgenode.toml
+# The card's models (TinyLlama and bge-small from the Hugging Face Hub): fly.card.toml points
+# EDGENODE_CONFIG at this config, which reads the manifest beside it.
+COPY deploy/card/ /etc/edgenode/card/
 # Only the keys edgenode knows: an unknown EDGENODE_* variable stops start-up. `cuda` (not
 # `auto`) so that a container started without a GPU fails at once instead of quietly
 # serving from the CPU.
@@ -146,6 +149,9 @@ COPY --from=build-cpu /usr/local/bin/edgenode /usr/local/bin/edgenode
 COPY scripts/docker-entrypoint.sh /usr/local/bin/docker-entrypoint
 # The shipped config (the built-in defaults, commented), where an operator can mount another.
 COPY edgenode.toml /etc/edgenode/edgenode.toml
+# The card's models (TinyLlama and bge-small from the Hugging Face Hub): fly.card.toml points
+# EDGENODE_CONFIG at this config, which reads the manifest beside it.
+COPY deploy/card/ /etc/edgenode/card/
 # Only the keys edgenode knows: an unknown EDGENODE_* variable stops start-up.
 ENV EDGENODE_CONFIG=/etc/edgenode/edgenode.toml \
     EDGENODE_STORE__DIR=/data/models \

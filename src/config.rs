@@ -187,7 +187,8 @@ pub struct StoreConfig {
     /// Folder holding one sub-folder per model (`<dir>/<name>/`).
     pub dir: PathBuf,
     /// Manifest to pin against; empty means the manifest built into this binary
-    /// (the repository's `models/manifest.toml` at build time).
+    /// (the repository's `models/manifest.toml` at build time). Relative to the config
+    /// file's folder when a config file sets it.
     pub manifest: Option<PathBuf>,
     /// On `serve`, fetch models whose files are missing before loading them.
     pub fetch_missing: bool,
@@ -760,7 +761,17 @@ impl Config {
         // `EDGENODE_CONFIG` names the file (a CLI flag's variable), not a key.
         let env = env.split("__").ignore(&["config"]);
         figment = figment.merge(env).merge(CliFlags(overrides.clone()));
-        let config: Config = figment.extract().map_err(describe)?;
+        let mut config: Config = figment.extract().map_err(describe)?;
+        // A relative manifest path in a config file is read from that file's folder, so a
+        // config and its manifest travel together (`deploy/card/`); elsewhere (environment,
+        // defaults) it is relative to the working directory.
+        if let Some(manifest) = config.store.manifest.as_mut().filter(|m| m.is_relative()) {
+            if let Some(figment::Source::File(file)) = figment.find_metadata("store.manifest").and_then(|m| m.source.as_ref()) {
+                if let Some(folder) = file.parent().filter(|f| !f.as_os_str().is_empty()) {
+                    *manifest = folder.join(&*manifest);
+                }
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -971,6 +982,19 @@ mod tests {
     #[test]
     fn defaults_validate() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_relative_manifest_is_read_from_its_config_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edgenode.toml");
+        std::fs::write(&file, "[store]\nmanifest = \"card/manifest.toml\"\n").unwrap();
+        let env = Env::prefixed("EDGENODE_TEST_NO_SUCH_PREFIX_");
+        let c = Config::load_from(&FileSource::Explicit(file), &Overrides::default(), env).unwrap();
+        let manifest = c.store.manifest.unwrap();
+        assert!(manifest.ends_with("card/manifest.toml"), "{}", manifest.display());
+        let folder = manifest.parent().and_then(Path::parent).and_then(|f| f.canonicalize().ok());
+        assert_eq!(folder, dir.path().canonicalize().ok(), "{}", manifest.display());
     }
 
     #[test]

@@ -26,8 +26,8 @@ const FIRST_START_MARGIN: f64 = 4.0;
 const FLY_MAX_KILL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Where every deployment keeps the model store: a volume mounted there.
 const STORE: &str = "/data/models";
-/// Both Fly configurations.
-const FLY_FILES: [&str; 2] = ["fly.toml", "fly.gpu.toml"];
+/// Every Fly configuration: the default models on CPU, the GPU variant, the card's models.
+const FLY_FILES: [&str; 3] = ["fly.toml", "fly.gpu.toml", "fly.card.toml"];
 
 fn read(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name);
@@ -244,7 +244,7 @@ fn fly_concurrency_limits_follow_edgenodes_admission_limits() {
 #[test]
 fn fly_files_build_their_dockerfile_targets() {
     let dockerfile = dockerfile_stages();
-    for (file, target) in [("fly.toml", "cpu"), ("fly.gpu.toml", "cuda")] {
+    for (file, target) in [("fly.toml", "cpu"), ("fly.gpu.toml", "cuda"), ("fly.card.toml", "cpu")] {
         let t = fly(file);
         assert_eq!(string(file, &t, "build.build-target"), target, "{file}: build target");
         assert!(dockerfile.iter().any(|s| s.name == target), "{file}: the Dockerfile has no stage `{target}`");
@@ -371,6 +371,69 @@ fn dockerfile_final_images_match_the_daemon() {
         cuda.args("ARG").iter().any(|a| a.starts_with("CUDA_COMPUTE_CAP")),
         "Dockerfile: the CUDA build takes CUDA_COMPUTE_CAP (there is no GPU during docker build)"
     );
+}
+
+/// fly.card.toml serves the card's models: its config is in the image, reads the manifest
+/// beside it, serves TinyLlama (also as routing's local model) and bge-small (also as the
+/// router's embedder) at the public pins, and its volume and first-start grace period are
+/// sized for those files.
+#[test]
+fn fly_card_serves_the_cards_models_at_their_pins() {
+    use edgenode::config::{FileSource, Overrides};
+    use edgenode::models::manifest::Manifest;
+    use edgenode::models::registry::Registry;
+
+    let t = fly("fly.card.toml");
+    let config_path = string("fly.card.toml", &t, "env.EDGENODE_CONFIG");
+    let cpu = dockerfile_stages().into_iter().find(|s| s.name == "cpu").expect("Dockerfile: a `cpu` stage");
+    let copied = cpu.args("COPY").iter().any(|c| c.split_whitespace().collect::<Vec<_>>() == ["deploy/card/", "/etc/edgenode/card/"]);
+    assert!(copied, "Dockerfile `cpu`: COPY deploy/card/ /etc/edgenode/card/ (fly.card.toml's EDGENODE_CONFIG is {config_path})");
+    let local =
+        PathBuf::from("deploy/card").join(config_path.strip_prefix("/etc/edgenode/card/").expect("the card config lives in /etc/edgenode/card/"));
+
+    let env = figment::providers::Env::prefixed("EDGENODE_TEST_NOTHING_");
+    let config = Config::load_from(&FileSource::Explicit(local.clone()), &Overrides::default(), env).expect("the card config loads");
+    let manifest_path = config.store.manifest.clone().expect("the card config names its manifest");
+    assert_eq!(
+        manifest_path.canonicalize().ok(),
+        PathBuf::from("deploy/card/manifest.toml").canonicalize().ok(),
+        "a relative manifest is read from the config's folder, not {}",
+        manifest_path.display()
+    );
+    let manifest = Manifest::load(Some(&manifest_path)).expect("the card manifest parses");
+    let registry = Registry::build(&config, &manifest).expect("every card model has its manifest entry");
+    assert_eq!(config.routing.local_model, "tinyllama");
+    let router = config.models.iter().find(|m| m.name == config.routing.classifier).expect("the router");
+    assert_eq!(router.embedder.as_deref(), Some("bge-small"));
+
+    let tiny = registry.get("tinyllama").and_then(|s| s.entry.clone()).expect("tinyllama");
+    assert_eq!(tiny.source.hf.as_deref(), Some("TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF"));
+    assert_eq!(tiny.source.revision.as_deref(), Some("52e7645ba7c309695bec7ac98f4f005b139cf465"));
+    assert_eq!(tiny.files[0].path, "tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf");
+    assert_eq!(tiny.files[0].sha256.as_deref(), Some("9fecc3b3cd76bba89d504f29b616eedf7da85b96540e490ca5824d3f7d2776a0"));
+    assert_eq!(tiny.files[0].size, Some(668_788_096));
+    let bge = registry.get("bge-small").and_then(|s| s.entry.clone()).expect("bge-small");
+    assert_eq!(bge.source.hf.as_deref(), Some("BAAI/bge-small-en-v1.5"));
+    assert_eq!(bge.source.revision.as_deref(), Some("5c38ec7c405ec4b44b94cc5a9bb96e735b38267a"));
+    let sha = |p: &str| bge.files.iter().find(|f| f.path == p).and_then(|f| f.sha256.clone());
+    assert_eq!(sha("model.safetensors").as_deref(), Some("3c9f31665447c8911517620762200d2245a2518d6e7208acc78cd9db317e21ad"));
+    assert_eq!(sha("tokenizer.json").as_deref(), Some("d241a60d5e8f04cc1b2b3e9ef7a4921b27bf526d9f6050ab90f9267a1f9e5c66"));
+    assert_eq!(sha("config.json").as_deref(), Some("094f8e891b932f2000c92cfc663bac4c62069f5d8af5b5278c4306aef3084750"));
+    for file in edgenode::encoder::files::READS {
+        assert!(bge.files.iter().any(|f| f.path == *file), "the bge-small entry pins {file}, which the loader reads");
+    }
+
+    // The volume holds every file; the first start's grace period covers downloading them
+    // at 5 MB/s.
+    let bytes: u64 = [&tiny, &bge].iter().flat_map(|e| e.files.iter()).filter_map(|f| f.size).sum();
+    let volume = tables("fly.card.toml", &t, "mounts")[0].get("initial_size").and_then(|v| v.as_str()).unwrap_or_default();
+    let gb: u64 = volume.trim_end_matches("gb").parse().unwrap_or_else(|_| panic!("fly.card.toml: initial_size {volume:?} in gb"));
+    assert!(gb * 1_000_000_000 >= bytes + bytes / 4, "fly.card.toml: a {volume} volume for {bytes} bytes of models");
+    let grace = tables("fly.card.toml", &t, "http_service.checks")
+        .iter()
+        .find_map(|c| c.get("grace_period").and_then(|g| g.as_str()).and_then(go_duration))
+        .expect("fly.card.toml: grace_period");
+    assert!(grace.as_secs_f64() >= bytes as f64 / 5e6, "fly.card.toml: grace_period {grace:?} for a first start downloading {bytes} bytes");
 }
 
 #[test]
