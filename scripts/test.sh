@@ -6,7 +6,9 @@
 # `langchain-openai`, which drive the daemon in the client tests; numpy and gguf, with
 # which scripts/standins.py writes the TinyLlama- and bge-shaped stand-ins;
 # sentence-transformers, with PyTorch and transformers, for the GPU check's dry run, which
-# computes its reference vectors and decode baseline on the CPU; NVRTC from the
+# computes its reference vectors and decode baseline on the CPU; Hugging Face's own
+# `huggingface_hub` client, which tests/hub.rs runs against the hub-shaped test server;
+# NVRTC from the
 # nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA kernels without a GPU), installs
 # Debian's chromium and prometheus packages where it can (a real browser loads /dashboard,
 # a real Prometheus scrapes /metrics and evaluates the Grafana dashboard's queries; those
@@ -25,7 +27,7 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     "openai>=1.40,<3" "jsonschema>=4.20,<5" "langchain-openai>=0.3,<2" \
     "nvidia-cuda-nvrtc-cu12>=12.4,<13" "numpy>=1.26,<3" "gguf==0.19.0" \
-    "sentence-transformers>=5,<7"
+    "sentence-transformers>=5,<7" "huggingface_hub>=1,<3"
 nvrtc_lib="$("$venv/bin/python" - <<'PY'
 import glob, os, nvidia
 for base in nvidia.__path__:
