@@ -55,6 +55,9 @@ pub enum Error {
     /// No model of that name (and kind) is served.
     #[error("model {name:?} is not served here; served {kind} models: {served}")]
     UnknownModel { name: String, kind: &'static str, served: String },
+    /// The request pins a model version this node does not serve (now, or any more).
+    #[error("model {model:?} is not served at version {requested:?} here; serving {serving}")]
+    ModelVersionUnavailable { model: String, requested: String, serving: String },
     /// No such route.
     #[error("no route for {method} {path}")]
     UnknownRoute { method: String, path: String },
@@ -117,6 +120,7 @@ impl Error {
             Unauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             UnknownModel { .. } | UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            ModelVersionUnavailable { .. } => StatusCode::CONFLICT,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | TooManyInputs { .. } | InputTooManyChars { .. } | RequestTooManyTokens { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // OpenAI's status for a prompt over the context: SDKs raise `BadRequestError` and
@@ -150,6 +154,7 @@ impl Error {
             ContextExceeded { .. } => "context_length_exceeded",
             UnsupportedMediaType(_) => "unsupported_media_type",
             UnknownModel { .. } => "model_not_found",
+            ModelVersionUnavailable { .. } => "model_version_unavailable",
             UnknownRoute { .. } => "not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             Unauthorized => "invalid_api_key",
@@ -220,6 +225,7 @@ impl Error {
             | BodyTooLarge { .. }
             | UnsupportedMediaType(_)
             | UnknownModel { .. }
+            | ModelVersionUnavailable { .. }
             | UnknownRoute { .. }
             | MethodNotAllowed { .. }
             | ModelNotAllowed { .. }

@@ -17,7 +17,7 @@ use crate::encoder::{Encoded, EncoderService};
 use crate::error::Error;
 use crate::generate::template::ChatMessage;
 use crate::generate::{Decoding, GenerateService, Generation, Prepared, PromptInput};
-use crate::models::registry::ModelSlot;
+use crate::models::registry::{ModelSlot, SlotRef};
 use crate::node::Node;
 
 /// What a generation request brings to the cache.
@@ -161,7 +161,7 @@ pub(crate) async fn embed_normalized(node: &Node, name: Option<&str>, texts: Vec
 /// outcome is `hit` only when every input was cached.
 pub(crate) async fn encode(
     node: &Node,
-    slot: &ModelSlot,
+    slot: &SlotRef<'_>,
     encoder: &Arc<EncoderService>,
     texts: Vec<String>,
     truncation: Truncation,

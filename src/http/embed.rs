@@ -27,7 +27,7 @@ use crate::config::{LimitsConfig, ModelKind};
 use crate::encoder::tokenize::{Text, Truncation};
 use crate::encoder::{Encoded, EncoderService};
 use crate::error::Error;
-use crate::models::registry::ModelSlot;
+use crate::models::registry::{ModelSlot, SlotRef};
 use crate::node::Node;
 use crate::telemetry::trace::record_tokens;
 
@@ -144,11 +144,11 @@ fn yes() -> bool {
 }
 
 /// The encoder behind an embed model, once it is warm.
-async fn ready_encoder(node: &Node, slot: &ModelSlot) -> Result<Arc<EncoderService>, Error> {
+async fn ready_encoder(node: &Node, slot: &SlotRef<'_>) -> Result<Arc<EncoderService>, Error> {
     Ok(slot.ready_service(node.ready_wait()).await?.encoder(slot.name())?.clone())
 }
 
-fn answer(body: impl Serialize, slot: &ModelSlot, encoded: &Encoded, workload: &'static str, cache: Option<&'static str>) -> Response {
+fn answer(body: impl Serialize, slot: &SlotRef<'_>, encoded: &Encoded, workload: &'static str, cache: Option<&'static str>) -> Response {
     let mut response = Json(body).into_response();
     let input_tokens = encoded.tokens.iter().sum();
     record_tokens(&tracing::Span::current(), input_tokens, None);
@@ -197,11 +197,11 @@ fn shorten(mut v: Vec<f32>, dims: Option<usize>, normalize: bool) -> Vec<f32> {
 
 /// What `/embed` and `/embed_all` share before the model runs: the model, its encoder, the
 /// inputs with their prompt, and the truncation asked for.
-async fn prepare_embed(node: &AppState, req: EmbedRequest) -> Result<(&Arc<ModelSlot>, Arc<EncoderService>, Vec<String>, Truncation), Error> {
+async fn prepare_embed(node: &AppState, req: EmbedRequest) -> Result<(SlotRef<'_>, Arc<EncoderService>, Vec<String>, Truncation), Error> {
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Embed)?;
     slot.record_on_span();
     validated(&req.inputs, "inputs", node)?;
-    let encoder = ready_encoder(node, slot).await?;
+    let encoder = ready_encoder(node, &slot).await?;
     let texts = encoder.with_prompt(req.inputs.texts, req.prompt_name.as_deref())?;
     Ok((slot, encoder, texts, truncation(node, req.truncate, req.truncation_direction)))
 }
@@ -213,9 +213,9 @@ pub async fn embed(State(node): State<AppState>, headers: HeaderMap, JsonBody(ra
     let (normalize, requested_dims) = (req.normalize, req.dimensions);
     let (slot, encoder, texts, truncate) = prepare_embed(&node, req).await?;
     let dims = dimensions(requested_dims, &encoder)?;
-    let (encoded, cache) = cached::encode(&node, slot, &encoder, texts, truncate, normalize, Directive::from_headers(&headers)).await?;
+    let (encoded, cache) = cached::encode(&node, &slot, &encoder, texts, truncate, normalize, Directive::from_headers(&headers)).await?;
     let rows: Vec<Vec<f32>> = encoded.rows.iter().map(|r| shorten(r.clone(), dims, normalize)).collect();
-    Ok(answer(&rows, slot, &encoded, "embed", cache))
+    Ok(answer(&rows, &slot, &encoded, "embed", cache))
 }
 
 /// `POST /embed_all`: every token's final hidden state per input, unpooled and not
@@ -229,7 +229,7 @@ pub async fn embed_all(State(node): State<AppState>, JsonBody(raw): JsonBody<Val
     let encoded = encoder.encode_tokens(texts, truncate).await?;
     let dims = encoder.dims;
     let rows: Vec<Vec<&[f32]>> = encoded.rows.iter().map(|r| r.chunks_exact(dims).collect()).collect();
-    Ok(answer(&rows, slot, &encoded, "embed", None))
+    Ok(answer(&rows, &slot, &encoded, "embed", None))
 }
 
 /// `POST /v1/embeddings` body (OpenAI).
@@ -269,11 +269,11 @@ pub async fn openai_embeddings(State(node): State<AppState>, headers: HeaderMap,
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Embed)?;
     slot.record_on_span();
     validated(&req.input, "input", &node)?;
-    let encoder = ready_encoder(&node, slot).await?;
+    let encoder = ready_encoder(&node, &slot).await?;
     let dims = dimensions(req.dimensions, &encoder)?;
     let texts = encoder.with_prompt(req.input.texts, req.prompt_name.as_deref())?;
     let truncate = truncation(&node, req.truncate, None);
-    let (encoded, cache) = cached::encode(&node, slot, &encoder, texts, truncate, true, Directive::from_headers(&headers)).await?;
+    let (encoded, cache) = cached::encode(&node, &slot, &encoder, texts, truncate, true, Directive::from_headers(&headers)).await?;
     let format = req.encoding_format.unwrap_or(EncodingFormat::Float);
     let data: Vec<EmbeddingItem> = encoded
         .rows
@@ -293,7 +293,7 @@ pub async fn openai_embeddings(State(node): State<AppState>, headers: HeaderMap,
         .collect();
     let tokens: usize = encoded.tokens.iter().sum();
     let body = EmbeddingList { object: "list", data, model: slot.name(), usage: EmbeddingUsage { prompt_tokens: tokens, total_tokens: tokens } };
-    Ok(answer(&body, slot, &encoded, "embed", cache))
+    Ok(answer(&body, &slot, &encoded, "embed", cache))
 }
 
 /// OpenAI's embeddings answer.
@@ -436,9 +436,9 @@ async fn classify_as(node: AppState, raw: Value, tei_pairs: bool) -> Result<Resp
         scored.into_iter().map(|row| row.into_iter().map(|(label, score)| LabelScore { label, score }).collect()).collect();
     if inputs.flat {
         // A single input answers with one flat list, as TEI does.
-        return Ok(answer(rows.pop().unwrap_or_default(), slot, &encoded, "classify", None));
+        return Ok(answer(rows.pop().unwrap_or_default(), &slot, &encoded, "classify", None));
     }
-    Ok(answer(&rows, slot, &encoded, "classify", None))
+    Ok(answer(&rows, &slot, &encoded, "classify", None))
 }
 
 /// `POST /rerank` body (TEI). The fields are `fields::RERANK`.
@@ -480,12 +480,18 @@ pub async fn rerank(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>
     let req: RerankRequest = from_value(raw)?;
     let slot = match req.model.as_deref() {
         Some(name) => node.registry.resolve(Some(name), ModelKind::Classify)?,
-        None => node.registry.slots().iter().find(|s| s.config.kind == ModelKind::Classify && label_count(s) == Some(1)).ok_or_else(|| {
-            Error::field(
-                "model",
-                "no re-ranker is served: a cross-encoder is a classify model with one label (a BertForSequenceClassification folder)",
-            )
-        })?,
+        None => node
+            .registry
+            .slots()
+            .iter()
+            .find(|s| s.config.kind == ModelKind::Classify && label_count(s) == Some(1))
+            .map(SlotRef::unpinned)
+            .ok_or_else(|| {
+                Error::field(
+                    "model",
+                    "no re-ranker is served: a cross-encoder is a classify model with one label (a BertForSequenceClassification folder)",
+                )
+            })?,
     };
     slot.record_on_span();
     if req.query.is_empty() {
@@ -500,7 +506,7 @@ pub async fn rerank(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>
         other => other,
     })?;
     let service = slot.ready_service(node.ready_wait()).await?;
-    if let Some(n) = label_count(slot).filter(|&n| n != 1) {
+    if let Some(n) = label_count(&slot).filter(|&n| n != 1) {
         return Err(Error::field("model", format!("model {} has {n} labels; a re-ranker (cross-encoder) has one", slot.name())));
     }
     let truncate = truncation(&node, req.truncate, req.truncation_direction);
@@ -511,5 +517,5 @@ pub async fn rerank(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>
         .map(|(index, row)| Ranked { index, text: req.return_text.then(|| req.texts[index].clone()), score: row.first().map_or(f32::NAN, |r| r.1) })
         .collect();
     ranked.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
-    Ok(answer(&ranked, slot, &encoded, "classify", None))
+    Ok(answer(&ranked, &slot, &encoded, "classify", None))
 }

@@ -29,7 +29,7 @@ use crate::generate::engine::FinishReason;
 use crate::generate::sampling::{SamplingParams, TokenLogprob};
 use crate::generate::template::ChatMessage;
 use crate::generate::{Decoding, GenerateService, Generation, Piece, Prepared, PromptInput, Usage};
-use crate::models::registry::ModelSlot;
+use crate::models::registry::{ModelSlot, SlotRef};
 use crate::node::Node;
 use crate::telemetry::trace::record_tokens;
 
@@ -393,14 +393,14 @@ impl SamplingFields {
     }
 }
 
-async fn ready_generator(node: &Node, slot: &ModelSlot) -> Result<Arc<GenerateService>, Error> {
+async fn ready_generator(node: &Node, slot: &SlotRef<'_>) -> Result<Arc<GenerateService>, Error> {
     Ok(slot.ready_service(node.ready_wait()).await?.generator(slot.name())?.clone())
 }
 
 /// Prepares, admits and starts one generation (or replays it from the response cache).
 pub(crate) async fn begin(
     node: &Node,
-    slot: &ModelSlot,
+    slot: &SlotRef<'_>,
     prompt: PromptInput,
     sampling: &SamplingFields,
     style: LogprobStyle,
@@ -412,7 +412,7 @@ pub(crate) async fn begin(
 /// `begin`, reusing a prompt this model already prepared (the router's decision did).
 pub(crate) async fn begin_prepared(
     node: &Node,
-    slot: &ModelSlot,
+    slot: &SlotRef<'_>,
     prompt: PromptInput,
     sampling: &SamplingFields,
     style: LogprobStyle,
@@ -489,7 +489,7 @@ pub(crate) fn served(slot: &ModelSlot, generation: &Generation, streaming: bool)
     }
 }
 
-pub(crate) fn headers(mut response: Response, slot: &ModelSlot, generation: &Generation) -> Response {
+pub(crate) fn headers(mut response: Response, slot: &SlotRef<'_>, generation: &Generation) -> Response {
     record_tokens(&tracing::Span::current(), generation.prompt_tokens, Some(generation.completion_tokens()));
     inference_headers(&mut response, &slot.label(), served(slot, generation, false));
     response
@@ -633,11 +633,11 @@ pub async fn generate(State(node): State<AppState>, request_headers: HeaderMap, 
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Generate)?;
     slot.record_on_span();
     let prompt = native_prompt(req.prompt, req.messages)?;
-    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat, Directive::from_headers(&request_headers)).await?;
+    let (_, generation) = begin(&node, &slot, prompt, &req.sampling, LogprobStyle::Chat, Directive::from_headers(&request_headers)).await?;
     let model = slot.name().to_string();
     let logprobs = req.sampling.logprobs(LogprobStyle::Chat)?.is_some();
     if req.stream {
-        let response = stream_response_with_headers(&node, "/generate", slot, generation, vec![], NativeFormat { model, logprobs }, None);
+        let response = stream_response_with_headers(&node, "/generate", &slot, generation, vec![], NativeFormat { model, logprobs }, None);
         return Ok(response);
     }
     let done = collect(generation).await?;
@@ -645,7 +645,7 @@ pub async fn generate(State(node): State<AppState>, request_headers: HeaderMap, 
     if logprobs {
         body["logprobs"] = chat_logprobs(&done.logprobs);
     }
-    Ok(headers(Json(body).into_response(), slot, &done.generation))
+    Ok(headers(Json(body).into_response(), &slot, &done.generation))
 }
 
 /// An SSE answer; the request is recorded in `/metrics` and `/stats` when the stream ends
@@ -653,14 +653,14 @@ pub async fn generate(State(node): State<AppState>, request_headers: HeaderMap, 
 pub(crate) fn stream_response_with_headers<F: PieceFormat>(
     node: &AppState,
     route: &'static str,
-    slot: &Arc<ModelSlot>,
+    slot: &SlotRef<'_>,
     generation: Generation,
     prelude: Vec<Value>,
     format: F,
     also_on_end: Option<OnEnd>,
 ) -> Response {
     let mut head = served(slot, &generation, true);
-    let (node, slot_for_end, span, caller) = (node.clone(), slot.clone(), tracing::Span::current(), head.caller.clone());
+    let (node, slot_for_end, span, caller) = (node.clone(), slot.slot().clone(), tracing::Span::current(), head.caller.clone());
     let on_end: OnEnd = Box::new(move |generation: &Generation, completed: bool| {
         record_tokens(&span, generation.prompt_tokens, Some(generation.completion_tokens()));
         let mut s = served(&slot_for_end, generation, false);
@@ -863,20 +863,20 @@ impl PieceFormat for ChatFormat {
 pub(crate) async fn chat_local(node: AppState, req: ChatRequest, directive: Directive) -> Result<Response, Error> {
     let slot = node.registry.resolve(req.model.as_deref().filter(|m| !m.is_empty()), ModelKind::Generate)?;
     slot.record_on_span();
-    let service = ready_generator(&node, slot).await?;
+    let service = ready_generator(&node, &slot).await?;
     if let Some(e) = req.edge_refusal(slot.name(), service.info.template_tools) {
         return Err(e);
     }
     let format = ChatFormat::new(slot.name(), &req)?;
     node.router.quality.remember(&format.id, crate::routing::ledger::Tier::Edge, false);
     let prompt = PromptInput::Chat(to_chat(&req.messages)?);
-    let (_, generation) = begin(&node, slot, prompt, &req.sampling, LogprobStyle::Chat, directive).await?;
+    let (_, generation) = begin(&node, &slot, prompt, &req.sampling, LogprobStyle::Chat, directive).await?;
     if req.stream {
         let first = format.opening();
-        return Ok(stream_response_with_headers(&node, "/v1/chat/completions", slot, generation, vec![first], format, None));
+        return Ok(stream_response_with_headers(&node, "/v1/chat/completions", &slot, generation, vec![first], format, None));
     }
     let done = collect(generation).await?;
-    Ok(headers(Json(format.completion(&done)).into_response(), slot, &done.generation))
+    Ok(headers(Json(format.completion(&done)).into_response(), &slot, &done.generation))
 }
 
 // ---------------------------------------------------------------- /v1/completions
@@ -973,7 +973,7 @@ pub async fn completions(State(node): State<AppState>, request_headers: HeaderMa
         req.sampling.max_tokens = Some(json!(COMPLETIONS_DEFAULT_MAX_TOKENS));
     }
     let (_, generation) =
-        begin(&node, slot, PromptInput::Text(req.prompt.0), &req.sampling, LogprobStyle::Completions, Directive::from_headers(&request_headers))
+        begin(&node, &slot, PromptInput::Text(req.prompt.0), &req.sampling, LogprobStyle::Completions, Directive::from_headers(&request_headers))
             .await?;
     let format = CompletionFormat {
         id: request_id("cmpl"),
@@ -984,7 +984,7 @@ pub async fn completions(State(node): State<AppState>, request_headers: HeaderMa
         sent: 0,
     };
     if req.stream {
-        return Ok(stream_response_with_headers(&node, "/v1/completions", slot, generation, vec![], format, None));
+        return Ok(stream_response_with_headers(&node, "/v1/completions", &slot, generation, vec![], format, None));
     }
     let done = collect(generation).await?;
     let logprobs = format.logprobs.then(|| completion_logprobs(&done.logprobs, 0));
@@ -993,5 +993,5 @@ pub async fn completions(State(node): State<AppState>, request_headers: HeaderMa
         "choices": [{"index": 0, "text": done.text, "finish_reason": done.reason.as_str(), "logprobs": logprobs}],
         "usage": done.usage,
     });
-    Ok(headers(Json(body).into_response(), slot, &done.generation))
+    Ok(headers(Json(body).into_response(), &slot, &done.generation))
 }

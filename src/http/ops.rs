@@ -83,7 +83,7 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
                 "load": load,
                 "name": s.name(),
                 "kind": s.config.kind,
-                "manifest": s.entry.as_ref().map(|e| e.name.clone()),
+                "manifest": s.entry().map(|e| e.name),
                 "version": facts.version,
                 "digest": facts.digest,
                 "label": s.label(),
@@ -98,11 +98,14 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
         })
         .collect();
     let limits = &node.config.limits;
-    let sync = match node.sync_report() {
+    let mut sync = match node.sync_report() {
         Some(r) => serde_json::to_value(&r).unwrap_or(Value::Null),
         None if node.config.sync.expected_manifest.is_empty() => json!({"enabled": false}),
         None => json!({"enabled": true, "source": node.config.sync.expected_manifest, "checked_at": null}),
     };
+    if node.config.sync.apply && !node.config.sync.expected_manifest.is_empty() {
+        sync["apply"] = json!(*node.upgrades.read());
+    }
     let auth = json!({
         "enabled": node.keys.enabled(),
         "keys": node.keys.hints(),
@@ -193,7 +196,7 @@ pub async fn list_models(State(node): State<AppState>) -> Json<Value> {
                 "device": facts.device,
                 "ready": s.stage() == Stage::Ready,
                 "label": s.label(),
-                "sync": s.entry.as_ref().and_then(|e| report.as_ref().and_then(|r| r.models.get(&e.name))).map(|m| m.status),
+                "sync": s.entry().and_then(|e| report.as_ref().and_then(|r| r.models.get(&e.name))).map(|m| m.status),
             })
         })
         .collect();

@@ -307,7 +307,7 @@ async fn run_edge(
     shadow: Option<Value>,
 ) -> Result<Response, Error> {
     let router = &node.router;
-    let slot = node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate)?.clone();
+    let slot = node.registry.resolve(Some(&router.cfg.local_model), ModelKind::Generate)?;
     let prompt = PromptInput::Chat(edge.messages.clone());
     let (_, mut generation) = begin_prepared(node, &slot, prompt, &edge.req.sampling, LogprobStyle::Chat, prepared, edge.directive).await?;
     // Attached before the first piece is taken, so the transcript is the whole answer.

@@ -80,14 +80,57 @@ pub struct ModelFacts {
     pub fetch: Option<crate::models::download::Progress>,
 }
 
+/// One loaded version of a model, warm and ready to be installed in its slot.
+pub struct Loaded {
+    /// Unique per load: a worker that ends acts on its slot only while its version is the
+    /// one installed.
+    pub id: u64,
+    pub service: Service,
+    /// The manifest entry it was loaded from (`None` for a prototype classifier).
+    pub entry: Option<ManifestEntry>,
+    /// What `/info` reports about this version (version, digest, files, details).
+    pub facts: ModelFacts,
+}
+
+/// A number no other load has had.
+pub fn next_load_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The version a slot serves, as requests take it: the service with the label that names
+/// it, so an answer names the version that computed it even if a switch happens meanwhile.
+#[derive(Clone)]
+pub struct Installed {
+    pub id: u64,
+    pub service: Service,
+    /// `NAME@VERSION+DIGEST12`.
+    pub label: String,
+    pub version: Option<String>,
+    pub digest: Option<String>,
+}
+
+impl Installed {
+    /// Whether a request's version pin (`@1.5`, or `@` a digest prefix of 4+ hex digits)
+    /// names this version.
+    pub fn matches(&self, pin: &str) -> bool {
+        let hex = pin.len() >= 4 && pin.chars().all(|c| c.is_ascii_hexdigit());
+        self.version.as_deref() == Some(pin) || (hex && self.digest.as_deref().is_some_and(|d| d.starts_with(&pin.to_ascii_lowercase())))
+    }
+}
+
 /// One served model.
 pub struct ModelSlot {
     pub config: ModelConfig,
-    /// Its manifest entry (`None` for a prototype classifier, which has no files of its own).
-    pub entry: Option<ManifestEntry>,
+    /// Its manifest entry (`None` for a prototype classifier, which has no files of its
+    /// own): the version being booted, then the one serving; model sync replaces it.
+    entry: RwLock<Option<ManifestEntry>>,
     stage: watch::Sender<Stage>,
     facts: RwLock<ModelFacts>,
-    service: RwLock<Option<Service>>,
+    current: RwLock<Option<Installed>>,
+    /// The version a switch replaced, still answering requests that pin it until the instant
+    /// given (`sync.keep_previous_s`).
+    previous: RwLock<Option<(Installed, Instant)>>,
     stage_started: parking_lot::Mutex<Instant>,
 }
 
@@ -96,12 +139,30 @@ impl ModelSlot {
         let facts = ModelFacts { version: entry.as_ref().map(|e| e.version.clone()), ..Default::default() };
         ModelSlot {
             config,
-            entry,
+            entry: RwLock::new(entry),
             stage: watch::channel(Stage::Pending).0,
             facts: RwLock::new(facts),
-            service: RwLock::new(None),
+            current: RwLock::new(None),
+            previous: RwLock::new(None),
             stage_started: parking_lot::Mutex::new(Instant::now()),
         }
+    }
+
+    /// The manifest entry of the version booting or serving.
+    pub fn entry(&self) -> Option<ManifestEntry> {
+        self.entry.read().clone()
+    }
+
+    /// Boots another entry than the one the registry was built with (the version model sync
+    /// switched to before a restart).
+    pub fn set_entry(&self, entry: ManifestEntry) {
+        self.facts.write().version = Some(entry.version.clone());
+        *self.entry.write() = Some(entry);
+    }
+
+    /// The id of the version installed now.
+    pub fn installed_id(&self) -> Option<u64> {
+        self.current.read().as_ref().map(|i| i.id)
     }
 
     /// The model's name.
@@ -155,16 +216,57 @@ impl ModelSlot {
         f(&self.facts.read())
     }
 
-    /// Installs the warm service and marks the model ready.
-    pub fn install(&self, service: Service) {
-        *self.service.write() = Some(service);
+    /// Installs a warm version and marks the model ready.
+    pub fn install(&self, loaded: Loaded) {
+        self.put(loaded);
         self.set_stage(Stage::Ready);
+    }
+
+    /// Serves `loaded` from now on, in place of the version serving: requests that already
+    /// hold the old version finish on it (it is dropped with its last user). With `keep`,
+    /// the old version goes on answering requests that pin it until then.
+    pub fn switch(&self, loaded: Loaded, keep: Option<Instant>) {
+        let old = self.current.read().clone();
+        *self.previous.write() = match (old, keep) {
+            (Some(old), Some(until)) => Some((old, until)),
+            _ => None,
+        };
+        let label = self.put(loaded);
+        tracing::info!(model = %self.name(), label = %label, "switched to a new version");
+    }
+
+    /// Replaces entry, facts (keeping the boot's stage timings) and the installed version.
+    fn put(&self, loaded: Loaded) -> String {
+        let Loaded { id, service, entry, facts } = loaded;
+        if let Some(e) = entry {
+            *self.entry.write() = Some(e);
+        }
+        let label = {
+            let mut f = self.facts.write();
+            let stage_seconds = std::mem::take(&mut f.stage_seconds);
+            *f = ModelFacts { stage_seconds, ..facts };
+            self.label_of(&f)
+        };
+        let (version, digest) = self.with_facts(|f| (f.version.clone(), f.digest.clone()));
+        *self.current.write() = Some(Installed { id, service, label: label.clone(), version, digest });
+        label
     }
 
     /// Takes the service away (its worker died); requests wait again until it is back.
     pub fn uninstall(&self, stage: Stage) {
-        *self.service.write() = None;
+        *self.current.write() = None;
         self.set_stage(stage);
+    }
+
+    /// The version a switch replaced and until when it answers pinned requests, if it still
+    /// does.
+    pub fn previous(&self) -> Option<(Installed, Instant)> {
+        let mut previous = self.previous.write();
+        if previous.as_ref().is_some_and(|(_, until)| *until <= Instant::now()) {
+            // Past its time: dropped here, so its memory goes once its last request ends.
+            *previous = None;
+        }
+        previous.clone()
     }
 
     /// Records on the current request's span which model answers it (version, digest, device).
@@ -174,7 +276,12 @@ impl ModelSlot {
 
     /// The service, if the model is ready now (no waiting).
     pub fn current_service(&self) -> Option<Service> {
-        self.service.read().clone()
+        self.current.read().as_ref().map(|i| i.service.clone())
+    }
+
+    /// The installed version, if the model is ready now (no waiting).
+    pub fn current(&self) -> Option<Installed> {
+        self.current.read().clone()
     }
 
     /// `NAME@VERSION+DIGEST12` for the `x-edgenode-model` header.
@@ -191,14 +298,39 @@ impl ModelSlot {
 
     /// The service, once the model is ready; waits up to `wait` while it is still booting.
     pub async fn ready_service(&self, wait: Duration) -> Result<Service, Error> {
+        self.ready_installed(None, wait).await.map(|i| i.service)
+    }
+
+    /// The installed version a request gets, once the model is ready (waiting up to `wait`
+    /// while it boots): the current one, or with a version pin the one it names (the current
+    /// one, or the previous one within `sync.keep_previous_s` of a switch), else 409
+    /// `model_version_unavailable` naming what is served. Never a version the pin does not
+    /// name: vectors of two embedding spaces must not mix silently.
+    pub async fn ready_installed(&self, pin: Option<&str>, wait: Duration) -> Result<Installed, Error> {
         let mut rx = self.stage.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let stage = rx.borrow_and_update().clone();
             match stage {
                 Stage::Ready => {
-                    if let Some(s) = self.service.read().clone() {
-                        return Ok(s);
+                    if let Some(current) = self.current() {
+                        let Some(pin) = pin else { return Ok(current) };
+                        if current.matches(pin) {
+                            return Ok(current);
+                        }
+                        if let Some((previous, _)) = self.previous().filter(|(p, _)| p.matches(pin)) {
+                            return Ok(previous);
+                        }
+                        let serving = match self.previous() {
+                            Some((p, until)) => format!(
+                                "{} (and {} for {} s more)",
+                                current.label,
+                                p.label,
+                                until.saturating_duration_since(Instant::now()).as_secs()
+                            ),
+                            None => current.label,
+                        };
+                        return Err(Error::ModelVersionUnavailable { model: self.name().to_string(), requested: pin.to_string(), serving });
                     }
                 }
                 Stage::Failed(message) => {
@@ -214,6 +346,46 @@ impl ModelSlot {
                 });
             }
         }
+    }
+}
+
+/// A model as one request resolved it: the slot, the version the request pins (if any),
+/// and, once the request took a version, that version's label for its answer's header.
+pub struct SlotRef<'a> {
+    slot: &'a Arc<ModelSlot>,
+    pin: Option<String>,
+    chosen: std::sync::OnceLock<String>,
+}
+
+impl std::ops::Deref for SlotRef<'_> {
+    type Target = Arc<ModelSlot>;
+    fn deref(&self) -> &Arc<ModelSlot> {
+        self.slot
+    }
+}
+
+impl<'a> SlotRef<'a> {
+    /// A slot reached without a request's model name (so without a version pin).
+    pub fn unpinned(slot: &'a Arc<ModelSlot>) -> SlotRef<'a> {
+        SlotRef { slot, pin: None, chosen: std::sync::OnceLock::new() }
+    }
+
+    /// The service of the version this request gets (see `ModelSlot::ready_installed`).
+    pub async fn ready_service(&self, wait: Duration) -> Result<Service, Error> {
+        let installed = self.slot.ready_installed(self.pin.as_deref(), wait).await?;
+        let _ = self.chosen.set(installed.label.clone());
+        Ok(installed.service)
+    }
+
+    /// The label of the version that answered (once `ready_service` chose it), else the
+    /// current one's.
+    pub fn label(&self) -> String {
+        self.chosen.get().cloned().unwrap_or_else(|| self.slot.label())
+    }
+
+    /// The slot itself, for work that outlives the request's borrow of the registry.
+    pub fn slot(&self) -> &Arc<ModelSlot> {
+        self.slot
     }
 }
 
@@ -268,8 +440,21 @@ impl Registry {
         self.slots.iter().filter(|s| s.config.kind == kind).map(|s| s.name()).collect()
     }
 
-    /// The model a request asked for (or the first of the kind when it named none).
-    pub fn resolve(&self, requested: Option<&str>, kind: ModelKind) -> Result<&Arc<ModelSlot>, Error> {
+    /// The model a request asked for (or the first of the kind when it named none). A name
+    /// may pin a version: `bge-small@1.5`, or `@` a digest prefix.
+    pub fn resolve(&self, requested: Option<&str>, kind: ModelKind) -> Result<SlotRef<'_>, Error> {
+        let (name, pin) = match requested.and_then(|r| r.split_once('@')) {
+            Some((name, pin)) if !pin.is_empty() => (Some(name), Some(pin.to_string())),
+            _ => (requested, None),
+        };
+        let slot = self.resolve_name(name, kind).map_err(|e| match (e, requested) {
+            (Error::UnknownModel { kind, served, .. }, Some(r)) => Error::UnknownModel { name: r.to_string(), kind, served },
+            (e, _) => e,
+        })?;
+        Ok(SlotRef { slot, pin, chosen: std::sync::OnceLock::new() })
+    }
+
+    fn resolve_name(&self, requested: Option<&str>, kind: ModelKind) -> Result<&Arc<ModelSlot>, Error> {
         let found = match requested {
             Some(name) => self.get(name).filter(|s| s.config.kind == kind),
             None => self.slots.iter().find(|s| s.config.kind == kind),
