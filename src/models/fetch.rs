@@ -61,8 +61,14 @@ pub struct FetchOptions<'a> {
 
 /// Makes sure the files of `entry` are in `<store>/<name>/` and match their digests.
 pub fn fetch(entry: &ManifestEntry, store: &Path, opts: &FetchOptions) -> Result<Fetched, FetchError> {
+    fetch_into(entry, store, &entry.dir(store), opts)
+}
+
+/// Makes sure the files of `entry` are in `dir` (a version's own folder in the store, say)
+/// and match their digests.
+pub fn fetch_into(entry: &ManifestEntry, store: &Path, dir: &Path, opts: &FetchOptions) -> Result<Fetched, FetchError> {
     let err = |message: String| FetchError { model: entry.name.clone(), message };
-    let dir = entry.dir(store);
+    let dir = dir.to_path_buf();
     let kind = entry.source.kind();
     if !needs_fetch(entry, &dir) {
         match verify_model(entry, &dir) {

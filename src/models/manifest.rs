@@ -29,6 +29,9 @@ pub struct ManifestEntry {
     pub description: String,
     pub source: Source,
     pub files: Vec<FileEntry>,
+    /// What this version must answer before model sync lets it serve (`models::probe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<super::probe::Probe>,
 }
 
 /// Where a model's files come from.
@@ -169,6 +172,9 @@ impl Manifest {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(err(format!("model {:?}: url {url:?} must start with http:// or https://", entry.name)));
                 }
+            }
+            if let Some(probe) = &entry.probe {
+                probe.check_shape(entry.kind == ModelKind::Generate).map_err(|m| err(format!("model {:?}: {m}", entry.name)))?;
             }
             for f in &entry.files {
                 let bad_path = f.path.is_empty() || Path::new(&f.path).is_absolute() || f.path.split('/').any(|c| c == ".." || c.is_empty());

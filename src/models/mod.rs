@@ -6,6 +6,8 @@ pub mod fetch;
 pub mod hf_cache;
 pub mod hub;
 pub mod manifest;
+pub mod probe;
 pub mod registry;
+pub mod store;
 pub mod sync;
 pub mod verify;

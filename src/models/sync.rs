@@ -57,6 +57,26 @@ pub struct ModelDrift {
     pub expected: Option<Pin>,
 }
 
+/// Where applying the expected manifest to one model stands (`sync.apply`): shown in
+/// `/info`'s `sync.apply`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ApplyStatus {
+    /// `scheduled` (waiting for this node's share of `rollout_jitter_s`), `fetching`,
+    /// `verifying`, `loading` (includes warm-up), `probing`, `switched`, or `failed`.
+    pub state: &'static str,
+    /// The version being applied (or last applied).
+    pub target: Option<Pin>,
+    /// Why the last try failed, naming the step.
+    pub error: Option<String>,
+    /// Tries that failed in a row.
+    pub failures: u32,
+    /// Seconds since the epoch: when this node switches (scheduled), retries (failed), or
+    /// switched.
+    pub at: Option<u64>,
+    /// While fetching: the file, bytes done and in all.
+    pub fetch: Option<super::download::Progress>,
+}
+
 /// The last sync check.
 #[derive(Debug, Clone, Serialize)]
 pub struct SyncReport {
@@ -70,6 +90,9 @@ pub struct SyncReport {
     pub error: Option<String>,
     /// Per manifest entry (from the last successful fetch).
     pub models: BTreeMap<String, ModelDrift>,
+    /// The expected manifest itself (from the last successful fetch), for `sync.apply`.
+    #[serde(skip)]
+    pub expected: Option<Arc<Manifest>>,
 }
 
 impl SyncReport {
@@ -118,13 +141,21 @@ pub async fn fetch(source: &str, timeout: Duration) -> Result<Manifest, String> 
 pub fn report(source: &str, fetched: Result<Manifest, String>, local: &BTreeMap<String, Pin>, previous: Option<&SyncReport>) -> SyncReport {
     let checked_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     match fetched {
-        Ok(expected) => SyncReport { source: source.into(), checked_at, reachable: true, error: None, models: compare(local, &expected) },
+        Ok(expected) => SyncReport {
+            source: source.into(),
+            checked_at,
+            reachable: true,
+            error: None,
+            models: compare(local, &expected),
+            expected: Some(Arc::new(expected)),
+        },
         Err(e) => SyncReport {
             source: source.into(),
             checked_at,
             reachable: false,
             error: Some(e),
             models: previous.map(|p| p.models.clone()).unwrap_or_default(),
+            expected: previous.and_then(|p| p.expected.clone()),
         },
     }
 }
@@ -135,7 +166,7 @@ pub fn report(source: &str, fetched: Result<Manifest, String>, local: &BTreeMap<
 pub fn local_pins(registry: &Registry) -> BTreeMap<String, Pin> {
     let mut out = BTreeMap::new();
     for slot in registry.slots() {
-        let Some(entry) = &slot.entry else { continue };
+        let Some(entry) = slot.entry() else { continue };
         if matches!(slot.stage(), Stage::Failed(_)) {
             continue;
         }
