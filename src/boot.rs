@@ -4,7 +4,7 @@
 //! builds on an embedding model waits for that model first. A model that fails is marked
 //! failed with its reason; the others still come up and serve.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,17 +22,32 @@ use crate::generate::engine::Generator;
 use crate::generate::native::NativeGenerator;
 use crate::generate::{mistral, GenerateService};
 use crate::models::download::Progress;
-use crate::models::fetch::{fetch, FetchOptions};
-use crate::models::manifest::SourceKind;
-use crate::models::registry::{ModelSlot, Stage};
-use crate::models::verify::{needs_fetch, verify_model};
+use crate::models::fetch::{fetch_into, FetchOptions};
+use crate::models::manifest::{ManifestEntry, SourceKind};
+use crate::models::registry::{next_load_id, Loaded, ModelFacts, ModelSlot, Stage};
+use crate::models::verify::{needs_fetch, verify_model, Verified};
 use crate::node::Node;
 use crate::service::Service;
 
-/// Boots every model; returns when each is ready or failed.
-pub async fn boot_all(node: Arc<Node>, device: Device) {
+/// Where a model whose worker died is sent to be reloaded (the supervisor's inbox).
+pub type Restarts = mpsc::UnboundedSender<Arc<ModelSlot>>;
+
+/// Boots every model, then supervises them (reloading one whose worker died) until the
+/// process ends. With `sync.apply`, a model boots the version model sync last switched it
+/// to (`models::store::applied`), from disk, instead of its manifest's.
+pub async fn boot_all(node: Arc<Node>, device: Device, (restarts, mut restart_rx): (Restarts, mpsc::UnboundedReceiver<Arc<ModelSlot>>)) {
     let started = Instant::now();
-    let (restarts, mut restart_rx) = mpsc::unbounded_channel::<Arc<ModelSlot>>();
+    if node.config.sync.apply {
+        for slot in node.registry.slots() {
+            let Some(entry) = slot.entry() else { continue };
+            if let Some(applied) = crate::models::store::applied(&node.config.store.dir, &entry.name).filter(|a| a.kind == entry.kind) {
+                if applied.digest() != entry.digest() {
+                    tracing::info!(model = %slot.name(), version = %applied.version, "booting the version model sync switched to");
+                    slot.set_entry(applied);
+                }
+            }
+        }
+    }
     let tasks: Vec<_> = node
         .registry
         .slots()
@@ -88,7 +103,7 @@ async fn supervise(
 }
 
 /// Runs blocking work (hashing, loading) off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
     tokio::task::spawn_blocking(f).await.map_err(|e| format!("the boot task panicked: {e}"))?
 }
 
@@ -98,79 +113,120 @@ async fn boot_model(
     device: &Device,
     restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
 ) -> Result<(), String> {
-    let dir = match &slot.entry {
-        Some(entry) => Some(verify_files(node, slot, entry.clone()).await?),
-        None => None,
-    };
     slot.update_facts(|f| f.device = Some(node.device.clone()));
-    let service = match (slot.config.kind, dir) {
-        (ModelKind::Embed | ModelKind::Classify, Some(dir)) => {
-            slot.set_stage(Stage::Loading);
-            let (service, policy) = load_encoder(node, slot, &dir, device, restarts).await?;
-            compile_kernels(slot, device).await?;
-            slot.set_stage(Stage::WarmingUp);
-            warm_encoder(&service, policy).await?;
-            Service::Encoder(service)
+    let loaded = match slot.entry() {
+        Some(entry) => {
+            let dir = entry_dir(node, &entry);
+            let verified = verify_files(node, slot, &entry, &dir).await?;
+            load_version(node, slot, entry, verified, &dir, device, restarts, true).await?
         }
-        (ModelKind::Classify, None) => {
+        None if slot.config.kind == ModelKind::Classify => {
             let embedder = wait_for_embedder(node, &slot.config).await?;
             slot.set_stage(Stage::WarmingUp);
-            let labels = slot.config.labels.clone().unwrap_or_default();
-            let temperature = slot.config.temperature.unwrap_or(DEFAULT_TEMPERATURE);
-            let classifier = PrototypeClassifier::build(slot.name().to_string(), embedder, &labels, temperature).await?;
-            slot.update_facts(|f| {
-                f.details.insert("labels".into(), serde_json::json!(classifier.labels));
-                f.details.insert("embedder".into(), serde_json::json!(classifier.embedder.name));
-                f.details.insert("temperature".into(), serde_json::json!(temperature));
-            });
-            Service::Prototype(Arc::new(classifier))
+            build_prototype(node, slot, embedder).await?
         }
-        (ModelKind::Generate, Some(dir)) => {
-            slot.set_stage(Stage::Loading);
-            let service = load_generator(node, slot, &dir, device, restarts).await?;
-            slot.set_stage(Stage::WarmingUp);
-            service.warm_up().await?;
-            Service::Generator(service)
-        }
-        (kind, None) => return Err(format!("a {kind} model needs a manifest entry with its files")),
+        None => return Err(format!("a {} model needs a manifest entry with its files", slot.config.kind)),
     };
-    slot.install(service);
+    slot.install(loaded);
     Ok(())
 }
 
+/// Where a manifest entry's files live in this node's store: the manifest's own folder for
+/// the version the node's manifest pins, a versioned folder for one model sync applied.
+pub fn entry_dir(node: &Node, entry: &ManifestEntry) -> PathBuf {
+    crate::models::store::dir_for(&node.config.store.dir, entry, node.manifest.get(&entry.name))
+}
+
+/// Loads one version of a model from its verified files, starts its queue and worker and
+/// warms it up, without installing it: at boot the caller installs it; model sync loads a
+/// new version beside the serving one and switches to it only once it is warm and passes its
+/// probe. With `report`, the slot's stage follows along (boot); without, the slot keeps
+/// serving as it is.
+#[allow(clippy::too_many_arguments)] // one call per caller; a struct would only rename them
+pub async fn load_version(
+    node: &Arc<Node>,
+    slot: &Arc<ModelSlot>,
+    entry: ManifestEntry,
+    verified: Verified,
+    dir: &Path,
+    device: &Device,
+    restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
+    report: bool,
+) -> Result<Loaded, String> {
+    let id = next_load_id();
+    let facts = parking_lot::Mutex::new(ModelFacts {
+        version: Some(entry.version.clone()),
+        digest: Some(verified.digest),
+        files: verified.files.into_iter().collect(),
+        device: Some(node.device.clone()),
+        ..Default::default()
+    });
+    let stage = |s: Stage| {
+        if report {
+            slot.set_stage(s);
+        }
+    };
+    let service = match slot.config.kind {
+        ModelKind::Embed | ModelKind::Classify => {
+            stage(Stage::Loading);
+            let (service, policy) = load_encoder(node, slot, &entry, dir, device, (restarts, id), &facts).await?;
+            compile_kernels(slot, device, report).await?;
+            stage(Stage::WarmingUp);
+            warm_encoder(&service, policy).await?;
+            Service::Encoder(service)
+        }
+        ModelKind::Generate => {
+            stage(Stage::Loading);
+            let service = load_generator(node, slot, &entry, dir, device, (restarts, id), &facts).await?;
+            stage(Stage::WarmingUp);
+            service.warm_up().await?;
+            Service::Generator(service)
+        }
+    };
+    Ok(Loaded { id, service, entry: Some(entry), facts: facts.into_inner() })
+}
+
+/// A prototype classifier over an embedder's service: its labels' centroids embedded now.
+pub async fn build_prototype(node: &Node, slot: &Arc<ModelSlot>, embedder: Arc<EncoderService>) -> Result<Loaded, String> {
+    let labels = slot.config.labels.clone().unwrap_or_default();
+    let temperature = slot.config.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+    let classifier = PrototypeClassifier::build(slot.name().to_string(), embedder, &labels, temperature).await?;
+    let mut facts = ModelFacts { device: Some(node.device.clone()), ..Default::default() };
+    facts.details.insert("labels".into(), serde_json::json!(classifier.labels));
+    facts.details.insert("embedder".into(), serde_json::json!(classifier.embedder.name));
+    facts.details.insert("temperature".into(), serde_json::json!(temperature));
+    Ok(Loaded { id: next_load_id(), service: Service::Prototype(Arc::new(classifier)), entry: None, facts })
+}
+
 /// Fetches missing files (when allowed) and verifies every file against the manifest.
-async fn verify_files(node: &Arc<Node>, slot: &Arc<ModelSlot>, entry: crate::models::manifest::ManifestEntry) -> Result<std::path::PathBuf, String> {
+async fn verify_files(node: &Arc<Node>, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir: &Path) -> Result<Verified, String> {
     let store = node.config.store.dir.clone();
-    let dir = entry.dir(&store);
-    if needs_fetch(&entry, &dir) && node.config.store.fetch_missing && entry.source.kind() != Some(SourceKind::Dir) {
+    if needs_fetch(entry, dir) && node.config.store.fetch_missing && entry.source.kind() != Some(SourceKind::Dir) {
         slot.set_stage(Stage::Fetching);
         let python = node.config.store.python.clone();
-        let (e, s) = (entry.clone(), slot.clone());
+        let (e, s, d) = (entry.clone(), slot.clone(), dir.to_path_buf());
         let fetched = blocking(move || {
             let progress = |p: &Progress| s.update_facts(|f| f.fetch = Some(p.clone()));
-            fetch(&e, &store, &FetchOptions { python: &python, progress: &progress }).map_err(|e| e.to_string())
+            fetch_into(&e, &store, &d, &FetchOptions { python: &python, progress: &progress }).map_err(|e| e.to_string())
         })
         .await;
         slot.update_facts(|f| f.fetch = None);
         fetched?;
     }
     slot.set_stage(Stage::Verifying);
-    let d = dir.clone();
-    let verified = blocking(move || verify_model(&entry, &d).map_err(|e| e.to_string())).await?;
-    slot.update_facts(|f| {
-        f.digest = Some(verified.digest.clone());
-        f.files = verified.files.iter().cloned().collect();
-    });
-    Ok(dir)
+    let (e, d) = (entry.clone(), dir.to_path_buf());
+    blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await
 }
 
 /// Reads the folder, loads the weights onto the device and starts queue and worker.
 async fn load_encoder(
     node: &Arc<Node>,
     slot: &Arc<ModelSlot>,
+    entry: &ManifestEntry,
     dir: &Path,
     device: &Device,
-    restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
+    (restarts, id): (&mpsc::UnboundedSender<Arc<ModelSlot>>, u64),
+    facts: &parking_lot::Mutex<ModelFacts>,
 ) -> Result<(Arc<EncoderService>, BatchPolicy), String> {
     let cfg = slot.config.clone();
     let on_gpu = !device.is_cpu();
@@ -178,7 +234,7 @@ async fn load_encoder(
     let precision = cfg.precision.unwrap_or(Precision::Fp32);
     let threads = crate::runtime::compute_threads(&node.config);
     let (dir, device) = (dir.to_path_buf(), device.clone());
-    let pinned: Vec<String> = slot.entry.iter().flat_map(|e| e.files.iter().map(|f| f.path.clone())).collect();
+    let pinned: Vec<String> = entry.files.iter().map(|f| f.path.clone()).collect();
     let (model, files, task, tokenizer) = blocking(move || {
         crate::encoder::files::check_pinned(&dir, &pinned.iter().map(String::as_str).collect::<Vec<_>>())?;
         let files = EncoderFiles::read(&dir)?;
@@ -204,13 +260,14 @@ async fn load_encoder(
         slot.config.max_batch_tokens.or(Some(if on_gpu { encoder::DEFAULT_MAX_BATCH_TOKENS_GPU } else { encoder::DEFAULT_MAX_BATCH_TOKENS })),
         slot.config.max_batch_requests,
     );
-    slot.update_facts(|f| {
+    {
+        let f = &mut *facts.lock();
         f.details.insert("engine".into(), serde_json::json!(model.engine()));
         f.details.insert("precision".into(), serde_json::json!(model.precision()));
         if model.engine() == "native" {
             f.details.insert("cpu_isa".into(), serde_json::json!(crate::cpu::Isa::detect().name()));
         }
-    });
+    }
     let dims = match &task {
         EncoderTask::Classify { labels, .. } => labels.len(),
         EncoderTask::Embed { .. } => files.config.hidden_size,
@@ -219,12 +276,12 @@ async fn load_encoder(
     let (batch_tx, batch_rx) = mpsc::channel(1);
     let idle = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(run_queue(slot.name().to_string(), job_rx, batch_tx, idle.clone(), policy));
-    spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, idle, on_worker_exit(slot, restarts))
+    spawn_worker(slot.name().to_string(), Box::new(model), batch_rx, idle, on_worker_exit(slot, restarts, id))
         .map_err(|e| format!("cannot start the model worker: {e}"))?;
 
     let max_in_flight = slot.config.max_concurrent_inputs.unwrap_or(encoder::DEFAULT_MAX_CONCURRENT_INPUTS);
-    slot.update_facts(|f| {
-        let d = &mut f.details;
+    {
+        let d = &mut facts.lock().details;
         d.insert("dimensions".into(), serde_json::json!(dims));
         d.insert("max_input_tokens".into(), serde_json::json!(files.max_tokens));
         d.insert("max_batch_tokens".into(), serde_json::json!(policy.max_batch_tokens));
@@ -241,7 +298,7 @@ async fn load_encoder(
             }
             EncoderTask::Classify { labels, .. } => d.insert("labels".into(), serde_json::json!(labels)),
         };
-    });
+    }
     let service = EncoderService::new(
         slot.name().to_string(),
         task,
@@ -270,13 +327,14 @@ fn runs_native(cfg: &ModelConfig, device: &Device, gguf: bool) -> Result<bool, S
     }
 }
 
-/// What a model's worker thread does when it ends: if it ended while serving (not because
-/// the model was uninstalled or the node is stopping), the model is taken out of service
-/// (`/readyz` 503, `restarting`) and handed to the supervisor to reload.
-fn on_worker_exit(slot: &Arc<ModelSlot>, restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>) -> impl FnOnce() + Send + 'static {
+/// What a model's worker thread does when it ends: if it ended while its version was the one
+/// serving (not because the model was uninstalled, switched to another version, or the node
+/// is stopping), the model is taken out of service (`/readyz` 503, `restarting`) and handed
+/// to the supervisor to reload.
+fn on_worker_exit(slot: &Arc<ModelSlot>, restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>, id: u64) -> impl FnOnce() + Send + 'static {
     let (slot, restarts) = (slot.clone(), restarts.clone());
     move || {
-        if slot.stage() == Stage::Ready {
+        if slot.stage() == Stage::Ready && slot.installed_id() == Some(id) {
             slot.uninstall(Stage::Restarting);
             let _ = restarts.send(slot);
         }
@@ -287,16 +345,17 @@ fn on_worker_exit(slot: &Arc<ModelSlot>, restarts: &mpsc::UnboundedSender<Arc<Mo
 async fn load_generator(
     node: &Arc<Node>,
     slot: &Arc<ModelSlot>,
+    entry: &ManifestEntry,
     dir: &Path,
     device: &Device,
-    restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>,
+    (restarts, id): (&mpsc::UnboundedSender<Arc<ModelSlot>>, u64),
+    facts: &parking_lot::Mutex<ModelFacts>,
 ) -> Result<Arc<GenerateService>, String> {
-    let entry = slot.entry.as_ref().ok_or("no manifest entry")?;
     let gguf = entry.files.iter().find(|f| f.path.ends_with(".gguf")).map(|f| dir.join(&f.path));
     let engine: Arc<dyn Generator> = if runs_native(&slot.config, device, gguf.is_some())? {
         let path = gguf.ok_or("no GGUF file")?;
         let threads = crate::runtime::compute_threads(&node.config);
-        let on_exit = on_worker_exit(slot, restarts);
+        let on_exit = on_worker_exit(slot, restarts, id);
         Arc::new(blocking(move || NativeGenerator::load_supervised(&path, threads, false, on_exit)).await?)
     } else {
         let files = match &gguf {
@@ -307,25 +366,28 @@ async fn load_generator(
         Arc::new(mistral::MistralGenerator::load(files, device, max_sequences).await?)
     };
     let service = GenerateService::new(engine, &slot.config, &node.config.limits);
-    slot.update_facts(|f| {
+    {
+        let f = &mut *facts.lock();
         f.details.insert("engine".into(), serde_json::json!(service.info.engine));
         f.details.insert("context".into(), serde_json::json!(service.context));
         f.details.insert("max_concurrent_sequences".into(), serde_json::json!(service.max_sequences));
         f.details.insert("model".into(), service.info.details.clone());
-    });
+    }
     Ok(Arc::new(service))
 }
 
 /// On a GPU, compiles our pooling kernels for its architecture now, so no request pays
 /// for NVRTC. Nothing to do on a CPU.
-async fn compile_kernels(slot: &Arc<ModelSlot>, device: &Device) -> Result<(), String> {
+async fn compile_kernels(slot: &Arc<ModelSlot>, device: &Device, report: bool) -> Result<(), String> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
-        slot.set_stage(Stage::CompilingKernels);
+        if report {
+            slot.set_stage(Stage::CompilingKernels);
+        }
         let dev = dev.clone();
         blocking(move || crate::gpu::compile_for_device(&dev).map(|_| ()).map_err(|e| format!("cannot compile kernels/pooling.cu: {e}"))).await?;
     }
-    let _ = (slot, device);
+    let _ = (slot, device, report);
     Ok(())
 }
 
@@ -341,7 +403,7 @@ async fn warm_encoder(service: &EncoderService, policy: BatchPolicy) -> Result<(
 }
 
 /// Waits for the embedding model a prototype classifier builds on.
-async fn wait_for_embedder(node: &Arc<Node>, cfg: &ModelConfig) -> Result<Arc<EncoderService>, String> {
+pub async fn wait_for_embedder(node: &Arc<Node>, cfg: &ModelConfig) -> Result<Arc<EncoderService>, String> {
     let name = cfg.embedder.clone().ok_or("a prototype classifier needs `embedder` (an embed model's name)")?;
     let slot = node
         .registry

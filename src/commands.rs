@@ -138,7 +138,7 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
                 (None, Some(spec)) => pin_hub(&spec, kind, files)?,
                 _ => bail!("give either --dir or --hf"),
             };
-            let entry = ManifestEntry { name: name.clone(), kind, version, description, source, files };
+            let entry = ManifestEntry { name: name.clone(), kind, version, description, source, files, probe: None };
             let entry = entry_toml(entry)?;
             match manifest {
                 None => print!("{entry}"),

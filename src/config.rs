@@ -194,6 +194,9 @@ pub struct StoreConfig {
     pub fetch_missing: bool,
     /// The Python interpreter whose pip downloads model packages.
     pub python: String,
+    /// How many versions model sync keeps on disk per model beside the manifest's own (for
+    /// switching back without a download); older ones are removed.
+    pub keep_versions: usize,
 }
 
 /// `[runtime]`: where models run.
@@ -250,6 +253,15 @@ pub struct SyncConfig {
     /// When a served model is stale or missing, `/readyz` answers 503 `drift` so the
     /// platform routes around this node.
     pub fail_ready_on_drift: bool,
+    /// Follow the expected manifest: fetch, verify, load, warm up and probe a new version of
+    /// a served model beside the serving one, then switch to it without dropping a request.
+    pub apply: bool,
+    /// After a switch, the old version keeps answering requests that pin it
+    /// (`"model": "NAME@VERSION"`) this many seconds, so clients can re-index.
+    pub keep_previous_s: u64,
+    /// Each node delays applying a change by a stable share of this window (from the Fly
+    /// Machine id, or the host name), so a fleet rolls instead of flipping at once.
+    pub rollout_jitter_s: u64,
 }
 
 /// `[telemetry]`: traces and the latency profile.
@@ -551,7 +563,7 @@ impl Default for LogConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { dir: PathBuf::from("models"), manifest: None, fetch_missing: true, python: "python3".into() }
+        StoreConfig { dir: PathBuf::from("models"), manifest: None, fetch_missing: true, python: "python3".into(), keep_versions: 2 }
     }
 }
 
@@ -563,7 +575,15 @@ impl Default for RuntimeConfig {
 
 impl Default for SyncConfig {
     fn default() -> Self {
-        SyncConfig { expected_manifest: String::new(), interval_s: 300, timeout_s: 10, fail_ready_on_drift: false }
+        SyncConfig {
+            expected_manifest: String::new(),
+            interval_s: 300,
+            timeout_s: 10,
+            fail_ready_on_drift: false,
+            apply: false,
+            keep_previous_s: 0,
+            rollout_jitter_s: 0,
+        }
     }
 }
 

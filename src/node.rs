@@ -12,7 +12,7 @@ use crate::encoder::tokenize::TokenizerPool;
 use crate::fleet::Fleet;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
-use crate::models::sync::SyncReport;
+use crate::models::sync::{ApplyStatus, SyncReport};
 use crate::routing::Router;
 use crate::telemetry::stats::Stats;
 use tokio::sync::watch;
@@ -43,6 +43,9 @@ pub struct Node {
     pub cache: Option<Arc<ResponseCache>>,
     /// The last model-sync check, when `[sync]` is on (published by `models::sync::run`).
     sync: watch::Receiver<Option<SyncReport>>,
+    /// Per model, where applying the expected manifest stands (`sync.apply`; written by
+    /// `upgrade::run`).
+    pub upgrades: parking_lot::RwLock<std::collections::BTreeMap<String, ApplyStatus>>,
 }
 
 impl Node {
@@ -73,6 +76,7 @@ impl Node {
             started_at: SystemTime::now(),
             draining: AtomicBool::new(false),
             sync,
+            upgrades: Default::default(),
             stats,
             router,
             keys,
@@ -95,6 +99,11 @@ impl Node {
     /// The last model-sync report (none when sync is off or before the first check).
     pub fn sync_report(&self) -> Option<SyncReport> {
         self.sync.borrow().clone()
+    }
+
+    /// Each new model-sync report as it is published.
+    pub fn sync_updates(&self) -> watch::Receiver<Option<SyncReport>> {
+        self.sync.clone()
     }
 
     /// True when `fail_ready_on_drift` is set and the last comparison found drift.

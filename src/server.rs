@@ -31,7 +31,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let node = Arc::new(Node::new(config, manifest, registry, device_name.clone(), sync_rx).context("cannot start the node")?);
     tracing::info!(addr = %local, device = %device_name, version = env!("CARGO_PKG_VERSION"), "listening");
 
-    tokio::spawn(boot_all(node.clone(), device));
+    // The supervisor's inbox: boot's and model sync's loads both report a dead worker there.
+    let restarts = tokio::sync::mpsc::unbounded_channel();
+    if node.config.sync.apply && !node.config.sync.expected_manifest.is_empty() {
+        tokio::spawn(crate::upgrade::run(node.clone(), device.clone(), restarts.0.clone()));
+    }
+    tokio::spawn(boot_all(node.clone(), device, restarts));
 
     let app = crate::http::router(node.clone());
     let listener = crate::http::listener::LimitedListener::new(listener, node.config.limits.max_connections);

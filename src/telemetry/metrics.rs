@@ -38,6 +38,10 @@ pub struct Metrics {
     pub sync_reachable: Gauge,
     /// 1 while a model is ready.
     pub model_ready: IntGaugeVec,
+    /// Versions model sync switched to, by model.
+    pub model_switches: IntCounterVec,
+    /// Versions model sync could not apply, by model and the step that failed.
+    pub model_sync_failures: IntCounterVec,
     /// Routing decisions, by tier, reason and whether it was a fallback.
     pub route_decisions: IntCounterVec,
     /// Spend by tier, in US dollars, from the configured per-token prices.
@@ -185,6 +189,13 @@ impl Metrics {
             ),
             sync_reachable: gauge(&r, "edgenode_sync_manifest_reachable", "1 when the last fetch of the expected manifest succeeded."),
             model_ready: gauge_vec(&r, "edgenode_model_ready", "1 while a model is loaded, verified and warm.", &["model"]),
+            model_switches: counter(&r, "edgenode_model_switches_total", "Versions model sync switched to, by model.", &["model"]),
+            model_sync_failures: counter(
+                &r,
+                "edgenode_model_sync_failures_total",
+                "New versions model sync could not apply (the serving one stayed), by model and failed step.",
+                &["model", "step"],
+            ),
             route_decisions: counter(&r, "edgenode_route_decisions_total", "Routing decisions by tier and reason.", &["tier", "reason"]),
             cost_usd,
             tier_tokens: counter(

@@ -1,0 +1,295 @@
+//! Model sync that applies (`sync.apply`): a node that keeps itself current.
+//!
+//! When the expected manifest pins a served model at another version, the node fetches the
+//! new version's files into a folder of their own (any source the manifest can name),
+//! verifies them, loads the new version beside the serving one and warms it, runs its probe
+//! (`models::probe`), and only then switches: new requests get the new version, requests and
+//! streams already running finish on the old one, which is dropped with its last user (its
+//! memory returned). The node stays ready throughout.
+//!
+//! A failure at any step leaves the serving version untouched. It is reported (`/info`
+//! `sync.apply`, the `edgenode_model_sync_failures_total` counter, a log line, an event on
+//! the `model.upgrade` span) and retried with backoff (`sync.interval_s` doubling, at most 16
+//! times it), never in a tight loop and never by restarting the process. A change waits for
+//! this node's stable share of `sync.rollout_jitter_s` first, so a fleet rolls.
+//!
+//! One task owns this: it starts after boot, applies one model at a time (two versions of
+//! one model in memory at once is the most a switch costs), and ends with the node's sync
+//! channel.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use candle_core::Device;
+use tracing::Instrument;
+
+use crate::boot::{blocking, build_prototype, entry_dir, load_version, Restarts};
+use crate::config::ModelKind;
+use crate::encoder::tokenize::Truncation;
+use crate::generate::sampling::{Sampler, SamplingParams};
+use crate::generate::{Piece, PromptInput};
+use crate::models::download::Progress;
+use crate::models::fetch::{fetch_into, FetchOptions};
+use crate::models::manifest::{ManifestEntry, SourceKind};
+use crate::models::probe::Probe;
+use crate::models::registry::{ModelSlot, Stage};
+use crate::models::sync::{ApplyStatus, Pin};
+use crate::models::verify::{needs_fetch, verify_model};
+use crate::node::Node;
+use crate::service::Service;
+use crate::telemetry::metrics::METRICS;
+
+/// How often the task looks again when no report arrives (for scheduled and retried work).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Follows the sync reports until the node is gone or draining.
+pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts) {
+    let mut updates = node.sync_updates();
+    // Per model: when its current target was first seen, and when a failed one may retry.
+    let mut first_seen: HashMap<String, (String, Instant)> = HashMap::new();
+    let mut retry_at: HashMap<String, Instant> = HashMap::new();
+    let share = jitter_share(&node_identity());
+    loop {
+        tokio::select! {
+            changed = updates.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        if node.is_draining() {
+            return;
+        }
+        let Some(expected) = updates.borrow().as_ref().and_then(|r| r.expected.clone()) else { continue };
+        for slot in node.registry.slots() {
+            let Some(serving) = slot.entry() else { continue };
+            let Some(target) = expected.get(&serving.name) else { continue };
+            if slot.stage() != Stage::Ready {
+                continue;
+            }
+            let digest = target.digest();
+            if slot.with_facts(|f| f.digest.clone()).as_deref() == Some(digest.as_str()) {
+                continue;
+            }
+            let name = slot.name().to_string();
+            let now = Instant::now();
+            let seen = first_seen.entry(name.clone()).or_insert_with(|| (digest.clone(), now));
+            if seen.0 != digest {
+                *seen = (digest.clone(), now);
+                retry_at.remove(&name);
+                node.upgrades.write().insert(name.clone(), ApplyStatus::default());
+            }
+            let due = seen.1 + Duration::from_secs_f64(node.config.sync.rollout_jitter_s as f64 * share);
+            let target_pin = Pin { version: target.version.clone(), digest: digest.clone() };
+            if now < due {
+                update(&node, &name, |s| {
+                    s.state = "scheduled";
+                    s.target = Some(target_pin.clone());
+                    s.at = Some(epoch_of(due));
+                });
+                continue;
+            }
+            if retry_at.get(&name).is_some_and(|at| now < *at) {
+                continue;
+            }
+            if target.kind != serving.kind {
+                fail(
+                    &node,
+                    &name,
+                    target_pin,
+                    "check",
+                    format!("the expected manifest has {} as {}, this node serves it as {}", target.name, target.kind, serving.kind),
+                );
+                retry_at.insert(name, now + Duration::from_secs(node.config.sync.interval_s.max(1)));
+                continue;
+            }
+            update(&node, &name, |s| {
+                s.target = Some(target_pin.clone());
+                s.error = None;
+            });
+            let span = tracing::info_span!("model.upgrade", model = %name, version = %target.version, digest = %&digest[..12]);
+            match apply(&node, slot, target.clone(), &device, &restarts).instrument(span.clone()).await {
+                Ok(label) => {
+                    span.in_scope(|| tracing::info!(model = %name, label = %label, "switched to the expected manifest's version"));
+                    METRICS.model_switches.with_label_values(&[name.as_str()]).inc();
+                    retry_at.remove(&name);
+                    update(&node, &name, |s| {
+                        s.state = "switched";
+                        s.failures = 0;
+                        s.error = None;
+                        s.fetch = None;
+                        s.at = Some(epoch_of(Instant::now()));
+                    });
+                }
+                Err((step, message)) => {
+                    let failures = node.upgrades.read().get(&name).map_or(0, |s| s.failures) + 1;
+                    let base = node.config.sync.interval_s.max(1);
+                    let wait = Duration::from_secs(base << (failures - 1).min(4));
+                    span.in_scope(|| tracing::warn!(model = %name, step, failures, retry_s = wait.as_secs(), "the new version was not applied; the serving one stays: {message}"));
+                    fail(&node, &name, target_pin, step, message);
+                    retry_at.insert(name.clone(), Instant::now() + wait);
+                    update(&node, &name, |s| s.at = Some(epoch_of(Instant::now() + wait)));
+                }
+            }
+        }
+    }
+}
+
+fn update(node: &Node, name: &str, f: impl FnOnce(&mut ApplyStatus)) {
+    f(node.upgrades.write().entry(name.to_string()).or_default());
+}
+
+fn fail(node: &Node, name: &str, target: Pin, step: &'static str, message: String) {
+    METRICS.model_sync_failures.with_label_values(&[name, step]).inc();
+    update(node, name, |s| {
+        s.state = "failed";
+        s.target = Some(target);
+        s.error = Some(format!("{step}: {message}"));
+        s.failures += 1;
+        s.fetch = None;
+    });
+}
+
+/// Fetch → verify → load and warm up → probe → switch. Returns the new version's label, or
+/// the step that failed and why; on failure nothing about the serving version changed.
+async fn apply(
+    node: &Arc<Node>,
+    slot: &Arc<ModelSlot>,
+    target: ManifestEntry,
+    device: &Device,
+    restarts: &Restarts,
+) -> Result<String, (&'static str, String)> {
+    let name = slot.name().to_string();
+    let store = node.config.store.dir.clone();
+    let dir = entry_dir(node, &target);
+    let step = |state: &'static str| update(node, &name, |s| s.state = state);
+
+    step("fetching");
+    if needs_fetch(&target, &dir) && target.source.kind() != Some(SourceKind::Dir) {
+        let python = node.config.store.python.clone();
+        let (n, e, d, s) = (node.clone(), target.clone(), dir.clone(), store.clone());
+        let model = name.clone();
+        blocking(move || {
+            let progress = |p: &Progress| update(&n, &model, |s| s.fetch = Some(p.clone()));
+            fetch_into(&e, &s, &d, &FetchOptions { python: &python, progress: &progress }).map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| ("fetch", e))?;
+    }
+    update(node, &name, |s| s.fetch = None);
+
+    step("verifying");
+    let (e, d) = (target.clone(), dir.clone());
+    let verified = blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await.map_err(|e| ("verify", e))?;
+    if dir != target.dir(&store) {
+        if let Err(e) = crate::models::store::write_entry(&store, &target) {
+            tracing::warn!(model = %name, "cannot record the version's manifest entry beside its folder: {e}");
+        }
+    }
+
+    step("loading");
+    let loaded = load_version(node, slot, target.clone(), verified, &dir, device, restarts, false).await.map_err(|e| ("load", e))?;
+    if let Some(probe) = &target.probe {
+        step("probing");
+        run_probe(&name, &loaded.service, probe).await.map_err(|e| ("probe", e))?;
+    }
+
+    let old_dir = slot.entry().map(|e| entry_dir(node, &e));
+    let keep = (node.config.sync.keep_previous_s > 0).then(|| Instant::now() + Duration::from_secs(node.config.sync.keep_previous_s));
+    slot.switch(loaded, keep);
+    let label = slot.label();
+    if let Err(e) = crate::models::store::set_applied(&store, &target) {
+        tracing::warn!(model = %name, "cannot record the switch for the next restart: {e}");
+    }
+    rebuild_dependents(node, slot).await;
+    let mut protect = vec![dir.as_path()];
+    protect.extend(old_dir.as_deref());
+    for removed in crate::models::store::prune(&store, &target.name, node.config.store.keep_versions, &protect) {
+        tracing::info!(model = %name, folder = %removed.display(), "removed an old version (store.keep_versions)");
+    }
+    Ok(label)
+}
+
+/// Prototype classifiers built on a model that switched move to its new version too: their
+/// labels' centroids are embedded again in the new space, then they switch.
+async fn rebuild_dependents(node: &Arc<Node>, embedder: &Arc<ModelSlot>) {
+    let Some(Service::Encoder(encoder)) = embedder.current_service() else { return };
+    for slot in node.registry.slots() {
+        let builds_on = slot.config.kind == ModelKind::Classify && slot.entry().is_none() && slot.config.embedder.as_deref() == Some(embedder.name());
+        if !builds_on || slot.stage() != Stage::Ready {
+            continue;
+        }
+        match build_prototype(node, slot, encoder.clone()).await {
+            Ok(loaded) => slot.switch(loaded, None),
+            Err(e) => {
+                tracing::error!(model = %slot.name(), embedder = %embedder.name(), "cannot rebuild on the embedder's new version; it keeps the old one: {e}")
+            }
+        }
+    }
+}
+
+/// Runs a version's probe against it before it serves.
+async fn run_probe(name: &str, service: &Service, probe: &Probe) -> Result<(), String> {
+    match service {
+        Service::Encoder(e) => {
+            let encoded = e.encode_internal(probe.inputs.clone(), Truncation::Right, true).await.map_err(|e| e.to_string())?;
+            probe.judge_vectors(&encoded.rows).map(|_| ())
+        }
+        Service::Generator(g) => {
+            let expected = g.tokenize(probe.completion.as_deref().unwrap_or_default(), false).map_err(|e| e.to_string())?;
+            let prompt = PromptInput::Text(probe.prompt.clone().unwrap_or_default());
+            let prepared = g.prepare(prompt, Some(expected.len().max(1) as i64)).await.map_err(|e| e.to_string())?;
+            let mut generation = g.start(prepared, Sampler::new(SamplingParams::greedy()), vec![]).await.map_err(|e| e.to_string())?;
+            let mut text = String::new();
+            while let Some(piece) = generation.next().await {
+                match piece {
+                    Piece::Text { text: t, .. } => text.push_str(&t),
+                    Piece::Done(..) => break,
+                    Piece::Error(e) => return Err(e.to_string()),
+                }
+            }
+            let got = g.tokenize(&text, false).map_err(|e| e.to_string())?;
+            probe.judge_tokens(&expected, &got).map(|_| ())
+        }
+        Service::Prototype(_) => Err(format!("model {name} is a prototype classifier; it has no files to probe")),
+    }
+}
+
+/// Who this node is, for its share of the rollout window: the Fly Machine id, else the
+/// host name.
+fn node_identity() -> String {
+    std::env::var("FLY_MACHINE_ID")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default()
+}
+
+/// A stable number in [0, 1) from the node's identity: the same on every restart, spread
+/// evenly across a fleet.
+fn jitter_share(identity: &str) -> f64 {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(identity.as_bytes());
+    let n = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+    (n >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn epoch_of(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = SystemTime::now();
+    let t = if at >= now { wall + (at - now) } else { wall - (now - at) };
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rollout_share_is_stable_and_spread() {
+        assert_eq!(jitter_share("machine-a"), jitter_share("machine-a"));
+        let shares: Vec<f64> = (0..1000).map(|i| jitter_share(&format!("machine-{i}"))).collect();
+        assert!(shares.iter().all(|s| (0.0..1.0).contains(s)));
+        let early = shares.iter().filter(|s| **s < 0.5).count();
+        assert!((400..600).contains(&early), "{early} of 1000 in the first half");
+    }
+}
