@@ -406,13 +406,13 @@ fn fly_card_serves_the_cards_models_at_their_pins() {
     let router = config.models.iter().find(|m| m.name == config.routing.classifier).expect("the router");
     assert_eq!(router.embedder.as_deref(), Some("bge-small"));
 
-    let tiny = registry.get("tinyllama").and_then(|s| s.entry.clone()).expect("tinyllama");
+    let tiny = registry.get("tinyllama").and_then(|s| s.entry()).expect("tinyllama");
     assert_eq!(tiny.source.hf.as_deref(), Some("TheBloke/TinyLlama-1.1B-Chat-v1.0-GGUF"));
     assert_eq!(tiny.source.revision.as_deref(), Some("52e7645ba7c309695bec7ac98f4f005b139cf465"));
     assert_eq!(tiny.files[0].path, "tinyllama-1.1b-chat-v1.0.Q4_K_M.gguf");
     assert_eq!(tiny.files[0].sha256.as_deref(), Some("9fecc3b3cd76bba89d504f29b616eedf7da85b96540e490ca5824d3f7d2776a0"));
     assert_eq!(tiny.files[0].size, Some(668_788_096));
-    let bge = registry.get("bge-small").and_then(|s| s.entry.clone()).expect("bge-small");
+    let bge = registry.get("bge-small").and_then(|s| s.entry()).expect("bge-small");
     assert_eq!(bge.source.hf.as_deref(), Some("BAAI/bge-small-en-v1.5"));
     assert_eq!(bge.source.revision.as_deref(), Some("5c38ec7c405ec4b44b94cc5a9bb96e735b38267a"));
     let sha = |p: &str| bge.files.iter().find(|f| f.path == p).and_then(|f| f.sha256.clone());

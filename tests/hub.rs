@@ -12,11 +12,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::hub::HubServer;
 use common::*;
 use serde_json::{json, Value};
 
@@ -32,59 +32,17 @@ fn bge_standin() -> PathBuf {
     standin("bge", &["--tokenizer", &tokenizer, "--pooling-format", "legacy", "--shape", "small", "--layers", "2", "--prompts"])
 }
 
-/// A running hub-shaped server over a folder of repositories.
-struct Hub {
-    child: Child,
-    /// The Hub's base URL (`HF_ENDPOINT`); the CDN's address is only ever learnt from redirects.
-    hub: String,
-    _root: tempfile::TempDir,
-}
+/// The hub-shaped server with the bge and TinyLlama stand-ins as `standins/...`
+/// repositories (the TinyLlama one with a README beside its GGUF file); `gated` ones need
+/// `TOKEN`.
+struct Hub;
 
 impl Hub {
-    /// Serves the bge and TinyLlama stand-ins as `standins/...` repositories; `gated` ones
-    /// need `TOKEN`.
-    fn start(gated: &[&str]) -> Hub {
-        let root = tempfile::tempdir().unwrap();
-        copy_dir(&bge_standin(), &root.path().join(BGE_REPO));
-        let tiny = tinyllama_standin("q4_k_m");
-        std::fs::create_dir_all(root.path().join(TINY_REPO)).unwrap();
-        std::fs::copy(&tiny, root.path().join(TINY_REPO).join(TINY_FILE)).unwrap();
-        std::fs::write(root.path().join(TINY_REPO).join("README.md"), "A TinyLlama-shaped stand-in with random weights.\n").unwrap();
-        let mut cmd = Command::new(test_python());
-        cmd.arg(fixture("hub_server.py")).arg("--root").arg(root.path()).args(["--token", TOKEN]);
-        for g in gated {
-            cmd.args(["--gated", g]);
-        }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start tests/fixtures/hub_server.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("hub_server.py prints its addresses");
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("hub_server.py said {line:?}: {e}"));
-        Hub { child, hub: v["hub"].as_str().unwrap().to_string(), _root: root }
-    }
-
-    fn control(&self, body: Value) {
-        let r = client().post(format!("{}/_control", self.hub)).json(&body).send().unwrap();
-        assert!(r.status().is_success(), "control {body}: {}", r.status());
-    }
-
-    /// Every request either port served, in order.
-    fn log(&self) -> Vec<Value> {
-        client().get(format!("{}/_log", self.hub)).send().unwrap().json::<Vec<Value>>().unwrap()
-    }
-
-    /// The requests that carried file bytes (CDN bodies, and direct small files).
-    fn downloads(&self) -> Vec<Value> {
-        self.log()
-            .into_iter()
-            .filter(|r| r["method"] == "GET" && (r["port"] == "cdn" || r["path"].as_str().unwrap_or("").contains("/resolve/")))
-            .collect()
-    }
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start(gated: &[&str]) -> HubServer {
+        let tiny = tempfile::tempdir().unwrap();
+        std::fs::copy(tinyllama_standin("q4_k_m"), tiny.path().join(TINY_FILE)).unwrap();
+        std::fs::write(tiny.path().join("README.md"), "A TinyLlama-shaped stand-in with random weights.\n").unwrap();
+        HubServer::start(&[(BGE_REPO, &bge_standin()), (TINY_REPO, tiny.path())], gated, TOKEN)
     }
 }
 
@@ -126,7 +84,7 @@ impl Node {
     }
 
     /// `edgenode ARGS` with the Hub's variables for `hub` (and only `env` beyond them).
-    fn run(&self, hub: &Hub, args: &[&str], env: &[(&str, &str)]) -> Output {
+    fn run(&self, hub: &HubServer, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(binary());
         cmd.args(args).current_dir(self.dir.path()).env_remove("EDGENODE_CONFIG");
         for k in ["HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN_PATH", "HUGGING_FACE_HUB_TOKEN"] {
@@ -139,7 +97,7 @@ impl Node {
         cmd.output().expect("run edgenode")
     }
 
-    fn pin(&self, hub: &Hub, name: &str, kind: &str, spec: &str, files: &[&str], env: &[(&str, &str)]) -> Output {
+    fn pin(&self, hub: &HubServer, name: &str, kind: &str, spec: &str, files: &[&str], env: &[(&str, &str)]) -> Output {
         let manifest = self.manifest().display().to_string();
         let mut args = vec!["models", "pin", name, "--kind", kind, "--version", "1.0-standin", "--hf", spec, "--manifest", &manifest];
         args.extend_from_slice(files);
@@ -148,11 +106,11 @@ impl Node {
 
     /// The environment a daemon of this node runs with: the Hub's address and this node's
     /// (empty) Hugging Face cache.
-    fn daemon_env(&self, hub: &Hub) -> Vec<(String, String)> {
+    fn daemon_env(&self, hub: &HubServer) -> Vec<(String, String)> {
         vec![("HF_ENDPOINT".to_string(), hub.hub.clone()), ("HF_HOME".to_string(), self.hf_home().display().to_string())]
     }
 
-    fn fetch(&self, hub: &Hub, models: &[(&str, &str)], env: &[(&str, &str)]) -> Output {
+    fn fetch(&self, hub: &HubServer, models: &[(&str, &str)], env: &[(&str, &str)]) -> Output {
         let config = self.config_file(models).display().to_string();
         self.run(hub, &["--config", &config, "models", "fetch"], env)
     }

@@ -2,6 +2,8 @@
 //! port, with the real default models (fetched once per run and verified by digest).
 #![allow(dead_code)]
 
+pub mod hub;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
