@@ -3,7 +3,7 @@
 # the figures with ratios, the date and the CPU. The machine is shared and noisy: quote
 # ratios from one run, not figures across runs.
 #
-#   benches/compare.sh [embed] [generate] [card] [cache]
+#   benches/compare.sh [embed] [generate] [card] [cache] [switch]
 #
 #   embed     the default MiniLM against sentence-transformers and ONNX Runtime (fp32, and
 #             its dynamically quantized int8 model) on the same folder, and our own int8
@@ -20,6 +20,10 @@
 #   cache     the response cache: a hit's latency over HTTP (chat and embeddings), and the
 #             throughput it gains on a chat workload where half the requests repeat one,
 #             against the same workload sent with Cache-Control: no-store
+#   switch    a version switch under load (sync.apply): the card's stand-ins at full size,
+#             version 1 to version 2 (other seeds), time from the manifest change to each
+#             switch, embed and chat latency during the switch against before it, and peak
+#             RSS (benches/switch.py; no baseline: nothing else we know of switches in place)
 #
 # Baselines (benches/baselines/, ours): sentence-transformers, ONNX Runtime (the folder exported
 # with torch.onnx.export, run in-process with every graph optimization), and llama.cpp through
@@ -95,7 +99,17 @@ for w in "${what[@]}"; do
       printf '[store]\ndir = "%s"\n\n[cache]\nenabled = true\n' "$PWD/models" > "$out/cache.toml"
       printf '\n[[models]]\nname = "%s"\nkind = "%s"\n' minilm embed smollm2 generate >> "$out/cache.toml"
       bench cache --config "$out/cache.toml" | tee "$out/edge-cache.txt" ;;
-    *) echo "unknown benchmark $w (embed, generate, card, cache)"; exit 2 ;;
+    switch)
+      standins="${EDGENODE_STANDINS:-$HOME/.cache/edgenode/standins}"
+      for seed in 1 2; do
+        suffix=""; [ "$seed" = 1 ] || suffix="-seed$seed"
+        [ -d "$standins/q4_k_m$suffix" ] || "$py" scripts/standins.py tinyllama "$standins/q4_k_m$suffix" \
+          --vocab tests/fixtures/vocab/ggml-vocab-llama-spm.gguf --layers 22 --types q4_k_m --seed "$seed"
+        [ -d "$standins/bge-small$suffix" ] || "$py" scripts/standins.py bge "$standins/bge-small$suffix" \
+          --tokenizer models/minilm/tokenizer.json --shape small --layers 12 --seed "$seed"
+      done
+      "$py" benches/switch.py "$bin" "$standins" | tee "$out/switch.txt" ;;
+    *) echo "unknown benchmark $w (embed, generate, card, cache, switch)"; exit 2 ;;
   esac
 done
 

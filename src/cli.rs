@@ -75,6 +75,47 @@ pub enum ModelsCommand {
     },
     /// List the manifest's models, their versions, digests and whether their files are present.
     List,
+    /// Switch a running node's model back to the version it served before its last switch
+    /// (kept on disk: no download), and hold it there until the central manifest names
+    /// another version. Needs `sync.apply` on the node. Exits 1 when there is nothing to roll
+    /// back to.
+    Rollback {
+        /// The served model (its `[[models]]` name).
+        name: String,
+        /// The running node.
+        #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+        url: String,
+    },
+    /// Write a probe (what a new version must answer before model sync lets it serve) from
+    /// the version a running node serves now: for an embed model the vectors it gives for
+    /// the inputs, for a generate model its greedy completion of the prompt. Prints the
+    /// `[models.probe]` table, or sets it on the model's entry in `--manifest` (the file is
+    /// rewritten: its comments are not kept).
+    Probe {
+        /// The served model (its `[[models]]` name).
+        name: String,
+        /// The running node.
+        #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+        url: String,
+        /// The manifest whose entry for the model gets the probe.
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Embed models: an input to probe with (repeatable; default: three sentences).
+        #[arg(long = "input", value_name = "TEXT")]
+        inputs: Vec<String>,
+        /// Embed models: the least cosine each new vector must reach.
+        #[arg(long, default_value_t = crate::models::probe::DEFAULT_MIN_COSINE)]
+        min_cosine: f32,
+        /// Generate models: the raw prompt to complete.
+        #[arg(long, default_value = "The capital of France is")]
+        prompt: String,
+        /// Generate models: how many tokens of greedy completion to expect.
+        #[arg(long, default_value_t = 8)]
+        tokens: u32,
+        /// Generate models: the least share of those tokens a new version must reproduce.
+        #[arg(long, default_value_t = 1.0)]
+        min_match: f32,
+    },
     /// Print a manifest entry (TOML) for model files — the ones you already have under
     /// `--dir`, or a Hugging Face Hub repository's with `--hf` — each with its sha256, or add
     /// it to a manifest file with `--manifest`. Point `store.manifest` at that file and add a

@@ -9,6 +9,7 @@ use crate::config::{Config, ModelKind};
 use crate::models::download::Progress;
 use crate::models::fetch::{fetch, FetchOptions, Fetched};
 use crate::models::manifest::{FileEntry, Manifest, ManifestEntry, Source};
+use crate::models::probe::Probe;
 use crate::models::sync::{self, Drift, Pin};
 use crate::models::verify::{all_present, sha256_file, verify_model, Recorded};
 
@@ -149,6 +150,26 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        ModelsCommand::Rollback { name, url } => {
+            let answer = NodeClient::new(&url)?.call(&format!("/models/{name}/rollback"), Some(serde_json::json!({})))?;
+            println!(
+                "{name} now serves {}; the version rolled back from is held until the central manifest names another",
+                answer["serving"].as_str().unwrap_or("?")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelsCommand::Probe { name, url, manifest, inputs, min_cosine, prompt, tokens, min_match } => {
+            let (entry_name, probe) = probe_from_node(&url, &name, inputs, min_cosine, prompt, tokens, min_match)?;
+            let table = toml::to_string(&probe).context("cannot write the probe as TOML")?;
+            match manifest {
+                None => print!("[models.probe]\n{table}"),
+                Some(path) => {
+                    set_probe(&path, &entry_name, &probe)?;
+                    println!("set the probe of {entry_name} in {}", path.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ModelsCommand::List => {
             let manifest = Manifest::load(config.store.manifest.as_deref())?;
             println!("{:<12} {:<9} {:<10} {:<8} {:<8} DIGEST", "NAME", "KIND", "VERSION", "FILES", "SERVED");
@@ -168,6 +189,108 @@ fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Asks a running node for what its version of `name` answers now: a probe for the next one.
+/// Returns the model's manifest entry name with the probe. An API key, if the node needs
+/// one, comes from `EDGENODE_API_KEY`.
+fn probe_from_node(
+    url: &str,
+    name: &str,
+    inputs: Vec<String>,
+    min_cosine: f32,
+    prompt: String,
+    tokens: u32,
+    min_match: f32,
+) -> anyhow::Result<(String, Probe)> {
+    let node = NodeClient::new(url)?;
+    let call = |path: &str, body: Option<serde_json::Value>| node.call(path, body);
+    let info = call("/info", None)?;
+    let model = info["models"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        .with_context(|| format!("the node serves no model {name:?}"))?;
+    let entry = model["manifest"]
+        .as_str()
+        .with_context(|| format!("model {name:?} has no manifest entry (a prototype classifier has no files to probe)"))?
+        .to_string();
+    let probe = match model["kind"].as_str() {
+        Some("generate") => {
+            let body = serde_json::json!({"model": name, "prompt": prompt, "max_tokens": tokens, "temperature": 0});
+            let answer = call("/v1/completions", Some(body))?;
+            let completion = answer["choices"][0]["text"].as_str().context("no completion text in the answer")?.to_string();
+            Probe {
+                inputs: vec![],
+                vectors: vec![],
+                min_cosine: None,
+                prompt: Some(prompt),
+                completion: Some(completion),
+                min_match: Some(min_match),
+            }
+        }
+        _ => {
+            let inputs = if inputs.is_empty() {
+                ["What is an edge node?", "The weather in Paris is mild in spring.", "def add(a, b): return a + b"].map(String::from).to_vec()
+            } else {
+                inputs
+            };
+            let vectors: Vec<Vec<f32>> = serde_json::from_value(call("/embed", Some(serde_json::json!({"model": name, "inputs": inputs})))?)
+                .context("/embed did not answer one vector per input")?;
+            Probe { inputs, vectors, min_cosine: Some(min_cosine), prompt: None, completion: None, min_match: None }
+        }
+    };
+    Ok((entry, probe))
+}
+
+/// A running node's HTTP API, for the commands that act on one (`probe`, `rollback`). An API
+/// key, if the node needs one, comes from `EDGENODE_API_KEY`.
+struct NodeClient {
+    base: String,
+    client: reqwest::blocking::Client,
+    key: Option<String>,
+}
+
+impl NodeClient {
+    fn new(url: &str) -> anyhow::Result<NodeClient> {
+        let client = reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(600)).build()?;
+        let key = std::env::var("EDGENODE_API_KEY").ok().filter(|k| !k.is_empty());
+        Ok(NodeClient { base: url.trim_end_matches('/').to_string(), client, key })
+    }
+
+    /// GET (no body) or POST a JSON body; a non-2xx answer is an error with the node's message.
+    fn call(&self, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = match &body {
+            Some(b) => self.client.post(&url).json(b),
+            None => self.client.get(&url),
+        };
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().with_context(|| format!("cannot reach {url}"))?;
+        let status = r.status();
+        let v: serde_json::Value = r.json().with_context(|| format!("{url} answered {status} without JSON"))?;
+        if !status.is_success() {
+            let message = v["error"]["message"].as_str().or(v["error"].as_str()).map(str::to_string).unwrap_or_else(|| v.to_string());
+            bail!("{url} answered {status}: {message}");
+        }
+        Ok(v)
+    }
+}
+
+/// Sets the probe of one entry of a manifest file, replacing the file once the result reads
+/// as a manifest.
+fn set_probe(path: &std::path::Path, entry: &str, probe: &Probe) -> anyhow::Result<()> {
+    let mut manifest = Manifest::load(Some(path))?;
+    let e = manifest.models.iter_mut().find(|m| m.name == entry).with_context(|| format!("{} has no entry {entry:?}", path.display()))?;
+    e.probe = Some(probe.clone());
+    // Written back as read, except that local source folders are now absolute.
+    let text = toml::to_string(&manifest).context("cannot write the manifest as TOML")?;
+    Manifest::parse(&text, &path.display().to_string())?;
+    let tmp = path.with_extension("toml.partial");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
 }
 
 /// A progress bar on stderr when it is a terminal (logs every few seconds otherwise).

@@ -237,6 +237,11 @@ pub struct LimitsConfig {
     pub max_tokens: usize,
     /// Most open client connections; a connection over it gets 503 and is closed.
     pub max_connections: usize,
+    /// Most bytes of model files the node holds loaded at once (0: no cap). When a model
+    /// sync switch would load a new version beside the old one past it, the old one is
+    /// unloaded first: that model answers 503 with `Retry-After` for the load time instead
+    /// of the process running out of memory.
+    pub max_model_bytes: u64,
 }
 
 /// `[sync]`: the central manifest this node's models are compared with.
@@ -663,6 +668,7 @@ impl Default for LimitsConfig {
             auto_truncate: true,
             max_tokens: 4096,
             max_connections: 1024,
+            max_model_bytes: 0,
         }
     }
 }

@@ -58,6 +58,9 @@ pub enum Error {
     /// The request pins a model version this node does not serve (now, or any more).
     #[error("model {model:?} is not served at version {requested:?} here; serving {serving}")]
     ModelVersionUnavailable { model: String, requested: String, serving: String },
+    /// A rollback with no earlier version on disk to return to.
+    #[error("{0}")]
+    RollbackUnavailable(String),
     /// No such route.
     #[error("no route for {method} {path}")]
     UnknownRoute { method: String, path: String },
@@ -120,7 +123,7 @@ impl Error {
             Unauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             UnknownModel { .. } | UnknownRoute { .. } => StatusCode::NOT_FOUND,
-            ModelVersionUnavailable { .. } => StatusCode::CONFLICT,
+            ModelVersionUnavailable { .. } | RollbackUnavailable(_) => StatusCode::CONFLICT,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             BodyTooLarge { .. } | TooManyInputs { .. } | InputTooManyChars { .. } | RequestTooManyTokens { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             // OpenAI's status for a prompt over the context: SDKs raise `BadRequestError` and
@@ -155,6 +158,7 @@ impl Error {
             UnsupportedMediaType(_) => "unsupported_media_type",
             UnknownModel { .. } => "model_not_found",
             ModelVersionUnavailable { .. } => "model_version_unavailable",
+            RollbackUnavailable(_) => "rollback_unavailable",
             UnknownRoute { .. } => "not_found",
             MethodNotAllowed { .. } => "method_not_allowed",
             Unauthorized => "invalid_api_key",
@@ -226,6 +230,7 @@ impl Error {
             | UnsupportedMediaType(_)
             | UnknownModel { .. }
             | ModelVersionUnavailable { .. }
+            | RollbackUnavailable(_)
             | UnknownRoute { .. }
             | MethodNotAllowed { .. }
             | ModelNotAllowed { .. }

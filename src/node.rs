@@ -12,7 +12,7 @@ use crate::encoder::tokenize::TokenizerPool;
 use crate::fleet::Fleet;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
-use crate::models::sync::{ApplyStatus, SyncReport};
+use crate::models::sync::{ApplyStatus, SyncCommand, SyncReport};
 use crate::routing::Router;
 use crate::telemetry::stats::Stats;
 use tokio::sync::watch;
@@ -46,6 +46,9 @@ pub struct Node {
     /// Per model, where applying the expected manifest stands (`sync.apply`; written by
     /// `upgrade::run`).
     pub upgrades: parking_lot::RwLock<std::collections::BTreeMap<String, ApplyStatus>>,
+    /// Requests to the upgrade task (`POST /models/{name}/rollback`); `None` without
+    /// `sync.apply`.
+    pub sync_commands: Option<tokio::sync::mpsc::UnboundedSender<SyncCommand>>,
 }
 
 impl Node {
@@ -56,6 +59,7 @@ impl Node {
         registry: Arc<Registry>,
         device: String,
         sync: watch::Receiver<Option<SyncReport>>,
+        sync_commands: Option<tokio::sync::mpsc::UnboundedSender<SyncCommand>>,
     ) -> std::io::Result<Self> {
         let threads = crate::runtime::compute_threads(&config).clamp(1, 4);
         let stats = Stats::new(Duration::from_secs(config.telemetry.stats_window_s));
@@ -77,6 +81,7 @@ impl Node {
             draining: AtomicBool::new(false),
             sync,
             upgrades: Default::default(),
+            sync_commands,
             stats,
             router,
             keys,

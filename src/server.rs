@@ -28,13 +28,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if !config.sync.expected_manifest.is_empty() {
         tokio::spawn(crate::models::sync::run(config.sync.clone(), registry.clone(), sync_tx));
     }
-    let node = Arc::new(Node::new(config, manifest, registry, device_name.clone(), sync_rx).context("cannot start the node")?);
+    let applies = config.sync.apply && !config.sync.expected_manifest.is_empty();
+    let (commands_tx, commands_rx) = tokio::sync::mpsc::unbounded_channel();
+    let commands_tx = applies.then_some(commands_tx);
+    let node = Arc::new(Node::new(config, manifest, registry, device_name.clone(), sync_rx, commands_tx).context("cannot start the node")?);
     tracing::info!(addr = %local, device = %device_name, version = env!("CARGO_PKG_VERSION"), "listening");
 
     // The supervisor's inbox: boot's and model sync's loads both report a dead worker there.
     let restarts = tokio::sync::mpsc::unbounded_channel();
-    if node.config.sync.apply && !node.config.sync.expected_manifest.is_empty() {
-        tokio::spawn(crate::upgrade::run(node.clone(), device.clone(), restarts.0.clone()));
+    if applies {
+        tokio::spawn(crate::upgrade::run(node.clone(), device.clone(), restarts.0.clone(), commands_rx));
     }
     tokio::spawn(boot_all(node.clone(), device, restarts));
 

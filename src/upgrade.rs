@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use candle_core::Device;
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::boot::{blocking, build_prototype, entry_dir, load_version, Restarts};
@@ -33,8 +34,8 @@ use crate::models::download::Progress;
 use crate::models::fetch::{fetch_into, FetchOptions};
 use crate::models::manifest::{ManifestEntry, SourceKind};
 use crate::models::probe::Probe;
-use crate::models::registry::{ModelSlot, Stage};
-use crate::models::sync::{ApplyStatus, Pin};
+use crate::models::registry::{Loaded, ModelSlot, Stage};
+use crate::models::sync::{ApplyStatus, Pin, SyncCommand};
 use crate::models::verify::{needs_fetch, verify_model};
 use crate::node::Node;
 use crate::service::Service;
@@ -44,7 +45,7 @@ use crate::telemetry::metrics::METRICS;
 const TICK: Duration = Duration::from_secs(1);
 
 /// Follows the sync reports until the node is gone or draining.
-pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts) {
+pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts, mut commands: mpsc::UnboundedReceiver<SyncCommand>) {
     let mut updates = node.sync_updates();
     // Per model: when its current target was first seen, and when a failed one may retry.
     let mut first_seen: HashMap<String, (String, Instant)> = HashMap::new();
@@ -53,6 +54,11 @@ pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts) {
     loop {
         tokio::select! {
             changed = updates.changed() => if changed.is_err() { return },
+            Some(command) = commands.recv() => {
+                let SyncCommand::Rollback { model, reply } = command;
+                let _ = reply.send(rollback(&node, &model, &device, &restarts).await);
+                continue;
+            }
             _ = tokio::time::sleep(TICK) => {}
         }
         if node.is_draining() {
@@ -66,10 +72,29 @@ pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts) {
                 continue;
             }
             let digest = target.digest();
+            let name = slot.name().to_string();
+            let store = &node.config.store.dir;
+            match crate::models::store::hold(store, &serving.name) {
+                // Rolled back from this version: not applied again until the central
+                // manifest names another.
+                Some(held) if held == digest => {
+                    update(&node, &name, |s| {
+                        s.state = "held";
+                        s.target = Some(Pin { version: target.version.clone(), digest: digest.clone() });
+                    });
+                    continue;
+                }
+                Some(_) => {
+                    tracing::info!(model = %name, "the central manifest names another version: lifting the rollback's hold");
+                    if let Err(e) = crate::models::store::set_hold(store, &serving.name, None) {
+                        tracing::warn!(model = %name, "cannot lift the hold: {e}");
+                    }
+                }
+                None => {}
+            }
             if slot.with_facts(|f| f.digest.clone()).as_deref() == Some(digest.as_str()) {
                 continue;
             }
-            let name = slot.name().to_string();
             let now = Instant::now();
             let seen = first_seen.entry(name.clone()).or_insert_with(|| (digest.clone(), now));
             if seen.0 != digest {
@@ -185,20 +210,38 @@ async fn apply(
         }
     }
 
-    step("loading");
-    let loaded = load_version(node, slot, target.clone(), verified, &dir, device, restarts, false).await.map_err(|e| ("load", e))?;
-    if let Some(probe) = &target.probe {
-        step("probing");
-        run_probe(&name, &loaded.service, probe).await.map_err(|e| ("probe", e))?;
+    // Two versions at once past limits.max_model_bytes: unload the serving one first, an
+    // announced unavailability of this model rather than an out-of-memory kill.
+    let cap = node.config.limits.max_model_bytes;
+    let old = slot.entry();
+    let unload = cap > 0 && loaded_bytes(node) + files_bytes(&target, &dir) > cap;
+    if unload {
+        let secs = slot.load_seconds().ceil() as u64 + 1;
+        tracing::warn!(model = %name, cap, retry_after_s = secs, "two versions do not fit limits.max_model_bytes: unloading the serving one first; the model answers 503 meanwhile");
+        slot.unload_for(Stage::Loading, secs);
     }
+    step("loading");
+    let outcome = async {
+        let loaded = load_version(node, slot, target.clone(), verified, &dir, device, restarts, false).await.map_err(|e| ("load", e))?;
+        if let Some(probe) = &target.probe {
+            step("probing");
+            run_probe(&name, &loaded.service, probe).await.map_err(|e| ("probe", e))?;
+        }
+        Ok(loaded)
+    }
+    .await;
+    let loaded = match outcome {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            if let (true, Some(old)) = (unload, old) {
+                restore(node, slot, old, device, restarts).await;
+            }
+            return Err(e);
+        }
+    };
 
     let old_dir = slot.entry().map(|e| entry_dir(node, &e));
-    let keep = (node.config.sync.keep_previous_s > 0).then(|| Instant::now() + Duration::from_secs(node.config.sync.keep_previous_s));
-    slot.switch(loaded, keep);
-    let label = slot.label();
-    if let Err(e) = crate::models::store::set_applied(&store, &target) {
-        tracing::warn!(model = %name, "cannot record the switch for the next restart: {e}");
-    }
+    let label = switch(node, slot, loaded, &target, unload);
     rebuild_dependents(node, slot).await;
     let mut protect = vec![dir.as_path()];
     protect.extend(old_dir.as_deref());
@@ -206,6 +249,102 @@ async fn apply(
         tracing::info!(model = %name, folder = %removed.display(), "removed an old version (store.keep_versions)");
     }
     Ok(label)
+}
+
+/// Switches `slot` to a loaded version of `target` and records it for the next boot (and the
+/// version it replaced, for a rollback). Returns its label.
+fn switch(node: &Arc<Node>, slot: &Arc<ModelSlot>, loaded: Loaded, target: &ManifestEntry, unloaded: bool) -> String {
+    let store = &node.config.store.dir;
+    let replaced = slot.entry();
+    if unloaded {
+        slot.install(loaded);
+    } else {
+        let keep = (node.config.sync.keep_previous_s > 0).then(|| Instant::now() + Duration::from_secs(node.config.sync.keep_previous_s));
+        slot.switch(loaded, keep);
+    }
+    let recorded = crate::models::store::set_applied(store, target).and_then(|()| match &replaced {
+        Some(old) => crate::models::store::set_previous(store, old),
+        None => Ok(()),
+    });
+    if let Err(e) = recorded {
+        tracing::warn!(model = %slot.name(), "cannot record the switch for the next restart: {e}");
+    }
+    slot.label()
+}
+
+/// `POST /models/{name}/rollback`: back to the version served before the last switch, from
+/// disk (never a download), then held there until the central manifest names another.
+async fn rollback(node: &Arc<Node>, model: &str, device: &Device, restarts: &Restarts) -> Result<String, String> {
+    let slot = node.registry.get(model).ok_or_else(|| format!("no model {model:?} is served"))?;
+    let serving = slot.entry().ok_or_else(|| format!("model {model:?} has no files of its own to roll back"))?;
+    let store = node.config.store.dir.clone();
+    let previous = crate::models::store::previous(&store, &serving.name)
+        .filter(|p| p.digest() != serving.digest())
+        .ok_or_else(|| format!("model {model:?} has not switched versions on this node: there is no earlier version to roll back to"))?;
+    let dir = entry_dir(node, &previous);
+    if needs_fetch(&previous, &dir) {
+        return Err(format!(
+            "version {} of {model:?} is no longer on disk (store.keep_versions removed it): publish it in the central manifest instead",
+            previous.version
+        ));
+    }
+    let span = tracing::info_span!("model.rollback", model = %model, version = %previous.version);
+    async {
+        let (e, d) = (previous.clone(), dir.clone());
+        let verified = blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await.map_err(|e| format!("verify: {e}"))?;
+        let loaded = load_version(node, slot, previous.clone(), verified, &dir, device, restarts, false).await.map_err(|e| format!("load: {e}"))?;
+        let label = switch(node, slot, loaded, &previous, false);
+        rebuild_dependents(node, slot).await;
+        if let Err(e) = crate::models::store::set_hold(&store, &serving.name, Some(&serving.digest())) {
+            tracing::warn!(model = %model, "cannot record the hold: {e}");
+        }
+        tracing::info!(model = %model, label = %label, held = %serving.version, "rolled back");
+        update(node, model, |s| {
+            s.state = "held";
+            s.target = Some(Pin { version: serving.version.clone(), digest: serving.digest() });
+            s.error = None;
+            s.failures = 0;
+        });
+        Ok(label)
+    }
+    .instrument(span)
+    .await
+}
+
+/// After a failed switch that had unloaded the serving version: load it again, so the model
+/// is back as it was. A failure here leaves the model failed, with the reason.
+async fn restore(node: &Arc<Node>, slot: &Arc<ModelSlot>, old: ManifestEntry, device: &Device, restarts: &Restarts) {
+    let dir = entry_dir(node, &old);
+    let (e, d) = (old.clone(), dir.clone());
+    let result = async {
+        let verified = blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await?;
+        load_version(node, slot, old, verified, &dir, device, restarts, true).await
+    }
+    .await;
+    match result {
+        Ok(loaded) => slot.install(loaded),
+        Err(e) => slot.set_stage(Stage::Failed(format!("the new version failed and the old one could not be loaded again: {e}"))),
+    }
+}
+
+/// Bytes of model files the node holds loaded now: every installed version of a model with
+/// files, and a previous version still kept for pinned requests (counted at its successor's
+/// size: versions of one model are alike).
+fn loaded_bytes(node: &Node) -> u64 {
+    node.registry
+        .slots()
+        .iter()
+        .map(|s| {
+            let current = s.entry().filter(|_| s.current().is_some()).map_or(0, |e| files_bytes(&e, &entry_dir(node, &e)));
+            let kept = s.previous().map_or(0, |_| current);
+            current + kept
+        })
+        .sum()
+}
+
+/// The size of a version's files on disk (what loading it maps or reads).
+fn files_bytes(entry: &ManifestEntry, dir: &std::path::Path) -> u64 {
+    entry.files.iter().map(|f| std::fs::metadata(dir.join(&f.path)).map(|m| m.len()).unwrap_or(f.size.unwrap_or(0))).sum()
 }
 
 /// Prototype classifiers built on a model that switched move to its new version too: their

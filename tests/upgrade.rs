@@ -266,6 +266,10 @@ fn bad_versions_never_serve_and_pinned_requests_never_mix_spaces() {
     let (status, _, body) = embed(&d, "bge@2");
     assert_eq!(status, 409, "{body}");
     assert!(body["error"].as_str().unwrap().contains(&label1), "{body}");
+    // Nothing to roll back to before a switch.
+    let (status, body) = post_json(&d, "/models/bge/rollback", &json!({}));
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "rollback_unavailable", "{body}");
 
     // 1. A probe that fails: version 2 must reproduce version 1's vector, which it cannot.
     let probe = format!("\n[models.probe]\ninputs = [{SENTENCE:?}]\nvectors = [{}]\nmin_cosine = 0.99\n", v1[0]);
@@ -317,9 +321,135 @@ fn bad_versions_never_serve_and_pinned_requests_never_mix_spaces() {
     assert_eq!(embed(&d, "bge").1, label2, "the restart serves the version it switched to");
     assert!(hub.downloads().is_empty(), "a restart downloaded: {:?}", hub.downloads());
 
-    // 5. The central manifest moves back: version 1 serves again, from its folder.
-    setup.publish(&local);
-    wait_for_version(&d, "bge", "1", Duration::from_secs(120));
+    // 5. `edgenode models rollback`: back to version 1 from disk, and held there although
+    //    the central manifest still names version 2.
+    let out = Command::new(binary()).args(["models", "rollback", "bge", "--url", &d.url("")]).env_remove("EDGENODE_CONFIG").output().unwrap();
+    assert!(out.status.success(), "models rollback: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&label1), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(embed(&d, "bge").1, label1);
-    assert!(hub.downloads().is_empty(), "moving back downloaded: {:?}", hub.downloads());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(embed(&d, "bge").1, label1, "a rollback holds against the central manifest");
+    assert_eq!(apply_state(&d, "bge")["state"], "held");
+
+    // 6. The central manifest moves back to version 1 (the hold lifts), then forward to
+    //    version 2 again: both switches come from disk, without a download.
+    setup.publish(&local);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(embed(&d, "bge").1, label1);
+    setup.publish(&v2);
+    wait_for_version(&d, "bge", "2", Duration::from_secs(120));
+    assert_eq!(embed(&d, "bge").1, label2);
+    assert!(hub.downloads().is_empty(), "switching between kept versions downloaded: {:?}", hub.downloads());
+}
+
+/// `edgenode models probe` writes probes from what a node serves now; a version that answers
+/// them serves, one that does not (the other seed) never does.
+#[test]
+fn probes_written_from_a_serving_node_pass_the_same_version_and_stop_another() {
+    let v1 = pin_dir("bge", "embed", "1", &bge("1")) + &pin_dir("tiny", "generate", "1", &tiny("1"));
+    let v2 = pin_dir("bge", "embed", "2", &bge("2")) + &pin_dir("tiny", "generate", "2", &tiny("2"));
+    let models = [("bge", "embed"), ("tiny", "generate")];
+
+    // A node serving version 2 writes its probes into a copy of the version 2 manifest.
+    let reference = Setup::new(&v2);
+    let d = Daemon::start(Options { config: Some(reference.config("", &models)), ..Default::default() });
+    d.wait_ready(Duration::from_secs(300));
+    let probed = reference.path("probed.toml");
+    std::fs::write(&probed, &v2).unwrap();
+    for name in ["bge", "tiny"] {
+        let out = Command::new(binary())
+            .args(["models", "probe", name, "--url", &d.url(""), "--manifest", &probed.display().to_string()])
+            .current_dir(root())
+            .env_remove("EDGENODE_CONFIG")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "models probe {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    drop(d);
+    let text = std::fs::read_to_string(&probed).unwrap();
+    assert!(text.matches("[models.probe]").count() == 2 && text.contains("completion = ") && text.contains("vectors = "), "{text}");
+
+    // A node on version 1 follows the probed manifest.
+    let node = Setup::new(&v1);
+    let d = Daemon::start(Options { config: Some(node.config("", &models)), ..Default::default() });
+    d.wait_ready(Duration::from_secs(300));
+    // First a third bge (another seed) under version 2's probe: it cannot answer it.
+    let entry = |text: &str, name: &str| -> toml::Value {
+        let m: toml::Table = text.parse().unwrap();
+        m["models"].as_array().unwrap().iter().find(|e| e["name"].as_str() == Some(name)).unwrap().clone()
+    };
+    let mut third = entry(&pin_dir("bge", "embed", "3", &bge("3")), "bge");
+    third.as_table_mut().unwrap().insert("probe".into(), entry(&text, "bge")["probe"].clone());
+    let bad = toml::to_string(&toml::Table::from_iter([("models".to_string(), toml::Value::Array(vec![third, entry(&v1, "tiny")]))])).unwrap();
+    node.publish(&bad);
+    let s = wait_for_state(&d, "bge", "failed", Duration::from_secs(120));
+    assert!(s["error"].as_str().unwrap().starts_with("probe: "), "{s}");
+    assert_eq!(info_model(&d, "bge")["version"], "1");
+
+    node.publish(&text);
+    wait_for_version(&d, "bge", "2", Duration::from_secs(180));
+    wait_for_version(&d, "tiny", "2", Duration::from_secs(180));
+    assert_eq!(apply_state(&d, "tiny")["state"], "switched");
+}
+
+/// Two versions that do not fit `limits.max_model_bytes`: the old one is unloaded first and
+/// the model answers 503 `not_ready` with `Retry-After` until the new one is warm, never a
+/// wrong answer and never an out-of-memory kill.
+#[test]
+fn a_switch_past_max_model_bytes_is_an_announced_unavailability() {
+    let local = pin_dir("bge", "embed", "1", &bge("1"));
+    let central = pin_dir("bge", "embed", "2", &bge("2"));
+    let one: u64 = std::fs::read_dir(bge("1"))
+        .unwrap()
+        .chain(std::fs::read_dir(bge("1").join("1_Pooling")).unwrap())
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum();
+    let setup = Setup::new(&local);
+    let config = setup.config("", &[("bge", "embed")]) + &format!("\n[limits]\nmax_model_bytes = {}\n\n[server]\nready_wait_s = 0\n", one * 3 / 2);
+    let d = Arc::new(Daemon::start(Options { config: Some(config), ..Default::default() }));
+    d.wait_ready(Duration::from_secs(120));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Seen = Arc::default();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (d, stop, seen) = (d.clone(), stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let r = client().post(d.url("/embed")).json(&json!({"model": "bge", "inputs": [SENTENCE]})).send().unwrap();
+                    let status = r.status().as_u16();
+                    let label = r.headers().get("x-edgenode-model").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+                    let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+                    let body: Value = r.json().unwrap_or(Value::Null);
+                    seen.lock().unwrap().push((status, label, json!({"retry_after": retry, "body": body})));
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    setup.publish(&central);
+    wait_for_version(&d, "bge", "2", Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let unavailable: Vec<_> = seen.iter().filter(|(s, _, _)| *s == 503).collect();
+    assert!(!unavailable.is_empty(), "the old version was unloaded first, so some requests met the unavailability");
+    for (status, label, extra) in seen.iter() {
+        match status {
+            200 => assert!(label.starts_with("bge@1+") || label.starts_with("bge@2+"), "{label}"),
+            503 => {
+                assert!(extra["retry_after"].as_u64().is_some_and(|s| s >= 1), "503 without Retry-After: {extra}");
+                assert_eq!(extra["body"]["error_type"], "Unhealthy", "{extra}");
+            }
+            other => panic!("status {other} during the switch: {extra}"),
+        }
+    }
+    assert!(seen.last().unwrap().1.starts_with("bge@2+"));
+    assert!(d.log_text().contains("do not fit limits.max_model_bytes"));
 }

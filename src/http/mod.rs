@@ -80,6 +80,7 @@ fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppSta
         ("/dashboard/uplot.css", Class::Probe, OpenAi, get(dashboard::uplot_css)),
         ("/info", Class::Ops, OpenAi, get(ops::info)),
         ("/v1/models", Class::Ops, OpenAi, get(ops::list_models)),
+        ("/models/{name}/rollback", Class::Ops, OpenAi, post(ops::rollback)),
         ("/stats", Class::Ops, OpenAi, get(stats::stats)),
         ("/embed", Class::Work, Tei, post(embed::embed)),
         ("/embed_all", Class::Work, Tei, post(embed::embed_all)),

@@ -66,6 +66,34 @@ fn sync_summary(report: &crate::models::sync::SyncReport) -> Value {
     json!({"source": report.source, "reachable": report.reachable, "error": report.error, "models": models})
 }
 
+/// `POST /models/{name}/rollback`: switch a model back to the version it served before its
+/// last switch (on disk, no download), and hold it there until the central manifest names
+/// another version. Needs `sync.apply`.
+pub async fn rollback(State(node): State<AppState>, axum::extract::Path(name): axum::extract::Path<String>) -> Result<Json<Value>, Error> {
+    let Some(commands) = &node.sync_commands else {
+        return Err(Error::field(
+            "sync.apply",
+            "rollback switches versions model sync applied; this node does not apply the central manifest (sync.apply = false)",
+        ));
+    };
+    if node.registry.get(&name).is_none_or(|s| s.entry().is_none()) {
+        return Err(Error::UnknownModel {
+            name,
+            kind: "served",
+            served: node.registry.slots().iter().map(|s| s.name()).collect::<Vec<_>>().join(", "),
+        });
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    commands
+        .send(crate::models::sync::SyncCommand::Rollback { model: name.clone(), reply })
+        .map_err(|_| Error::Internal("the model sync task has stopped".into()))?;
+    match answer.await {
+        Ok(Ok(label)) => Ok(Json(json!({"model": name, "serving": label, "held": true}))),
+        Ok(Err(message)) => Err(Error::RollbackUnavailable(message)),
+        Err(_) => Err(Error::Internal("the model sync task stopped before answering".into())),
+    }
+}
+
 /// `GET /info`: version, build, device, limits, and per model its version, digest, files,
 /// stage and the seconds each boot stage took.
 pub async fn info(State(node): State<AppState>) -> Json<Value> {

@@ -132,6 +132,9 @@ pub struct ModelSlot {
     /// given (`sync.keep_previous_s`).
     previous: RwLock<Option<(Installed, Instant)>>,
     stage_started: parking_lot::Mutex<Instant>,
+    /// While the model is out of service on purpose (a switch that could not hold two
+    /// versions), the seconds a client should wait: its `Retry-After`.
+    retry_after_s: std::sync::atomic::AtomicU64,
 }
 
 impl ModelSlot {
@@ -145,6 +148,7 @@ impl ModelSlot {
             current: RwLock::new(None),
             previous: RwLock::new(None),
             stage_started: parking_lot::Mutex::new(Instant::now()),
+            retry_after_s: std::sync::atomic::AtomicU64::new(5),
         }
     }
 
@@ -218,6 +222,7 @@ impl ModelSlot {
 
     /// Installs a warm version and marks the model ready.
     pub fn install(&self, loaded: Loaded) {
+        self.retry_after_s.store(5, std::sync::atomic::Ordering::Relaxed);
         self.put(loaded);
         self.set_stage(Stage::Ready);
     }
@@ -256,6 +261,19 @@ impl ModelSlot {
     pub fn uninstall(&self, stage: Stage) {
         *self.current.write() = None;
         self.set_stage(stage);
+    }
+
+    /// Takes the service away for a reload that is expected to take `retry_after_s`:
+    /// requests wait for it (`server.ready_wait_s`), then get 503 with that `Retry-After`.
+    pub fn unload_for(&self, stage: Stage, retry_after_s: u64) {
+        self.retry_after_s.store(retry_after_s.max(1), std::sync::atomic::Ordering::Relaxed);
+        *self.previous.write() = None;
+        self.uninstall(stage);
+    }
+
+    /// Seconds this version took to load and warm up at boot (for a `Retry-After`).
+    pub fn load_seconds(&self) -> f64 {
+        self.with_facts(|f| f.stage_seconds.iter().filter(|(s, _)| s == "loading" || s == "warming_up" || s == "verifying").map(|(_, v)| v).sum())
     }
 
     /// The version a switch replaced and until when it answers pinned requests, if it still
@@ -342,7 +360,7 @@ impl ModelSlot {
             if !matches!(woke, Ok(Ok(()))) {
                 return Err(Error::NotReady {
                     message: format!("model {:?} is not ready yet (stage: {})", self.name(), self.stage().name()),
-                    retry_after_s: 5,
+                    retry_after_s: self.retry_after_s.load(std::sync::atomic::Ordering::Relaxed),
                 });
             }
         }

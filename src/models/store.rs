@@ -64,6 +64,40 @@ pub fn set_applied(store: &Path, entry: &ManifestEntry) -> std::io::Result<()> {
     write_manifest(&applied_path(store, &entry.name), entry)
 }
 
+/// Records the entry `name` served before its last switch: what a rollback returns to.
+pub fn set_previous(store: &Path, entry: &ManifestEntry) -> std::io::Result<()> {
+    write_manifest(&store.join(".applied").join(format!("{}.previous.toml", entry.name)), entry)
+}
+
+/// The entry `name` served before its last switch, if recorded.
+pub fn previous(store: &Path, name: &str) -> Option<ManifestEntry> {
+    read_manifest(&store.join(".applied").join(format!("{name}.previous.toml"))).filter(|e| e.name == name)
+}
+
+fn hold_path(store: &Path, name: &str) -> PathBuf {
+    store.join(".applied").join(format!("{name}.hold"))
+}
+
+/// The digest a rollback holds `name` away from (model sync does not apply it again).
+pub fn hold(store: &Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(hold_path(store, name)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// Holds `name` away from `digest`, or (`None`) lifts the hold.
+pub fn set_hold(store: &Path, name: &str, digest: Option<&str>) -> std::io::Result<()> {
+    let path = hold_path(store, name);
+    match digest {
+        Some(d) => {
+            std::fs::create_dir_all(path.parent().unwrap_or(store))?;
+            std::fs::write(path, d)
+        }
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Removes applied versions of `name` beyond the newest `keep` (by modification time),
 /// never one of `protect`. Returns the folders removed.
 pub fn prune(store: &Path, name: &str, keep: usize, protect: &[&Path]) -> Vec<PathBuf> {

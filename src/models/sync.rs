@@ -77,6 +77,15 @@ pub struct ApplyStatus {
     pub fetch: Option<super::download::Progress>,
 }
 
+/// What an operator asks of the upgrade task (`sync.apply`), with where its answer goes.
+#[derive(Debug)]
+pub enum SyncCommand {
+    /// Switch `model` back to the version it served before its last switch (kept on disk),
+    /// and hold the version rolled back from until the central manifest names another.
+    /// Answers the new version's label, or why not.
+    Rollback { model: String, reply: tokio::sync::oneshot::Sender<Result<String, String>> },
+}
+
 /// The last sync check.
 #[derive(Debug, Clone, Serialize)]
 pub struct SyncReport {
