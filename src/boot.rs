@@ -199,7 +199,7 @@ pub async fn build_prototype(node: &Node, slot: &Arc<ModelSlot>, embedder: Arc<E
 }
 
 /// Fetches missing files (when allowed) and verifies every file against the manifest.
-async fn verify_files(node: &Arc<Node>, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir: &Path) -> Result<Verified, String> {
+pub async fn verify_files(node: &Arc<Node>, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir: &Path) -> Result<Verified, String> {
     let store = node.config.store.dir.clone();
     if needs_fetch(entry, dir) && node.config.store.fetch_missing && entry.source.kind() != Some(SourceKind::Dir) {
         slot.set_stage(Stage::Fetching);

@@ -267,6 +267,9 @@ pub struct SyncConfig {
     /// Each node delays applying a change by a stable share of this window (from the Fly
     /// Machine id, or the host name), so a fleet rolls instead of flipping at once.
     pub rollout_jitter_s: u64,
+    /// With `apply`: stop serving a model the expected manifest no longer lists (without
+    /// it, such a model is only reported, as `extra`).
+    pub remove: bool,
 }
 
 /// `[telemetry]`: traces and the latency profile.
@@ -508,7 +511,9 @@ impl ModelConfig {
         self.manifest.as_deref().unwrap_or(&self.name)
     }
 
-    fn new(name: &str, kind: ModelKind) -> Self {
+    /// A model of this name and kind with every option at its default (how model sync
+    /// serves a model the central manifest added).
+    pub fn new(name: &str, kind: ModelKind) -> Self {
         ModelConfig {
             name: name.into(),
             kind,
@@ -588,6 +593,7 @@ impl Default for SyncConfig {
             apply: false,
             keep_previous_s: 0,
             rollout_jitter_s: 0,
+            remove: false,
         }
     }
 }

@@ -25,8 +25,8 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::boot::{blocking, build_prototype, entry_dir, load_version, Restarts};
-use crate::config::ModelKind;
+use crate::boot::{blocking, build_prototype, entry_dir, load_version, verify_files, Restarts};
+use crate::config::{ModelConfig, ModelKind};
 use crate::encoder::tokenize::Truncation;
 use crate::generate::sampling::{Sampler, SamplingParams};
 use crate::generate::{Piece, PromptInput};
@@ -131,7 +131,7 @@ pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts, mut comman
                 s.error = None;
             });
             let span = tracing::info_span!("model.upgrade", model = %name, version = %target.version, digest = %&digest[..12]);
-            match apply(&node, slot, target.clone(), &device, &restarts).instrument(span.clone()).await {
+            match apply(&node, &slot, target.clone(), &device, &restarts).instrument(span.clone()).await {
                 Ok(label) => {
                     span.in_scope(|| tracing::info!(model = %name, label = %label, "switched to the expected manifest's version"));
                     METRICS.model_switches.with_label_values(&[name.as_str()]).inc();
@@ -155,7 +155,77 @@ pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts, mut comman
                 }
             }
         }
+        for entry in &expected.models {
+            let served = node.registry.slots().iter().any(|s| s.entry().is_some_and(|e| e.name == entry.name));
+            let now = Instant::now();
+            if served || retry_at.get(&entry.name).is_some_and(|at| now < *at) {
+                continue;
+            }
+            let pin = Pin { version: entry.version.clone(), digest: entry.digest() };
+            let span = tracing::info_span!("model.add", model = %entry.name, version = %entry.version);
+            match add(&node, entry.clone(), &device, &restarts).instrument(span.clone()).await {
+                Ok(label) => {
+                    span.in_scope(|| tracing::info!(model = %entry.name, label = %label, "serving a model the expected manifest added"));
+                    retry_at.remove(&entry.name);
+                    update(&node, &entry.name, |s| {
+                        *s = ApplyStatus { state: "added", target: Some(pin), at: Some(epoch_of(Instant::now())), ..Default::default() };
+                    });
+                }
+                Err((step, message)) => {
+                    let failures = node.upgrades.read().get(&entry.name).map_or(0, |s| s.failures) + 1;
+                    let wait = Duration::from_secs(node.config.sync.interval_s.max(1) << (failures - 1).min(4));
+                    span.in_scope(
+                        || tracing::warn!(model = %entry.name, step, failures, "a model the expected manifest added could not be served: {message}"),
+                    );
+                    fail(&node, &entry.name, pin, step, message);
+                    retry_at.insert(entry.name.clone(), Instant::now() + wait);
+                    update(&node, &entry.name, |s| s.at = Some(epoch_of(Instant::now() + wait)));
+                }
+            }
+        }
+        if node.config.sync.remove {
+            for slot in node.registry.slots() {
+                let Some(entry) = slot.entry() else { continue };
+                if expected.get(&entry.name).is_some() {
+                    continue;
+                }
+                if node.registry.remove(slot.name()).is_some() {
+                    tracing::warn!(model = %slot.name(), "the expected manifest no longer lists this model: no longer served (sync.remove)");
+                    update(&node, slot.name(), |s| {
+                        *s = ApplyStatus { state: "removed", at: Some(epoch_of(Instant::now())), ..Default::default() };
+                    });
+                }
+            }
+        }
     }
+}
+
+/// A model the expected manifest lists and this node does not serve: fetched, verified,
+/// loaded, warmed and probed on a slot of its own (every option at its default), which joins
+/// the registry only once it is ready, so the node's readiness never waits on it.
+async fn add(node: &Arc<Node>, entry: ManifestEntry, device: &Device, restarts: &Restarts) -> Result<String, (&'static str, String)> {
+    if node.registry.get(&entry.name).is_some() {
+        return Err(("check", format!("a model named {:?} is served already, from another manifest entry", entry.name)));
+    }
+    let slot = Arc::new(ModelSlot::new(ModelConfig::new(&entry.name, entry.kind), Some(entry.clone())));
+    slot.update_facts(|f| f.device = Some(node.device.clone()));
+    let dir = entry_dir(node, &entry);
+    update(node, &entry.name, |s| s.state = "fetching");
+    let verified = verify_files(node, &slot, &entry, &dir).await.map_err(|e| ("fetch", e))?;
+    update(node, &entry.name, |s| s.state = "loading");
+    let loaded = load_version(node, &slot, entry.clone(), verified, &dir, device, restarts, true).await.map_err(|e| ("load", e))?;
+    if let Some(probe) = &entry.probe {
+        update(node, &entry.name, |s| s.state = "probing");
+        run_probe(&entry.name, &loaded.service, probe).await.map_err(|e| ("probe", e))?;
+    }
+    slot.install(loaded);
+    if !node.registry.add(slot.clone()) {
+        return Err(("check", format!("a model named {:?} was added meanwhile", entry.name)));
+    }
+    if let Err(e) = crate::models::store::set_applied(&node.config.store.dir, &entry) {
+        tracing::warn!(model = %entry.name, "cannot record the model: {e}");
+    }
+    Ok(slot.label())
 }
 
 fn update(node: &Node, name: &str, f: impl FnOnce(&mut ApplyStatus)) {
@@ -275,7 +345,7 @@ fn switch(node: &Arc<Node>, slot: &Arc<ModelSlot>, loaded: Loaded, target: &Mani
 /// `POST /models/{name}/rollback`: back to the version served before the last switch, from
 /// disk (never a download), then held there until the central manifest names another.
 async fn rollback(node: &Arc<Node>, model: &str, device: &Device, restarts: &Restarts) -> Result<String, String> {
-    let slot = node.registry.get(model).ok_or_else(|| format!("no model {model:?} is served"))?;
+    let slot = &node.registry.get(model).ok_or_else(|| format!("no model {model:?} is served"))?;
     let serving = slot.entry().ok_or_else(|| format!("model {model:?} has no files of its own to roll back"))?;
     let store = node.config.store.dir.clone();
     let previous = crate::models::store::previous(&store, &serving.name)
@@ -356,7 +426,7 @@ async fn rebuild_dependents(node: &Arc<Node>, embedder: &Arc<ModelSlot>) {
         if !builds_on || slot.stage() != Stage::Ready {
             continue;
         }
-        match build_prototype(node, slot, encoder.clone()).await {
+        match build_prototype(node, &slot, encoder.clone()).await {
             Ok(loaded) => slot.switch(loaded, None),
             Err(e) => {
                 tracing::error!(model = %slot.name(), embedder = %embedder.name(), "cannot rebuild on the embedder's new version; it keeps the old one: {e}")

@@ -453,3 +453,60 @@ fn a_switch_past_max_model_bytes_is_an_announced_unavailability() {
     assert!(seen.last().unwrap().1.starts_with("bge@2+"));
     assert!(d.log_text().contains("do not fit limits.max_model_bytes"));
 }
+
+/// A model the central manifest adds is fetched and served (the node ready throughout); one
+/// it drops is served on until `sync.remove` says otherwise, then answers 404.
+#[test]
+fn models_the_central_manifest_adds_are_served_and_dropped_ones_removed() {
+    let bge1 = pin_dir("bge", "embed", "1", &bge("1"));
+    let tiny1 = pin_dir("tiny", "generate", "1", &tiny("1"));
+    let setup = Setup::new(&bge1);
+    let d = Arc::new(Daemon::start(Options { config: Some(setup.config("remove = true", &[("bge", "embed")])), ..Default::default() }));
+    d.wait_ready(Duration::from_secs(120));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready_codes: Arc<Mutex<Vec<u16>>> = Arc::default();
+    let watcher = {
+        let (d, stop, codes) = (d.clone(), stop.clone(), ready_codes.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                codes.lock().unwrap().push(get_json(&d, "/readyz").0);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    setup.publish(&(bge1.clone() + &tiny1));
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while info_model(&d, "tiny")["stage"] != "ready" {
+        assert!(Instant::now() < deadline, "tiny was never added: {}", apply_state(&d, "tiny"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let codes = ready_codes.lock().unwrap();
+    assert!(!codes.is_empty() && codes.iter().all(|c| *c == 200), "the node left ready while adding a model: {codes:?}");
+    assert_eq!(apply_state(&d, "tiny")["state"], "added");
+    let (status, body) =
+        post_json(&d, "/v1/chat/completions", &json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}));
+    assert_eq!(status, 200, "{body}");
+    let (_, models) = get_json(&d, "/v1/models");
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "tiny"), "{models}");
+
+    // The central manifest drops bge: with sync.remove it is no longer served.
+    setup.publish(&tiny1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _, body) = embed(&d, "bge");
+        if status == 404 {
+            assert_eq!(body["error_type"], "Validation", "{body}");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(Instant::now() < deadline, "bge was never removed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(apply_state(&d, "bge")["state"], "removed");
+    let (code, ready) = get_json(&d, "/readyz");
+    assert_eq!(code, 200, "{ready}");
+    assert!(ready["models"].get("bge").is_none(), "{ready}");
+}

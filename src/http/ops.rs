@@ -169,7 +169,7 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
 /// clients read `max_client_batch_size` and `max_input_length` to size their requests.
 fn tei_info(node: &AppState) -> Value {
     let limits = &node.config.limits;
-    let Some(slot) = node.registry.slots().iter().find(|s| s.config.kind == ModelKind::Embed) else {
+    let Some(slot) = node.registry.slots().into_iter().find(|s| s.config.kind == ModelKind::Embed) else {
         return json!({"max_client_batch_size": limits.max_inputs, "auto_truncate": limits.auto_truncate});
     };
     let facts = slot.facts();

@@ -138,7 +138,9 @@ pub struct ModelSlot {
 }
 
 impl ModelSlot {
-    fn new(config: ModelConfig, entry: Option<ManifestEntry>) -> Self {
+    /// A slot in no registry yet: model sync loads a model the central manifest added before
+    /// it joins the registry, so the node's readiness never depends on it.
+    pub fn new(config: ModelConfig, entry: Option<ManifestEntry>) -> Self {
         let facts = ModelFacts { version: entry.as_ref().map(|e| e.version.clone()), ..Default::default() };
         ModelSlot {
             config,
@@ -369,23 +371,31 @@ impl ModelSlot {
 
 /// A model as one request resolved it: the slot, the version the request pins (if any),
 /// and, once the request took a version, that version's label for its answer's header.
+/// It holds the slot itself, so a model that model sync removes meanwhile still finishes
+/// the requests that resolved it.
 pub struct SlotRef<'a> {
-    slot: &'a Arc<ModelSlot>,
+    slot: Arc<ModelSlot>,
     pin: Option<String>,
     chosen: std::sync::OnceLock<String>,
+    /// Resolved from a registry, for as long as the request borrows it.
+    _registry: std::marker::PhantomData<&'a Registry>,
 }
 
 impl std::ops::Deref for SlotRef<'_> {
     type Target = Arc<ModelSlot>;
     fn deref(&self) -> &Arc<ModelSlot> {
-        self.slot
+        &self.slot
     }
 }
 
 impl<'a> SlotRef<'a> {
+    fn new(slot: Arc<ModelSlot>, pin: Option<String>) -> SlotRef<'a> {
+        SlotRef { slot, pin, chosen: std::sync::OnceLock::new(), _registry: std::marker::PhantomData }
+    }
+
     /// A slot reached without a request's model name (so without a version pin).
-    pub fn unpinned(slot: &'a Arc<ModelSlot>) -> SlotRef<'a> {
-        SlotRef { slot, pin: None, chosen: std::sync::OnceLock::new() }
+    pub fn unpinned(slot: &Arc<ModelSlot>) -> SlotRef<'a> {
+        SlotRef::new(slot.clone(), None)
     }
 
     /// The service of the version this request gets (see `ModelSlot::ready_installed`).
@@ -401,15 +411,17 @@ impl<'a> SlotRef<'a> {
         self.chosen.get().cloned().unwrap_or_else(|| self.slot.label())
     }
 
-    /// The slot itself, for work that outlives the request's borrow of the registry.
+    /// The slot itself, for work that outlives the request.
     pub fn slot(&self) -> &Arc<ModelSlot> {
-        self.slot
+        &self.slot
     }
 }
 
-/// All served models, in config order.
+/// All served models, in config order, then the ones model sync added. Model sync may add
+/// and remove models while requests run, so the list is behind a lock and handed out as
+/// shared handles; a request keeps the slot it resolved.
 pub struct Registry {
-    slots: Vec<Arc<ModelSlot>>,
+    slots: RwLock<Vec<Arc<ModelSlot>>>,
 }
 
 impl Registry {
@@ -440,22 +452,44 @@ impl Registry {
 
     /// One slot per configured model, with its manifest entry resolved.
     pub fn new(models: Vec<(ModelConfig, Option<ManifestEntry>)>) -> Self {
-        Registry { slots: models.into_iter().map(|(c, e)| Arc::new(ModelSlot::new(c, e))).collect() }
+        Registry { slots: RwLock::new(models.into_iter().map(|(c, e)| Arc::new(ModelSlot::new(c, e))).collect()) }
     }
 
-    /// Every slot.
-    pub fn slots(&self) -> &[Arc<ModelSlot>] {
-        &self.slots
+    /// Every slot, now.
+    pub fn slots(&self) -> Vec<Arc<ModelSlot>> {
+        self.slots.read().clone()
     }
 
     /// The slot of this name.
-    pub fn get(&self, name: &str) -> Option<&Arc<ModelSlot>> {
-        self.slots.iter().find(|s| s.name() == name)
+    pub fn get(&self, name: &str) -> Option<Arc<ModelSlot>> {
+        self.slots.read().iter().find(|s| s.name() == name).cloned()
+    }
+
+    /// Serves a loaded slot from now on (model sync: a model the central manifest added);
+    /// `false` when one of that name is already served.
+    pub fn add(&self, slot: Arc<ModelSlot>) -> bool {
+        let mut slots = self.slots.write();
+        if slots.iter().any(|s| s.name() == slot.name()) {
+            return false;
+        }
+        slots.push(slot);
+        true
+    }
+
+    /// Stops serving a model (model sync with `sync.remove`): new requests for it get 404;
+    /// requests that already resolved it finish, and its memory goes with the last of them.
+    pub fn remove(&self, name: &str) -> Option<Arc<ModelSlot>> {
+        let mut slots = self.slots.write();
+        let i = slots.iter().position(|s| s.name() == name)?;
+        let slot = slots.remove(i);
+        drop(slots);
+        slot.uninstall(Stage::Pending);
+        Some(slot)
     }
 
     /// The names of the models of one kind.
-    pub fn names_of(&self, kind: ModelKind) -> Vec<&str> {
-        self.slots.iter().filter(|s| s.config.kind == kind).map(|s| s.name()).collect()
+    pub fn names_of(&self, kind: ModelKind) -> Vec<String> {
+        self.slots.read().iter().filter(|s| s.config.kind == kind).map(|s| s.name().to_string()).collect()
     }
 
     /// The model a request asked for (or the first of the kind when it named none). A name
@@ -469,13 +503,13 @@ impl Registry {
             (Error::UnknownModel { kind, served, .. }, Some(r)) => Error::UnknownModel { name: r.to_string(), kind, served },
             (e, _) => e,
         })?;
-        Ok(SlotRef { slot, pin, chosen: std::sync::OnceLock::new() })
+        Ok(SlotRef::new(slot, pin))
     }
 
-    fn resolve_name(&self, requested: Option<&str>, kind: ModelKind) -> Result<&Arc<ModelSlot>, Error> {
+    fn resolve_name(&self, requested: Option<&str>, kind: ModelKind) -> Result<Arc<ModelSlot>, Error> {
         let found = match requested {
             Some(name) => self.get(name).filter(|s| s.config.kind == kind),
-            None => self.slots.iter().find(|s| s.config.kind == kind),
+            None => self.slots.read().iter().find(|s| s.config.kind == kind).cloned(),
         };
         found.ok_or_else(|| Error::UnknownModel {
             name: requested.unwrap_or("").to_string(),
@@ -493,6 +527,6 @@ impl Registry {
 
     /// True when every model is ready.
     pub fn all_ready(&self) -> bool {
-        self.slots.iter().all(|s| s.stage() == Stage::Ready)
+        self.slots.read().iter().all(|s| s.stage() == Stage::Ready)
     }
 }
