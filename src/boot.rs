@@ -331,11 +331,14 @@ fn runs_native(cfg: &ModelConfig, device: &Device, gguf: bool) -> Result<bool, S
 /// serving (not because the model was uninstalled, switched to another version, or the node
 /// is stopping), the model is taken out of service (`/readyz` 503, `restarting`) and handed
 /// to the supervisor to reload.
+///
+/// It holds the slot weakly: the slot holds the service that keeps the worker alive, so a
+/// strong handle here would keep a removed model alive for good.
 fn on_worker_exit(slot: &Arc<ModelSlot>, restarts: &mpsc::UnboundedSender<Arc<ModelSlot>>, id: u64) -> impl FnOnce() + Send + 'static {
-    let (slot, restarts) = (slot.clone(), restarts.clone());
+    let (slot, restarts) = (Arc::downgrade(slot), restarts.clone());
     move || {
-        if slot.stage() == Stage::Ready && slot.installed_id() == Some(id) {
-            slot.uninstall(Stage::Restarting);
+        let Some(slot) = slot.upgrade() else { return };
+        if slot.stage() == Stage::Ready && slot.uninstall_if(id, Stage::Restarting) {
             let _ = restarts.send(slot);
         }
     }

@@ -64,11 +64,18 @@ pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts, mut comman
         if node.is_draining() {
             return;
         }
+        for slot in node.registry.slots() {
+            // Drops a previous version past sync.keep_previous_s (its memory goes with its
+            // last request).
+            let _ = slot.previous();
+        }
         let Some(expected) = updates.borrow().as_ref().and_then(|r| r.expected.clone()) else { continue };
         for slot in node.registry.slots() {
             let Some(serving) = slot.entry() else { continue };
             let Some(target) = expected.get(&serving.name) else { continue };
-            if slot.stage() != Stage::Ready {
+            // A model that failed (at boot, or when a switch could not bring its old version
+            // back) is repaired by the next version the central manifest names.
+            if !matches!(slot.stage(), Stage::Ready | Stage::Failed(_)) {
                 continue;
             }
             let digest = target.digest();
@@ -183,10 +190,12 @@ pub async fn run(node: Arc<Node>, device: Device, restarts: Restarts, mut comman
                 }
             }
         }
-        if node.config.sync.remove {
+        if node.config.sync.remove && expected.models.is_empty() {
+            tracing::warn!("the expected manifest lists no models: nothing is removed (an empty manifest is more likely a mistake than an order)");
+        } else if node.config.sync.remove {
             for slot in node.registry.slots() {
                 let Some(entry) = slot.entry() else { continue };
-                if expected.get(&entry.name).is_some() {
+                if expected.get(&entry.name).is_some() || !matches!(slot.stage(), Stage::Ready | Stage::Failed(_)) {
                     continue;
                 }
                 if node.registry.remove(slot.name()).is_some() {
@@ -288,7 +297,11 @@ async fn apply(
     if unload {
         let secs = slot.load_seconds().ceil() as u64 + 1;
         tracing::warn!(model = %name, cap, retry_after_s = secs, "two versions do not fit limits.max_model_bytes: unloading the serving one first; the model answers 503 meanwhile");
+        let old_service = slot.current().map(|i| i.service);
         slot.unload_for(Stage::Loading, secs);
+        if let Some(old) = old_service {
+            wait_until_dropped(&name, old, Duration::from_secs(node.config.server.drain_grace_s)).await;
+        }
     }
     step("loading");
     let outcome = async {
@@ -311,7 +324,7 @@ async fn apply(
     };
 
     let old_dir = slot.entry().map(|e| entry_dir(node, &e));
-    let label = switch(node, slot, loaded, &target, unload);
+    let label = switch(node, slot, loaded, &target, if unload { Switch::Unloaded } else { Switch::Beside });
     rebuild_dependents(node, slot).await;
     let mut protect = vec![dir.as_path()];
     protect.extend(old_dir.as_deref());
@@ -321,12 +334,24 @@ async fn apply(
     Ok(label)
 }
 
+/// How a switch happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    /// Loaded beside the serving version: requests move over, the old one drains.
+    Beside,
+    /// The serving version was unloaded first (`limits.max_model_bytes`).
+    Unloaded,
+    /// Back to the version before the last switch (`POST /models/{name}/rollback`).
+    Rollback,
+}
+
 /// Switches `slot` to a loaded version of `target` and records it for the next boot (and the
 /// version it replaced, for a rollback). Returns its label.
-fn switch(node: &Arc<Node>, slot: &Arc<ModelSlot>, loaded: Loaded, target: &ManifestEntry, unloaded: bool) -> String {
+fn switch(node: &Arc<Node>, slot: &Arc<ModelSlot>, loaded: Loaded, target: &ManifestEntry, how: Switch) -> String {
     let store = &node.config.store.dir;
-    let replaced = slot.entry();
-    if unloaded {
+    // A rollback records no "previous": the version rolled back from is held, not returned to.
+    let replaced = slot.entry().filter(|_| how != Switch::Rollback);
+    if how == Switch::Unloaded || slot.current().is_none() {
         slot.install(loaded);
     } else {
         let keep = (node.config.sync.keep_previous_s > 0).then(|| Instant::now() + Duration::from_secs(node.config.sync.keep_previous_s));
@@ -363,7 +388,7 @@ async fn rollback(node: &Arc<Node>, model: &str, device: &Device, restarts: &Res
         let (e, d) = (previous.clone(), dir.clone());
         let verified = blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await.map_err(|e| format!("verify: {e}"))?;
         let loaded = load_version(node, slot, previous.clone(), verified, &dir, device, restarts, false).await.map_err(|e| format!("load: {e}"))?;
-        let label = switch(node, slot, loaded, &previous, false);
+        let label = switch(node, slot, loaded, &previous, Switch::Rollback);
         rebuild_dependents(node, slot).await;
         if let Err(e) = crate::models::store::set_hold(&store, &serving.name, Some(&serving.digest())) {
             tracing::warn!(model = %model, "cannot record the hold: {e}");
@@ -379,6 +404,34 @@ async fn rollback(node: &Arc<Node>, model: &str, device: &Device, restarts: &Res
     }
     .instrument(span)
     .await
+}
+
+/// Waits (up to `limit`) until every request holding an unloaded version has finished, so
+/// its memory is returned before the next version loads. A prototype classifier built on an
+/// embedder holds it until rebuilt: past the limit the load goes ahead, with a warning.
+async fn wait_until_dropped(model: &str, service: Service, limit: Duration) {
+    let weak: Box<dyn Fn() -> bool + Send> = match service {
+        Service::Encoder(e) => {
+            let w = Arc::downgrade(&e);
+            Box::new(move || w.strong_count() == 0)
+        }
+        Service::Generator(g) => {
+            let w = Arc::downgrade(&g);
+            Box::new(move || w.strong_count() == 0)
+        }
+        Service::Prototype(p) => {
+            let w = Arc::downgrade(&p);
+            Box::new(move || w.strong_count() == 0)
+        }
+    };
+    let deadline = Instant::now() + limit;
+    while !weak() {
+        if Instant::now() >= deadline {
+            tracing::warn!(model = %model, limit_s = limit.as_secs(), "the unloaded version is still in use; loading the new one beside it");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// After a failed switch that had unloaded the serving version: load it again, so the model
@@ -464,7 +517,7 @@ async fn run_probe(name: &str, service: &Service, probe: &Probe) -> Result<(), S
 
 /// Who this node is, for its share of the rollout window: the Fly Machine id, else the
 /// host name.
-fn node_identity() -> String {
+pub fn node_identity() -> String {
     std::env::var("FLY_MACHINE_ID")
         .ok()
         .filter(|v| !v.is_empty())
@@ -475,7 +528,7 @@ fn node_identity() -> String {
 
 /// A stable number in [0, 1) from the node's identity: the same on every restart, spread
 /// evenly across a fleet.
-fn jitter_share(identity: &str) -> f64 {
+pub fn jitter_share(identity: &str) -> f64 {
     use sha2::Digest as _;
     let h = sha2::Sha256::digest(identity.as_bytes());
     let n = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);

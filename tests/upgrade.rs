@@ -510,3 +510,37 @@ fn models_the_central_manifest_adds_are_served_and_dropped_ones_removed() {
     assert_eq!(code, 200, "{ready}");
     assert!(ready["models"].get("bge").is_none(), "{ready}");
 }
+
+/// `sync.rollout_jitter_s`: a node waits for its stable share of the window before it
+/// applies a change, and `/info` says when it will switch.
+#[test]
+fn a_fleet_rolls_each_node_switches_at_its_own_share_of_the_window() {
+    let local = pin_dir("bge", "embed", "1", &bge("1"));
+    let central = pin_dir("bge", "embed", "2", &bge("2"));
+    // A Machine id whose share of the window is over half, and one near its start.
+    let ids: Vec<String> = (0..200).map(|i| format!("machine-{i}")).collect();
+    let late = ids.iter().find(|i| edgenode::upgrade::jitter_share(i) > 0.5).unwrap().clone();
+    let early = ids.iter().find(|i| edgenode::upgrade::jitter_share(i) < 0.002).cloned();
+    let window = 3600u64;
+    let setup = Setup::new(&local);
+    let config = setup.config(&format!("rollout_jitter_s = {window}"), &[("bge", "embed")]);
+    let late_node = Daemon::start(Options { config: Some(config.clone()), env: vec![("FLY_MACHINE_ID".into(), late.clone())], ..Default::default() });
+    late_node.wait_ready(Duration::from_secs(120));
+    let published = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    setup.publish(&central);
+    let s = wait_for_state(&late_node, "bge", "scheduled", Duration::from_secs(30));
+    let at = s["at"].as_u64().unwrap();
+    let expected = published as f64 + window as f64 * edgenode::upgrade::jitter_share(&late);
+    assert!((at as f64 - expected).abs() <= 3.0, "scheduled at {at}, expected about {expected}: {s}");
+    assert_eq!(s["target"]["version"], "2");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(info_model(&late_node, "bge")["version"], "1", "a node switched before its share of the window");
+    drop(late_node);
+
+    if let Some(early) = early {
+        // Another node of the fleet, whose share comes within seconds, has switched meanwhile.
+        let early_node = Daemon::start(Options { config: Some(config), env: vec![("FLY_MACHINE_ID".into(), early)], ..Default::default() });
+        early_node.wait_ready(Duration::from_secs(120));
+        wait_for_version(&early_node, "bge", "2", Duration::from_secs(120));
+    }
+}

@@ -23,6 +23,10 @@ use crate::node::Node;
 /// What a generation request brings to the cache.
 pub(crate) struct GenerationLookup<'a> {
     pub slot: &'a ModelSlot,
+    /// The label of the version the request took (not the slot's current one: a request
+    /// pinned to the previous version, or racing a switch, must not share the new one's
+    /// entries).
+    pub label: String,
     pub prompt: &'a PromptInput,
     pub decoding: Decoding,
     pub stops: Vec<String>,
@@ -43,7 +47,7 @@ impl GenerationLookup<'_> {
             decoding.params.seed = 0;
         }
         let mut k = KeyBuilder::new(kind);
-        k.text(&self.slot.label()).part(&(prepared.max_tokens as u64).to_le_bytes()).text(&format!("{decoding:?}"));
+        k.text(&self.label).part(&(prepared.max_tokens as u64).to_le_bytes()).text(&format!("{decoding:?}"));
         for stop in &self.stops {
             k.text(stop);
         }

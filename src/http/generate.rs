@@ -433,7 +433,7 @@ pub(crate) async fn begin_prepared(
     };
     let stops = sampling.stops()?;
     let seeded = sampling.seed.as_ref().is_some_and(|s| !s.is_null());
-    let lookup = GenerationLookup { slot, prompt: &prompt, decoding, stops, seeded, directive };
+    let lookup = GenerationLookup { slot, label: slot.label(), prompt: &prompt, decoding, stops, seeded, directive };
     let generation = start_generation(node, &service, lookup, prepared).await?;
     Ok((service, generation))
 }

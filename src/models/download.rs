@@ -74,6 +74,9 @@ pub fn download(client: &Client, req: &FileRequest, progress: &mut dyn FnMut(i64
     let partial = partial_path(req.dest);
     let mut backoff = FIRST_BACKOFF;
     let mut last = String::new();
+    // Whether bytes left by an earlier run were resumed from: if the whole then fails its
+    // digest, they may be the culprit (another version's partial file), so one fresh try.
+    let mut resumed_stale = fs::metadata(&partial).is_ok_and(|m| m.len() > 0);
     for attempt in 1..=ATTEMPTS {
         let have = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
         // What this try reported, so a failed try can take it back before the next one
@@ -88,7 +91,15 @@ pub fn download(client: &Client, req: &FileRequest, progress: &mut dyn FnMut(i64
             fetch_once(client, req, &partial, have, &mut track)
         };
         match outcome {
-            Ok(()) => return finish(req, &partial),
+            Ok(()) => match finish(req, &partial) {
+                Err(DownloadError::Mismatch { .. }) if resumed_stale => {
+                    // `finish` removed the partial file: the next try starts from zero.
+                    resumed_stale = false;
+                    progress(-counted);
+                    tracing::warn!(url = %req.url, "a file resumed from an earlier partial download did not verify; downloading it whole");
+                }
+                done => return done,
+            },
             Err(Try::Fatal(e)) => return Err(e),
             Err(Try::Again { reason, wait }) => {
                 last = reason;
@@ -125,6 +136,11 @@ fn fetch_once(client: &Client, req: &FileRequest, partial: &Path, have: u64, pro
         }
         StatusCode::PARTIAL_CONTENT if have > 0 && range_start(response.headers()) == Some(have) => {
             file.seek(SeekFrom::End(0)).map_err(io)?;
+        }
+        StatusCode::PARTIAL_CONTENT => {
+            // A range we did not ask for: nothing here can be trusted to line up.
+            file.set_len(0).map_err(io)?;
+            return Err(Try::Again { reason: "the server answered another range than asked; starting over".into(), wait: None });
         }
         s if s.is_success() => {
             // The server sent the whole file (it ignored or could not honour the range).

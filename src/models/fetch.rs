@@ -191,9 +191,12 @@ fn fetch_hub(entry: &ManifestEntry, dir: &Path, opts: &FetchOptions) -> Result<(
     tracing::info!(model = %entry.name, source = %entry.source.describe(), files = plan.len(), bytes = total, "downloading");
     let token = hub.settings.token.clone();
     for (f, listed) in plan {
-        let expected = match &f.sha256 {
-            Some(sha) => Expected::Sha256(sha.clone()),
-            None => Expected::GitBlob(listed.oid.clone()),
+        // A file pinned by commit alone: a small one is checked against its git blob id, a
+        // large (LFS) one against the sha256 the listing gives for its content (its git id
+        // is that of the LFS pointer, not of the bytes).
+        let expected = match (&f.sha256, &listed.lfs_sha256) {
+            (Some(sha), _) | (None, Some(sha)) => Expected::Sha256(sha.clone()),
+            (None, None) => Expected::GitBlob(listed.oid.clone()),
         };
         let url = hub.file_url(repo, commit, &f.path).map_err(|e| e.to_string())?;
         let dest = dir.join(&f.path);

@@ -39,8 +39,16 @@ impl HfCache {
     /// the client named the blob by the etag the Hub sent for that commit).
     pub fn blob_oid(file: &Path) -> Option<Expected> {
         let target = std::fs::read_link(file).ok()?;
-        let name = target.file_name()?.to_str()?;
-        (name.len() == 40 && name.chars().all(|c| c.is_ascii_hexdigit())).then(|| Expected::GitBlob(name.to_ascii_lowercase()))
+        let name = target.file_name()?.to_str()?.to_ascii_lowercase();
+        if !name.chars().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        // A small file's blob is named by its git blob id, an LFS file's by its sha256.
+        match name.len() {
+            40 => Some(Expected::GitBlob(name)),
+            64 => Some(Expected::Sha256(name)),
+            _ => None,
+        }
     }
 }
 

@@ -168,7 +168,8 @@ impl Hub {
                 oid: i.oid,
                 lfs_sha256: i.lfs.map(|l| l.oid),
             }));
-            next = link.and_then(|l| next_link(&l)).and_then(|l| page.join(&l).ok());
+            // The token goes with the next page: only to the Hub's own origin.
+            next = link.and_then(|l| next_link(&l)).and_then(|l| page.join(&l).ok()).filter(|n| super::download::same_origin(&page, n));
         }
         Ok(files)
     }
@@ -251,7 +252,7 @@ fn next_link(header: &str) -> Option<String> {
     header.split(',').find(|part| part.contains("rel=\"next\"")).and_then(|part| {
         let start = part.find('<')? + 1;
         let end = part.find('>')?;
-        Some(part[start..end].to_string())
+        part.get(start..end).map(str::to_string)
     })
 }
 

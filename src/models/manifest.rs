@@ -146,6 +146,13 @@ impl Manifest {
             if !names.insert(&entry.name) {
                 return Err(err(format!("model {:?} is listed twice", entry.name)));
             }
+            // The name becomes a folder in the store and a model name in requests: no path
+            // separators, no `@` (it pins versions), no leading dot.
+            let name_ok =
+                !entry.name.is_empty() && !entry.name.starts_with('.') && entry.name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !name_ok {
+                return Err(err(format!("model name {:?} must be ASCII letters, digits, '.', '_' or '-', not starting with '.'", entry.name)));
+            }
             if entry.files.is_empty() {
                 return Err(err(format!("model {:?} lists no files", entry.name)));
             }

@@ -259,6 +259,20 @@ impl ModelSlot {
         label
     }
 
+    /// Takes the service away if version `id` is the one installed (its worker died), in one
+    /// step, so a switch that happened meanwhile is never undone. True when it did.
+    pub fn uninstall_if(&self, id: u64, stage: Stage) -> bool {
+        {
+            let mut current = self.current.write();
+            if current.as_ref().map(|i| i.id) != Some(id) {
+                return false;
+            }
+            *current = None;
+        }
+        self.set_stage(stage);
+        true
+    }
+
     /// Takes the service away (its worker died); requests wait again until it is back.
     pub fn uninstall(&self, stage: Stage) {
         *self.current.write() = None;
@@ -483,6 +497,7 @@ impl Registry {
         let i = slots.iter().position(|s| s.name() == name)?;
         let slot = slots.remove(i);
         drop(slots);
+        *slot.previous.write() = None;
         slot.uninstall(Stage::Pending);
         Some(slot)
     }
