@@ -200,20 +200,37 @@ pub async fn build_prototype(node: &Node, slot: &Arc<ModelSlot>, embedder: Arc<E
 
 /// Fetches missing files (when allowed) and verifies every file against the manifest.
 pub async fn verify_files(node: &Arc<Node>, slot: &Arc<ModelSlot>, entry: &ManifestEntry, dir: &Path) -> Result<Verified, String> {
-    let store = node.config.store.dir.clone();
-    if needs_fetch(entry, dir) && node.config.store.fetch_missing && entry.source.kind() != Some(SourceKind::Dir) {
-        slot.set_stage(Stage::Fetching);
-        let python = node.config.store.python.clone();
-        let (e, s, d) = (entry.clone(), slot.clone(), dir.to_path_buf());
-        let fetched = blocking(move || {
-            let progress = |p: &Progress| s.update_facts(|f| f.fetch = Some(p.clone()));
-            fetch_into(&e, &store, &d, &FetchOptions { python: &python, progress: &progress }).map_err(|e| e.to_string())
-        })
-        .await;
-        slot.update_facts(|f| f.fetch = None);
-        fetched?;
+    if !will_fetch(entry, dir, node.config.store.fetch_missing) {
+        slot.set_stage(Stage::Verifying);
+        return verify_in(entry, dir).await;
     }
-    slot.set_stage(Stage::Verifying);
+    slot.set_stage(Stage::Fetching);
+    let s = slot.clone();
+    let fetched = fetch_files(node, entry, dir, move |p| s.update_facts(|f| f.fetch = Some(p.clone()))).await;
+    slot.update_facts(|f| f.fetch = None);
+    fetched
+}
+
+/// Whether `entry`'s files in `dir` must (and, with `allowed`, may) be fetched before they
+/// can be verified: some are missing or unchecked, and the source is not a local folder.
+pub fn will_fetch(entry: &ManifestEntry, dir: &Path, allowed: bool) -> bool {
+    allowed && needs_fetch(entry, dir) && entry.source.kind() != Some(SourceKind::Dir)
+}
+
+/// Fetches `entry`'s files into `dir`, reporting progress, and returns them verified: a
+/// fetch verifies what it leaves, so nothing is hashed again after it.
+pub async fn fetch_files(node: &Node, entry: &ManifestEntry, dir: &Path, progress: impl Fn(&Progress) + Send + 'static) -> Result<Verified, String> {
+    let (store, python) = (node.config.store.dir.clone(), node.config.store.python.clone());
+    let (e, d) = (entry.clone(), dir.to_path_buf());
+    blocking(move || {
+        let fetched = fetch_into(&e, &store, &d, &FetchOptions { python: &python, progress: &progress }).map_err(|e| e.to_string())?;
+        Ok(fetched.verified().clone())
+    })
+    .await
+}
+
+/// Hashes `entry`'s files in `dir` against their pins, off the async workers.
+pub async fn verify_in(entry: &ManifestEntry, dir: &Path) -> Result<Verified, String> {
     let (e, d) = (entry.clone(), dir.to_path_buf());
     blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await
 }

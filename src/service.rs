@@ -73,6 +73,16 @@ impl Service {
         }
     }
 
+    /// How many handles to this version exist (this one included): 1 once every request
+    /// and classifier that held it has let go, so its memory is about to be returned.
+    pub fn holders(&self) -> usize {
+        match self {
+            Service::Encoder(e) => Arc::strong_count(e),
+            Service::Prototype(p) => Arc::strong_count(p),
+            Service::Generator(g) => Arc::strong_count(g),
+        }
+    }
+
     /// Work in the model now, for `/info` and `/metrics`.
     pub fn load(&self) -> serde_json::Value {
         match self {

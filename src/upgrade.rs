@@ -25,18 +25,16 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::boot::{blocking, build_prototype, entry_dir, load_version, verify_files, Restarts};
+use crate::boot::{build_prototype, entry_dir, fetch_files, load_version, verify_files, verify_in, will_fetch, Restarts};
 use crate::config::{ModelConfig, ModelKind};
 use crate::encoder::tokenize::Truncation;
 use crate::generate::sampling::{Sampler, SamplingParams};
 use crate::generate::{Piece, PromptInput};
-use crate::models::download::Progress;
-use crate::models::fetch::{fetch_into, FetchOptions};
-use crate::models::manifest::{ManifestEntry, SourceKind};
+use crate::models::manifest::ManifestEntry;
 use crate::models::probe::Probe;
 use crate::models::registry::{Loaded, ModelSlot, Stage};
 use crate::models::sync::{ApplyStatus, Pin, SyncCommand};
-use crate::models::verify::{needs_fetch, verify_model};
+use crate::models::verify::needs_fetch;
 use crate::node::Node;
 use crate::service::Service;
 use crate::telemetry::metrics::METRICS;
@@ -266,23 +264,16 @@ async fn apply(
     let dir = entry_dir(node, &target);
     let step = |state: &'static str| update(node, &name, |s| s.state = state);
 
-    step("fetching");
-    if needs_fetch(&target, &dir) && target.source.kind() != Some(SourceKind::Dir) {
-        let python = node.config.store.python.clone();
-        let (n, e, d, s) = (node.clone(), target.clone(), dir.clone(), store.clone());
-        let model = name.clone();
-        blocking(move || {
-            let progress = |p: &Progress| update(&n, &model, |s| s.fetch = Some(p.clone()));
-            fetch_into(&e, &s, &d, &FetchOptions { python: &python, progress: &progress }).map(|_| ()).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| ("fetch", e))?;
-    }
-    update(node, &name, |s| s.fetch = None);
-
-    step("verifying");
-    let (e, d) = (target.clone(), dir.clone());
-    let verified = blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await.map_err(|e| ("verify", e))?;
+    let verified = if will_fetch(&target, &dir, true) {
+        step("fetching");
+        let (n, model) = (node.clone(), name.clone());
+        let fetched = fetch_files(node, &target, &dir, move |p| update(&n, &model, |s| s.fetch = Some(p.clone()))).await;
+        update(node, &name, |s| s.fetch = None);
+        fetched.map_err(|e| ("fetch", e))?
+    } else {
+        step("verifying");
+        verify_in(&target, &dir).await.map_err(|e| ("verify", e))?
+    };
     if dir != target.dir(&store) {
         if let Err(e) = crate::models::store::write_entry(&store, &target) {
             tracing::warn!(model = %name, "cannot record the version's manifest entry beside its folder: {e}");
@@ -385,8 +376,7 @@ async fn rollback(node: &Arc<Node>, model: &str, device: &Device, restarts: &Res
     }
     let span = tracing::info_span!("model.rollback", model = %model, version = %previous.version);
     async {
-        let (e, d) = (previous.clone(), dir.clone());
-        let verified = blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await.map_err(|e| format!("verify: {e}"))?;
+        let verified = verify_in(&previous, &dir).await.map_err(|e| format!("verify: {e}"))?;
         let loaded = load_version(node, slot, previous.clone(), verified, &dir, device, restarts, false).await.map_err(|e| format!("load: {e}"))?;
         let label = switch(node, slot, loaded, &previous, Switch::Rollback);
         rebuild_dependents(node, slot).await;
@@ -410,22 +400,8 @@ async fn rollback(node: &Arc<Node>, model: &str, device: &Device, restarts: &Res
 /// its memory is returned before the next version loads. A prototype classifier built on an
 /// embedder holds it until rebuilt: past the limit the load goes ahead, with a warning.
 async fn wait_until_dropped(model: &str, service: Service, limit: Duration) {
-    let weak: Box<dyn Fn() -> bool + Send> = match service {
-        Service::Encoder(e) => {
-            let w = Arc::downgrade(&e);
-            Box::new(move || w.strong_count() == 0)
-        }
-        Service::Generator(g) => {
-            let w = Arc::downgrade(&g);
-            Box::new(move || w.strong_count() == 0)
-        }
-        Service::Prototype(p) => {
-            let w = Arc::downgrade(&p);
-            Box::new(move || w.strong_count() == 0)
-        }
-    };
     let deadline = Instant::now() + limit;
-    while !weak() {
+    while service.holders() > 1 {
         if Instant::now() >= deadline {
             tracing::warn!(model = %model, limit_s = limit.as_secs(), "the unloaded version is still in use; loading the new one beside it");
             return;
@@ -438,9 +414,8 @@ async fn wait_until_dropped(model: &str, service: Service, limit: Duration) {
 /// is back as it was. A failure here leaves the model failed, with the reason.
 async fn restore(node: &Arc<Node>, slot: &Arc<ModelSlot>, old: ManifestEntry, device: &Device, restarts: &Restarts) {
     let dir = entry_dir(node, &old);
-    let (e, d) = (old.clone(), dir.clone());
     let result = async {
-        let verified = blocking(move || verify_model(&e, &d).map_err(|e| e.to_string())).await?;
+        let verified = verify_in(&old, &dir).await?;
         load_version(node, slot, old, verified, &dir, device, restarts, true).await
     }
     .await;

@@ -15,6 +15,8 @@ use reqwest::blocking::{Client, Response};
 use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_RANGE, LOCATION, RANGE, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
+use sha2::{Digest as _, Sha256};
+
 use super::verify::{git_blob_oid, sha256_file};
 
 /// How many times one file is tried (a cut connection resumes and counts as a try).
@@ -77,6 +79,9 @@ pub fn download(client: &Client, req: &FileRequest, progress: &mut dyn FnMut(i64
     // Whether bytes left by an earlier run were resumed from: if the whole then fails its
     // digest, they may be the culprit (another version's partial file), so one fresh try.
     let mut resumed_stale = fs::metadata(&partial).is_ok_and(|m| m.len() > 0);
+    // The sha256 of the partial file's bytes, kept across tries so a resumed download is
+    // hashed as it streams, never read back.
+    let mut hashed = Hashed::default();
     for attempt in 1..=ATTEMPTS {
         let have = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
         // What this try reported, so a failed try can take it back before the next one
@@ -88,10 +93,10 @@ pub fn download(client: &Client, req: &FileRequest, progress: &mut dyn FnMut(i64
                 progress(d);
             };
             track(have as i64);
-            fetch_once(client, req, &partial, have, &mut track)
+            fetch_once(client, req, &partial, have, &mut hashed, &mut track)
         };
         match outcome {
-            Ok(()) => match finish(req, &partial) {
+            Ok(()) => match finish(req, &partial, hex::encode(hashed.sha256.clone().finalize())) {
                 Err(DownloadError::Mismatch { .. }) if resumed_stale => {
                     // `finish` removed the partial file: the next try starts from zero.
                     resumed_stale = false;
@@ -124,7 +129,36 @@ enum Try {
     Fatal(DownloadError),
 }
 
-fn fetch_once(client: &Client, req: &FileRequest, partial: &Path, have: u64, progress: &mut dyn FnMut(i64)) -> Result<(), Try> {
+/// A running sha256 and how many bytes it covers.
+#[derive(Default)]
+struct Hashed {
+    sha256: Sha256,
+    len: u64,
+}
+
+impl Hashed {
+    /// The hash of the first `len` bytes of a file (a partial download left by an earlier run).
+    fn of_prefix(path: &Path, len: u64) -> std::io::Result<Hashed> {
+        let mut sha256 = Sha256::new();
+        std::io::copy(&mut File::open(path)?.take(len), &mut HashWriter(&mut sha256))?;
+        Ok(Hashed { sha256, len })
+    }
+}
+
+/// Feeds what is written into a hasher (for `std::io::copy`).
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn fetch_once(client: &Client, req: &FileRequest, partial: &Path, have: u64, hashed: &mut Hashed, progress: &mut dyn FnMut(i64)) -> Result<(), Try> {
     let io = |e: std::io::Error| Try::Fatal(DownloadError::Io { path: partial.display().to_string(), message: e.to_string() });
     let mut response = get_following(client, &req.url, req.token, (have > 0).then_some(have))?;
     let mut file = OpenOptions::new().create(true).write(true).truncate(false).open(partial).map_err(io)?;
@@ -132,14 +166,19 @@ fn fetch_once(client: &Client, req: &FileRequest, partial: &Path, have: u64, pro
         StatusCode::RANGE_NOT_SATISFIABLE => {
             // What we hold is not a prefix the server recognises: start over.
             file.set_len(0).map_err(io)?;
+            *hashed = Hashed::default();
             return Err(Try::Again { reason: "the server could not resume the partial file; starting over".into(), wait: None });
         }
         StatusCode::PARTIAL_CONTENT if have > 0 && range_start(response.headers()) == Some(have) => {
+            if hashed.len != have {
+                *hashed = Hashed::of_prefix(partial, have).map_err(io)?;
+            }
             file.seek(SeekFrom::End(0)).map_err(io)?;
         }
         StatusCode::PARTIAL_CONTENT => {
             // A range we did not ask for: nothing here can be trusted to line up.
             file.set_len(0).map_err(io)?;
+            *hashed = Hashed::default();
             return Err(Try::Again { reason: "the server answered another range than asked; starting over".into(), wait: None });
         }
         s if s.is_success() => {
@@ -147,6 +186,7 @@ fn fetch_once(client: &Client, req: &FileRequest, partial: &Path, have: u64, pro
             progress(-(have as i64));
             file.set_len(0).map_err(io)?;
             file.seek(SeekFrom::Start(0)).map_err(io)?;
+            *hashed = Hashed::default();
         }
         s => return Err(Try::Again { reason: format!("unexpected status {s}"), wait: None }),
     }
@@ -156,6 +196,8 @@ fn fetch_once(client: &Client, req: &FileRequest, partial: &Path, have: u64, pro
             Ok(0) => break,
             Ok(n) => {
                 file.write_all(&buf[..n]).map_err(io)?;
+                hashed.sha256.update(&buf[..n]);
+                hashed.len += n as u64;
                 progress(n as i64);
             }
             Err(e) => {
@@ -174,10 +216,10 @@ fn fetch_once(client: &Client, req: &FileRequest, partial: &Path, have: u64, pro
     Ok(())
 }
 
-/// Checks the finished `.partial` against the expected digest and renames it into place.
-fn finish(req: &FileRequest, partial: &Path) -> Result<String, DownloadError> {
+/// Checks the finished `.partial` (whose bytes hash to `sha256`, computed as they streamed)
+/// against the expected digest and renames it into place.
+fn finish(req: &FileRequest, partial: &Path, sha256: String) -> Result<String, DownloadError> {
     let io = |e: std::io::Error| DownloadError::Io { path: partial.display().to_string(), message: e.to_string() };
-    let sha256 = sha256_file(partial).map_err(io)?;
     let (algorithm, expected, actual) = match req.expected {
         Expected::Sha256(want) => ("sha256", want.clone(), sha256.clone()),
         Expected::GitBlob(want) => ("git object id", want.clone(), git_blob_oid(partial).map_err(io)?),
@@ -348,6 +390,17 @@ mod tests {
         assert!(!same_origin(&hub, &Url::parse("https://cdn-lfs.huggingface.co/x").unwrap()));
         assert!(!same_origin(&hub, &Url::parse("http://huggingface.co/x").unwrap()));
         assert!(!same_origin(&hub, &Url::parse("https://huggingface.co:8443/x").unwrap()));
+    }
+
+    #[test]
+    fn a_resumed_hash_is_the_whole_files_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let mut h = Hashed::of_prefix(&path, 123_456).unwrap();
+        h.sha256.update(&bytes[123_456..]);
+        assert_eq!(hex::encode(h.sha256.finalize()), sha256_file(&path).unwrap());
     }
 
     #[test]
