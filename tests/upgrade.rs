@@ -270,6 +270,8 @@ fn bad_versions_never_serve_and_pinned_requests_never_mix_spaces() {
     let (status, body) = post_json(&d, "/models/bge/rollback", &json!({}));
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["error"]["code"], "rollback_unavailable", "{body}");
+    let (status, body) = post_json(&d, "/models/bge/rollback", &json!({"version": "1"}));
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("version")), "a field it would ignore is refused: {body}");
 
     // 1. A probe that fails: version 2 must reproduce version 1's vector, which it cannot.
     let probe = format!("\n[models.probe]\ninputs = [{SENTENCE:?}]\nvectors = [{}]\nmin_cosine = 0.99\n", v1[0]);

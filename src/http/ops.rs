@@ -69,7 +69,22 @@ fn sync_summary(report: &crate::models::sync::SyncReport) -> Value {
 /// `POST /models/{name}/rollback`: switch a model back to the version it served before its
 /// last switch (on disk, no download), and hold it there until the central manifest names
 /// another version. Needs `sync.apply`.
-pub async fn rollback(State(node): State<AppState>, axum::extract::Path(name): axum::extract::Path<String>) -> Result<Json<Value>, Error> {
+pub async fn rollback(
+    State(node): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, Error> {
+    // It takes no fields: one sent would be ignored, so it is refused by name.
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(fields)) if fields.is_empty() => {}
+            Ok(Value::Object(fields)) => {
+                let field = fields.keys().next().cloned().unwrap_or_default();
+                return Err(Error::field(field, "POST /models/{name}/rollback takes no fields: it returns to the version before the last switch"));
+            }
+            _ => return Err(Error::field("body", "POST /models/{name}/rollback takes no body, or an empty JSON object")),
+        }
+    }
     let Some(commands) = &node.sync_commands else {
         return Err(Error::field(
             "sync.apply",
