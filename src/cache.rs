@@ -333,7 +333,7 @@ mod tests {
     use crate::generate::engine::FinishReason;
 
     fn transcript(text: &str) -> Transcript {
-        Transcript { pieces: vec![(text.to_string(), vec![])], completion_tokens: 3, reason: FinishReason::Stop, compute_s: 0.5 }
+        Transcript { pieces: vec![(text.to_string(), vec![])], completion_tokens: 3, reason: FinishReason::Stop, end: None, compute_s: 0.5 }
     }
 
     fn cache(max_entries: u64, max_bytes: u64, threshold: Option<f32>) -> ResponseCache {

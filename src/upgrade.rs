@@ -474,7 +474,7 @@ async fn run_probe(name: &str, service: &Service, probe: &Probe) -> Result<(), S
             let expected = g.tokenize(probe.completion.as_deref().unwrap_or_default(), false).map_err(|e| e.to_string())?;
             let prompt = PromptInput::Text(probe.prompt.clone().unwrap_or_default());
             let prepared = g.prepare(prompt, Some(expected.len().max(1) as i64)).await.map_err(|e| e.to_string())?;
-            let mut generation = g.start(prepared, Sampler::new(SamplingParams::greedy()), vec![]).await.map_err(|e| e.to_string())?;
+            let mut generation = g.start(prepared, Sampler::new(SamplingParams::greedy()), vec![], false).await.map_err(|e| e.to_string())?;
             let mut text = String::new();
             while let Some(piece) = generation.next().await {
                 match piece {

@@ -35,7 +35,12 @@ async fn greedy(engine: &dyn Generator, prompt: Vec<u32>, tokens: usize) -> Stri
     while let Some(e) = stream.events.recv().await {
         match e {
             GenEvent::Text { text: t, .. } => text.push_str(&t),
-            GenEvent::Done { .. } => break,
+            GenEvent::Done { text: t, .. } => {
+                // The last text comes with the end.
+                text.push_str(&t);
+                break;
+            }
+            GenEvent::Prefill(_) => {}
             GenEvent::Failed(m) => panic!("{m}"),
         }
     }

@@ -14,17 +14,28 @@ use super::template::ChatMessage;
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An end-of-sequence token or a stop sequence.
+    /// An end-of-sequence token (or the grammar completed, which ends the sequence).
     Stop,
+    /// One of the request's stop sequences.
+    StopSequence,
     /// `max_tokens` reached, or the context is full.
     Length,
 }
 
 impl FinishReason {
-    /// OpenAI's name for it.
+    /// OpenAI's name for it (which does not tell a stop sequence from end-of-sequence).
     pub fn as_str(self) -> &'static str {
         match self {
-            FinishReason::Stop => "stop",
+            FinishReason::Stop | FinishReason::StopSequence => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+
+    /// text-generation-inference's name for it.
+    pub fn tgi(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
             FinishReason::Length => "length",
         }
     }
@@ -37,10 +48,23 @@ pub enum GenEvent {
     /// `tokens` counts the tokens generated so far; `logprobs` has an entry per token
     /// behind this text when the request asked for them.
     Text { text: String, tokens: usize, logprobs: Vec<TokenLogprob> },
+    /// The prompt's own log-probabilities, sent once prefill is done when the sampler asked
+    /// for them (`Sampler::report_prompt_logprobs`): entry `i` is the log-probability of
+    /// prompt token `i + 1` after the tokens before it.
+    Prefill(Vec<f32>),
     /// The sequence ended; `completion_tokens` counts every generated token, EOS included.
-    Done { reason: FinishReason, completion_tokens: usize },
+    /// The last text comes with it (so a reader knows which text is the last); `end` is the
+    /// end-of-sequence token's log-probability when it ended on one and they were asked for.
+    Done { reason: FinishReason, completion_tokens: usize, text: String, logprobs: Vec<TokenLogprob>, end: Option<TokenLogprob> },
     /// The engine failed this sequence.
     Failed(String),
+}
+
+impl GenEvent {
+    /// The end of a sequence whose text was all sent before.
+    pub fn done(reason: FinishReason, completion_tokens: usize) -> Self {
+        GenEvent::Done { reason, completion_tokens, text: String::new(), logprobs: Vec::new(), end: None }
+    }
 }
 
 /// A running sequence's events. Dropping it (or closing `events`) cancels the sequence:
@@ -60,6 +84,8 @@ pub struct GeneratorInfo {
     pub details: serde_json::Value,
     /// The chat template renders tool definitions.
     pub template_tools: bool,
+    /// The engine reports the prompt's own log-probabilities (`GenEvent::Prefill`).
+    pub prompt_logprobs: bool,
 }
 
 /// Why an engine could not do what was asked.

@@ -298,7 +298,7 @@ impl mistralrs::CustomLogitsProcessor for SeededPick {
 
 impl Generator for MistralGenerator {
     fn info(&self) -> GeneratorInfo {
-        GeneratorInfo { engine: "mistralrs", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools }
+        GeneratorInfo { engine: "mistralrs", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools, prompt_logprobs: false }
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
@@ -470,9 +470,9 @@ impl MistralGenerator {
                         let generated = pick.generated.load(Ordering::SeqCst);
                         let last = pick.last.load(Ordering::SeqCst);
                         if generated >= max_tokens {
-                            GenEvent::Done { reason: FinishReason::Length, completion_tokens: generated }
+                            GenEvent::done(FinishReason::Length, generated)
                         } else if eos.contains(&last) {
-                            GenEvent::Done { reason: FinishReason::Stop, completion_tokens: generated }
+                            GenEvent::done(FinishReason::Stop, generated)
                         } else {
                             GenEvent::Failed("the engine ended the sequence without finishing it".into())
                         }
@@ -489,8 +489,8 @@ impl MistralGenerator {
 fn finish(reason: &str, pick: &SeededPick) -> GenEvent {
     let completion_tokens = pick.generated.load(Ordering::SeqCst);
     match reason {
-        "length" => GenEvent::Done { reason: FinishReason::Length, completion_tokens },
-        "stop" => GenEvent::Done { reason: FinishReason::Stop, completion_tokens },
+        "length" => GenEvent::done(FinishReason::Length, completion_tokens),
+        "stop" => GenEvent::done(FinishReason::Stop, completion_tokens),
         other => GenEvent::Failed(format!("the engine ended the sequence: {other}")),
     }
 }

@@ -76,12 +76,17 @@ pub struct Decoding {
     pub logprobs: Option<usize>,
     /// Output constrained to this grammar (`response_format`).
     pub grammar: Option<Grammar>,
+    /// A stop sequence stays in the text, and the text is released whole tokens at a time
+    /// (text-generation-inference's way); otherwise it is cut (OpenAI's).
+    pub keep_stop: bool,
+    /// Report the prompt's own log-probabilities (TGI's `decoder_input_details`).
+    pub prompt_logprobs: bool,
 }
 
 impl Decoding {
     /// Just sampling parameters, nothing else.
     pub fn new(params: SamplingParams) -> Self {
-        Decoding { params, logit_bias: Vec::new(), logprobs: None, grammar: None }
+        Decoding { params, logit_bias: Vec::new(), logprobs: None, grammar: None, keep_stop: false, prompt_logprobs: false }
     }
 }
 
@@ -118,6 +123,8 @@ pub struct Transcript {
     pub pieces: Vec<TextPiece>,
     pub completion_tokens: usize,
     pub reason: FinishReason,
+    /// The end-of-sequence token's log-probability, when it ended on one and they were asked for.
+    pub end: Option<TokenLogprob>,
     /// Seconds the model spent: what a replay saves.
     pub compute_s: f64,
 }
@@ -287,7 +294,7 @@ impl GenerateService {
     /// grammar compiled (both the request's fault when wrong: 400 naming the field).
     pub async fn sampler(&self, decoding: Decoding) -> Result<Sampler, Error> {
         let table = self.engine.token_table();
-        let Decoding { params, logit_bias, logprobs, grammar } = decoding;
+        let Decoding { params, logit_bias, logprobs, grammar, keep_stop: _, prompt_logprobs } = decoding;
         if let Some(&(t, _)) = logit_bias.iter().find(|(t, _)| *t as usize >= table.len()) {
             return Err(Error::field("logit_bias", format!("token {t} is not in the vocabulary of model {} ({} tokens)", self.name, table.len())));
         }
@@ -298,6 +305,15 @@ impl GenerateService {
         sampler.bias(logit_bias);
         if let Some(top) = logprobs {
             sampler.report_logprobs(top, table.clone());
+        }
+        if prompt_logprobs {
+            if !self.info.prompt_logprobs {
+                return Err(Error::field(
+                    "parameters.decoder_input_details",
+                    format!("model {}'s engine ({}) does not report the prompt's log-probabilities", self.name, self.info.engine),
+                ));
+            }
+            sampler.report_prompt_logprobs();
         }
         if let Some(grammar) = grammar {
             let constraint = tokio::task::spawn_blocking(move || table.compile(&grammar))
@@ -315,16 +331,19 @@ impl GenerateService {
     }
 
     /// Takes a sequence slot (waiting in the bounded queue if need be) and starts generating.
-    pub async fn start(&self, prepared: Prepared, mut sampler: Sampler, stop: Vec<String>) -> Result<Generation, Error> {
+    /// With `keep_stop`, a stop sequence stays in the text (TGI's way) and the engine is not
+    /// told of the stop sequences (an engine that matches them itself would cut them).
+    pub async fn start(&self, prepared: Prepared, mut sampler: Sampler, stop: Vec<String>, keep_stop: bool) -> Result<Generation, Error> {
         let started = Instant::now();
         let permit = self.admit().instrument(tracing::info_span!("queue", model = %self.name)).await?;
         let prompt_tokens = prepared.tokens.len();
         METRICS.queue_seconds.with_label_values(&[self.name.as_str()]).observe(started.elapsed().as_secs_f64());
         sampler.set_prompt(&prepared.tokens);
-        let stream = self.engine.start(prepared.tokens, sampler, prepared.max_tokens, &stop).map_err(|e| self.engine_error(e))?;
+        let hint: &[String] = if keep_stop { &[] } else { &stop };
+        let stream = self.engine.start(prepared.tokens, sampler, prepared.max_tokens, hint).map_err(|e| self.engine_error(e))?;
         Ok(Generation {
             stream,
-            matcher: StopMatcher::new(&stop),
+            matcher: if keep_stop { StopMatcher::keeping(&stop) } else { StopMatcher::new(&stop) },
             prompt_tokens,
             completion_tokens: 0,
             deadline: tokio::time::Instant::now() + self.timeout,
@@ -334,6 +353,8 @@ impl GenerateService {
             first_piece: None,
             pending_done: None,
             logprobs: Vec::new(),
+            prompt_logprobs: None,
+            end_token: None,
             finished: false,
             model: self.name.clone(),
             prefill_span: tracing::info_span!("prefill", model = %self.name, prompt_tokens),
@@ -371,7 +392,7 @@ impl GenerateService {
     pub async fn warm_up(&self) -> Result<(), String> {
         let messages = vec![ChatMessage { role: "user".into(), content: "Say hello.".into() }];
         let prepared = self.prepare(PromptInput::Chat(messages), Some(4)).await.map_err(|e| e.to_string())?;
-        let mut generation = self.start(prepared, Sampler::new(SamplingParams::greedy()), vec![]).await.map_err(|e| e.to_string())?;
+        let mut generation = self.start(prepared, Sampler::new(SamplingParams::greedy()), vec![], false).await.map_err(|e| e.to_string())?;
         while let Some(piece) = generation.next().await {
             match piece {
                 Piece::Error(e) => return Err(format!("warm-up generation failed: {e}")),
@@ -401,6 +422,10 @@ pub struct Generation {
     pending_done: Option<FinishReason>,
     /// Log-probabilities received with text the stop matcher still holds.
     logprobs: Vec<TokenLogprob>,
+    /// The prompt's own log-probabilities (`GenEvent::Prefill`), when they were asked for.
+    pub prompt_logprobs: Option<Vec<f32>>,
+    /// The end-of-sequence token's log-probability, once the sequence ended on one.
+    pub end_token: Option<TokenLogprob>,
     finished: bool,
     model: String,
     /// The request's span, parent of the stage spans.
@@ -431,7 +456,13 @@ impl Generation {
             let tokens = transcript.completion_tokens * (i + 1) / last.max(1);
             let _ = tx.send(GenEvent::Text { text: text.clone(), tokens, logprobs: logprobs.clone() });
         }
-        let _ = tx.send(GenEvent::Done { reason: transcript.reason, completion_tokens: transcript.completion_tokens });
+        let _ = tx.send(GenEvent::Done {
+            reason: transcript.reason,
+            completion_tokens: transcript.completion_tokens,
+            text: String::new(),
+            logprobs: Vec::new(),
+            end: transcript.end.clone(),
+        });
         let now = Instant::now();
         Generation {
             stream: TokenStream { events },
@@ -445,6 +476,8 @@ impl Generation {
             first_piece: None,
             pending_done: None,
             logprobs: Vec::new(),
+            prompt_logprobs: None,
+            end_token: None,
             finished: false,
             model: model.to_string(),
             request_span: tracing::Span::current(),
@@ -474,7 +507,13 @@ impl Generation {
             }
             Some(Piece::Done(usage, reason)) => {
                 if let Some((pieces, callbacks)) = self.recorder.take() {
-                    let transcript = Transcript { pieces, completion_tokens: usage.completion_tokens, reason: *reason, compute_s: self.compute_s() };
+                    let transcript = Transcript {
+                        pieces,
+                        completion_tokens: usage.completion_tokens,
+                        reason: *reason,
+                        end: self.end_token.clone(),
+                        compute_s: self.compute_s(),
+                    };
                     for on_finished in callbacks {
                         on_finished(transcript.clone());
                     }
@@ -511,16 +550,24 @@ impl Generation {
                     if released.stopped {
                         // Cancel the sequence in the engine now; the rest is never sent.
                         self.stream.events.close();
-                        return Some(self.then_done(released.text, FinishReason::Stop));
+                        return Some(self.then_done(released.text, FinishReason::StopSequence));
                     }
                     if !released.text.is_empty() {
                         self.mark_first_piece();
                         return Some(Piece::Text { text: released.text, logprobs: std::mem::take(&mut self.logprobs) });
                     }
                 }
-                GenEvent::Done { reason, completion_tokens } => {
+                GenEvent::Prefill(logprobs) => self.prompt_logprobs = Some(logprobs),
+                GenEvent::Done { reason, completion_tokens, text, logprobs, end } => {
                     self.completion_tokens = completion_tokens;
-                    let rest = self.matcher.finish();
+                    self.logprobs.extend(logprobs);
+                    let released = self.matcher.push(&text);
+                    if released.stopped {
+                        self.stream.events.close();
+                        return Some(self.then_done(released.text, FinishReason::StopSequence));
+                    }
+                    self.end_token = end;
+                    let rest = released.text + &self.matcher.finish();
                     return Some(self.then_done(rest, reason));
                 }
                 GenEvent::Failed(message) => {

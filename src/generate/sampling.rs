@@ -7,7 +7,7 @@
 //!
 //! The order is OpenAI's and llama.cpp's: raw logits → `logit_bias` → repetition,
 //! frequency and presence penalties → the grammar's mask → (log-probabilities are taken
-//! here) → temperature → top-k → top-p → draw.
+//! here) → temperature → top-k → top-p → typical-p (text-generation-inference's) → draw.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +26,10 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep only the `top_k` most likely tokens; 0 means no limit.
     pub top_k: usize,
+    /// Locally typical sampling (Meister et al. 2022, TGI's `typical_p`): keep the tokens
+    /// whose surprise is closest to the distribution's entropy, up to this much probability.
+    /// 1 is off.
+    pub typical_p: f32,
     /// Seed of this request's random stream.
     pub seed: u64,
     /// Never pick an end-of-sequence token (benchmarks generate a fixed length this way).
@@ -46,6 +50,7 @@ impl SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            typical_p: 1.0,
             seed: 0,
             ignore_eos: false,
             frequency_penalty: 0.0,
@@ -96,6 +101,8 @@ pub struct Sampler {
     prompt: Vec<u32>,
     constraint: Option<Constraint>,
     logprobs: Option<LogprobRequest>,
+    /// Report the prompt's own log-probabilities (TGI's `decoder_input_details`).
+    prompt_logprobs: bool,
     /// The grammar is complete, or failed (with why).
     grammar_done: bool,
     grammar_error: Option<String>,
@@ -115,6 +122,7 @@ impl Sampler {
             prompt: Vec::new(),
             constraint: None,
             logprobs: None,
+            prompt_logprobs: false,
             grammar_done: false,
             grammar_error: None,
         }
@@ -152,9 +160,23 @@ impl Sampler {
     /// Forgets the last picked token's log-probability (an end-of-sequence token, which
     /// is not part of the answer).
     pub fn drop_last_logprob(&mut self) {
-        if let Some(l) = &mut self.logprobs {
-            l.pending.pop();
-        }
+        self.take_last_logprob();
+    }
+
+    /// Takes the last picked token's log-probability out of the pending ones: an
+    /// end-of-sequence token's, which is not part of the text but is reported on its own.
+    pub fn take_last_logprob(&mut self) -> Option<TokenLogprob> {
+        self.logprobs.as_mut().and_then(|l| l.pending.pop())
+    }
+
+    /// Asks the engine for the prompt's own log-probabilities (`GenEvent::Prefill`).
+    pub fn report_prompt_logprobs(&mut self) {
+        self.prompt_logprobs = true;
+    }
+
+    /// Whether the engine should report the prompt's log-probabilities.
+    pub fn wants_prompt_logprobs(&self) -> bool {
+        self.prompt_logprobs
     }
 
     /// The grammar is complete: the sequence must end after the token just picked.
@@ -299,6 +321,30 @@ impl Sampler {
         }
     }
 
+    /// Keeps the locally typical set of `scratch` (unnormalized probabilities): tokens
+    /// ordered by how far their surprise `-ln p` is from the entropy, the smallest prefix
+    /// whose probability reaches `typical_p` (at least one token).
+    fn typical_cut(&mut self) {
+        let total: f32 = self.scratch.iter().map(|p| p.1).sum();
+        if total <= 0.0 || self.scratch.len() < 2 {
+            return;
+        }
+        let surprise = |p: f32| -(p / total).ln();
+        let entropy: f32 = self.scratch.iter().filter(|p| p.1 > 0.0).map(|p| (p.1 / total) * surprise(p.1)).sum();
+        let distance = |p: &(u32, f32)| if p.1 > 0.0 { (surprise(p.1) - entropy).abs() } else { f32::INFINITY };
+        self.scratch.sort_unstable_by(|a, b| distance(a).total_cmp(&distance(b)).then(a.0.cmp(&b.0)));
+        let mut cumulative = 0.0;
+        let keep = self
+            .scratch
+            .iter()
+            .position(|p| {
+                cumulative += p.1 / total;
+                cumulative >= self.params.typical_p
+            })
+            .map_or(self.scratch.len(), |i| i + 1);
+        self.scratch.truncate(keep.max(1));
+    }
+
     fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 || self.params.top_k == 1 {
             return argmax(logits);
@@ -337,6 +383,9 @@ impl Sampler {
             };
             self.scratch.truncate(keep.max(1));
         }
+        if self.params.typical_p < 1.0 {
+            self.typical_cut();
+        }
         // Without a nucleus cut no order is needed: walk the distribution in index order.
         let mass: f32 = self.scratch.iter().map(|p| p.1).sum();
         let mut u = self.rng.random::<f32>() * mass;
@@ -348,6 +397,14 @@ impl Sampler {
         }
         self.scratch.last().map(|p| p.0).unwrap_or(0)
     }
+}
+
+/// `token`'s log-probability under raw `logits` (a log-softmax of one entry): what the
+/// model itself gives a prompt token, before any request's adjustments.
+pub fn logprob_of(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - log_z)
 }
 
 /// Index of the largest logit (the first, on ties).
@@ -440,6 +497,23 @@ mod tests {
         let mut s = Sampler::new(p);
         s.set_prompt(&[0]);
         assert_eq!(s.sample(&logits), 1, "2.0 / 4 < 1.0");
+    }
+
+    /// Typical sampling keeps the tokens nearest the entropy first: with one dominant token
+    /// (low entropy) and a small typical mass, only the dominant token survives; a flat
+    /// distribution keeps tokens from all over it.
+    #[test]
+    fn typical_p_keeps_the_locally_typical_set() {
+        let logits = [8.0f32, 0.0, 0.0, 0.0];
+        let p = SamplingParams { temperature: 1.0, typical_p: 0.5, seed: 9, ..SamplingParams::greedy() };
+        let mut s = Sampler::new(p);
+        assert!((0..200).all(|_| s.sample(&logits) == 0), "the dominant token is the typical one");
+        let flat = [1.0f32; 8];
+        let mut s = Sampler::new(SamplingParams { typical_p: 0.9, ..p });
+        let seen: std::collections::HashSet<u32> = (0..400).map(|_| s.sample(&flat)).collect();
+        assert!(seen.len() >= 7, "a flat distribution is all typical: {seen:?}");
+        // The spec: log-softmax of one entry.
+        assert!((logprob_of(&[0.0, 0.0], 1) - 0.5f32.ln()).abs() < 1e-6);
     }
 
     #[test]

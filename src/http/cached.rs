@@ -86,13 +86,16 @@ pub(crate) async fn start_generation(
 ) -> Result<Generation, Error> {
     let Some(cache) = node.cache.clone() else {
         let GenerationLookup { decoding, stops, .. } = lookup;
-        return service.start(prepared, service.sampler(decoding).await?, stops).await;
+        let keep = decoding.keep_stop;
+        return service.start(prepared, service.sampler(decoding).await?, stops, keep).await;
     };
-    let reproducible = lookup.decoding.params.temperature == 0.0 || lookup.seeded;
+    // The prompt's log-probabilities are not kept in a transcript: such a request runs.
+    let reproducible = (lookup.decoding.params.temperature == 0.0 || lookup.seeded) && !lookup.decoding.prompt_logprobs;
     if !reproducible || lookup.directive == Directive::Skip {
         cache.count(Kind::Generate, Outcome::Bypass, 0.0, 0);
         let GenerationLookup { decoding, stops, .. } = lookup;
-        let mut generation = service.start(prepared, service.sampler(decoding).await?, stops).await?;
+        let keep = decoding.keep_stop;
+        let mut generation = service.start(prepared, service.sampler(decoding).await?, stops, keep).await?;
         generation.cache = Some(Outcome::Bypass.as_str());
         return Ok(generation);
     }
@@ -114,7 +117,8 @@ pub(crate) async fn start_generation(
     let outcome = if lookup.directive == Directive::Use { Outcome::Miss } else { Outcome::Bypass };
     cache.count(Kind::Generate, outcome, 0.0, 0);
     let GenerationLookup { decoding, stops, .. } = lookup;
-    let mut generation = service.start(prepared, service.sampler(decoding).await?, stops).await?;
+    let keep = decoding.keep_stop;
+    let mut generation = service.start(prepared, service.sampler(decoding).await?, stops, keep).await?;
     generation.cache = Some(outcome.as_str());
     let store = cache.clone();
     generation.record_into(Box::new(move |transcript| {

@@ -261,6 +261,7 @@ impl SamplingFields {
             temperature: temperature as f32,
             top_p: top_p as f32,
             top_k: top_k as usize,
+            typical_p: 1.0,
             seed,
             ignore_eos,
             frequency_penalty,

@@ -58,6 +58,8 @@ struct Sequence {
     generated: usize,
     detok: Detokenizer,
     events: mpsc::UnboundedSender<GenEvent>,
+    /// The prompt's own log-probabilities, gathered while prefilling, when asked for.
+    prompt_logprobs: Option<Vec<f32>>,
 }
 
 /// The native engine's handle.
@@ -126,7 +128,7 @@ impl NativeGenerator {
 
 impl Generator for NativeGenerator {
     fn info(&self) -> GeneratorInfo {
-        GeneratorInfo { engine: "native", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools }
+        GeneratorInfo { engine: "native", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools, prompt_logprobs: true }
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
@@ -188,7 +190,9 @@ fn run_engine(
             Command::Start(n) => n,
             Command::Die => panic!("fault injected: the engine thread dies with {} sequences running", active.len()),
         };
+        let prompt_logprobs = n.sampler.wants_prompt_logprobs().then(|| Vec::with_capacity(n.prompt.len()));
         active.push(Sequence {
+            prompt_logprobs,
             prompt_len: n.prompt.len(),
             tokens: n.prompt,
             prefilled: 0,
@@ -229,8 +233,10 @@ fn run_engine(
             if s.prefilled < s.prompt_len && budget > 0 {
                 let take = (s.prompt_len - s.prefilled).min(budget);
                 budget -= take;
+                // Every prompt row gets logits when the prompt's own log-probabilities are asked for.
+                let all = s.prompt_logprobs.is_some();
                 for p in s.prefilled..s.prefilled + take {
-                    rows.push(Row { seq: i, pos: p, token: s.tokens[p], logits: p + 1 == s.prompt_len });
+                    rows.push(Row { seq: i, pos: p, token: s.tokens[p], logits: all || p + 1 == s.prompt_len });
                 }
             }
         }
@@ -261,6 +267,16 @@ fn run_engine(
         for (k, r) in rows.iter().filter(|r| r.logits).enumerate() {
             let logits = &scratch.logits[k * vocab..(k + 1) * vocab];
             let s = &mut active[r.seq];
+            if r.pos + 1 < s.prompt_len {
+                // A prompt row: the log-probability of the prompt's next token, nothing sampled.
+                if let Some(lps) = &mut s.prompt_logprobs {
+                    lps.push(super::sampling::logprob_of(logits, s.tokens[r.pos + 1]));
+                }
+                continue;
+            }
+            if let Some(lps) = s.prompt_logprobs.take() {
+                let _ = s.events.send(GenEvent::Prefill(lps));
+            }
             let token = s.sampler.sample(logits);
             if let Some(e) = s.sampler.grammar_error() {
                 let _ = s.events.send(GenEvent::Failed(format!("the response_format grammar failed: {e}")));
@@ -270,11 +286,7 @@ fn run_engine(
             s.tokens.push(token);
             s.generated += 1;
             let is_eos = eos.contains(&token);
-            if is_eos {
-                s.sampler.drop_last_logprob();
-            } else if let Some(text) = s.detok.push(|ids| tokenizer.decode(ids), &s.tokens[s.prompt_len..]) {
-                let _ = s.events.send(GenEvent::Text { text, tokens: s.generated, logprobs: s.sampler.take_logprobs() });
-            }
+            let end = if is_eos { s.sampler.take_last_logprob() } else { None };
             let finish = if is_eos || s.sampler.grammar_done() {
                 Some(FinishReason::Stop)
             } else if s.generated >= s.max_tokens || s.tokens.len() >= context {
@@ -282,14 +294,20 @@ fn run_engine(
             } else {
                 None
             };
-            if let Some(reason) = finish {
-                let generated = if is_eos { &s.tokens[s.prompt_len..s.tokens.len() - 1] } else { &s.tokens[s.prompt_len..] };
-                if let Some(rest) = s.detok.flush(|ids| tokenizer.decode(ids), generated) {
-                    let _ = s.events.send(GenEvent::Text { text: rest, tokens: s.generated, logprobs: s.sampler.take_logprobs() });
+            let text = if is_eos { None } else { s.detok.push(|ids| tokenizer.decode(ids), &s.tokens[s.prompt_len..]) };
+            let Some(reason) = finish else {
+                if let Some(text) = text {
+                    let _ = s.events.send(GenEvent::Text { text, tokens: s.generated, logprobs: s.sampler.take_logprobs() });
                 }
-                let _ = s.events.send(GenEvent::Done { reason, completion_tokens: s.generated });
-                done.push(r.seq);
-            }
+                continue;
+            };
+            // The last text travels with `Done`, so the reader knows it is the last.
+            let generated = if is_eos { &s.tokens[s.prompt_len..s.tokens.len() - 1] } else { &s.tokens[s.prompt_len..] };
+            let mut text = text.unwrap_or_default();
+            text.extend(s.detok.flush(|ids| tokenizer.decode(ids), generated));
+            let logprobs = s.sampler.take_logprobs();
+            let _ = s.events.send(GenEvent::Done { reason, completion_tokens: s.generated, text, logprobs, end });
+            done.push(r.seq);
         }
         done.sort_unstable();
         for i in done.into_iter().rev() {
