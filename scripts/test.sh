@@ -8,7 +8,9 @@
 # sentence-transformers, with PyTorch and transformers, for the GPU check's dry run, which
 # computes its reference vectors and decode baseline on the CPU; Hugging Face's own
 # `huggingface_hub` client, which tests/hub.rs runs against the hub-shaped test server;
-# NVRTC from the
+# and, in a second environment, huggingface_hub 1.x with LangChain's `langchain-huggingface`
+# (which needs huggingface_hub below 2, while transformers needs 2), which tests/tgi.rs
+# drives the daemon with; NVRTC from the
 # nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA kernels without a GPU), installs
 # Debian's chromium and prometheus packages where it can (a real browser loads /dashboard,
 # a real Prometheus scrapes /metrics and evaluates the Grafana dashboard's queries; those
@@ -38,6 +40,14 @@ for base in nvidia.__path__:
 PY
 )"
 export LD_LIBRARY_PATH="${nvrtc_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Hugging Face's inference clients, in their own environment (see above).
+hf_venv="${EDGENODE_HF_CLIENTS_VENV:-$HOME/.cache/edgenode/hf-clients-venv}"
+if [ ! -x "$hf_venv/bin/python" ]; then
+    python3 -m venv "$hf_venv"
+fi
+"$hf_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "huggingface_hub>=1,<2" "langchain-huggingface>=1,<2" "jsonschema>=4.20,<5" "numpy>=1.26,<3"
+export HF_CLIENTS_PYTHON="$hf_venv/bin/python"
 export OPENAI_CLIENT_PYTHON="$venv/bin/python"
 export TEST_PYTHON="$venv/bin/python"
 

@@ -55,6 +55,25 @@ pub struct ServerConfig {
     pub drain_grace_s: u64,
     /// Origins allowed to call from a browser (CORS); empty: CORS off; `"*"`: any origin.
     pub cors_origins: Vec<String>,
+    /// What `POST /` answers when its body does not say (`{"inputs": "..."}` alone, or with
+    /// an empty `parameters`): `auto` decides from the served models and the body's shape.
+    pub root_route: RootRoute,
+    /// Model names clients send that mean a served model: an alias to a model's name, or to
+    /// `"*"`, the route's default model. TGI's clients send `"tgi"`, and huggingface_hub's
+    /// `InferenceClient` `"dummy"`, when they are given only a URL.
+    pub model_aliases: std::collections::BTreeMap<String, String>,
+}
+
+/// `server.root_route`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootRoute {
+    /// The node's only task when it serves one; otherwise TGI's generation for a body with
+    /// `parameters`, TEI's embedding for one without.
+    Auto,
+    Embed,
+    Classify,
+    Generate,
 }
 
 /// `[auth]`: who may call.
@@ -561,7 +580,14 @@ impl ModelConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { addr: SocketAddr::from(([0, 0, 0, 0], 8080)), ready_wait_s: 30, drain_grace_s: 30, cors_origins: Vec::new() }
+        ServerConfig {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            ready_wait_s: 30,
+            drain_grace_s: 30,
+            cors_origins: Vec::new(),
+            root_route: RootRoute::Auto,
+            model_aliases: [("tgi", "*"), ("dummy", "*")].into_iter().map(|(a, m)| (a.to_string(), m.to_string())).collect(),
+        }
     }
 }
 
@@ -849,6 +875,15 @@ impl Config {
                 if value == Some(0) {
                     return Err(ConfigError(format!("{at}: {key} must be at least 1")));
                 }
+            }
+        }
+        for (alias, target) in &self.server.model_aliases {
+            let at = format!("server.model_aliases.{alias}");
+            if alias.is_empty() || alias == "auto" || self.model(alias).is_some() {
+                return Err(ConfigError(format!("{at}: an alias must not be empty, \"auto\" or a served model's name")));
+            }
+            if target != "*" && self.model(target).is_none() {
+                return Err(ConfigError(format!("{at}: {target:?} is not a served model (\"*\" means the route's default model)")));
             }
         }
         let l = &self.limits;

@@ -19,6 +19,10 @@ pub enum Error {
     /// A field has the wrong type or an invalid value; `field` names it.
     #[error("{field}: {message}")]
     InvalidField { field: String, message: String },
+    /// A field the route does not act on: unknown to it, or one it refuses (`fields.rs`).
+    /// A 400 in every dialect but TEI's, whose own server answers 422 for it.
+    #[error("{field}: {message}")]
+    UnhonouredField { field: String, message: String },
     /// A field that must be present is missing.
     #[error("missing field `{0}`")]
     MissingField(String),
@@ -119,7 +123,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         use Error::*;
         match self {
-            InvalidJson(_) | InvalidField { .. } | MissingField(_) | EmptyInput(_) => StatusCode::BAD_REQUEST,
+            InvalidJson(_) | InvalidField { .. } | UnhonouredField { .. } | MissingField(_) | EmptyInput(_) => StatusCode::BAD_REQUEST,
             Unauthorized => StatusCode::UNAUTHORIZED,
             ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             UnknownModel { .. } | UnknownRoute { .. } => StatusCode::NOT_FOUND,
@@ -144,7 +148,7 @@ impl Error {
         use Error::*;
         match self {
             InvalidJson(_) => "invalid_json",
-            InvalidField { .. } => "invalid_field",
+            InvalidField { .. } | UnhonouredField { .. } => "invalid_field",
             MissingField(_) => "missing_field",
             EmptyInput(_) => "empty_input",
             BodyTooLarge { .. } => "body_too_large",
@@ -190,7 +194,9 @@ impl Error {
     /// The request field the error is about, when there is one (OpenAI's `error.param`).
     fn param(&self) -> Option<&str> {
         match self {
-            Error::InvalidField { field, .. } | Error::MissingField(field) | Error::EmptyInput(field) => Some(field),
+            Error::InvalidField { field, .. } | Error::UnhonouredField { field, .. } | Error::MissingField(field) | Error::EmptyInput(field) => {
+                Some(field)
+            }
             Error::TooManyInputs { field, .. } | Error::MaxTokensTooLarge { field, .. } => Some(field),
             _ => None,
         }
@@ -217,9 +223,12 @@ impl Error {
         use Error::*;
         let (status, kind) = match self {
             EmptyInput(_) => (StatusCode::BAD_REQUEST, "Empty"),
-            InvalidField { .. } | MissingField(_) | TooManyInputs { .. } | InputTooManyChars { .. } | InputTooLong { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "Validation")
-            }
+            InvalidField { .. }
+            | UnhonouredField { .. }
+            | MissingField(_)
+            | TooManyInputs { .. }
+            | InputTooManyChars { .. }
+            | InputTooLong { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
             RequestTooManyTokens { .. } | MaxTokensTooLarge { .. } | ContextExceeded { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
             Overloaded { .. } | BudgetExceeded(_) | RateLimited { .. } | KeyBudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
             NotReady { .. } | Draining | TooManyConnections(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
@@ -235,6 +244,39 @@ impl Error {
             | MethodNotAllowed { .. }
             | ModelNotAllowed { .. }
             | Unauthorized => (self.status(), "Validation"),
+        };
+        (status, json!({"error": self.to_string(), "error_type": kind}))
+    }
+
+    /// text-generation-inference's status and body for this error, on its routes:
+    /// `{"error": message, "error_type": "validation" | "overloaded" | "generation" |
+    /// "incomplete_generation" | …}` with TGI's statuses (validation 422, overload 429, a
+    /// failed generation 424). A field we do not honour is a 400 (TGI itself would ignore
+    /// it and answer 200, which is worse). What TGI has no type for keeps our status.
+    /// huggingface_hub's `InferenceClient` raises its `ValidationError`,
+    /// `OverloadedError`, `GenerationError` from these types.
+    pub fn tgi(&self) -> (StatusCode, serde_json::Value) {
+        use Error::*;
+        let (status, kind) = match self {
+            InvalidField { .. } | MissingField(_) | EmptyInput(_) | TooManyInputs { .. } | InputTooManyChars { .. } | InputTooLong { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "validation")
+            }
+            RequestTooManyTokens { .. } | MaxTokensTooLarge { .. } | ContextExceeded { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+            Overloaded { .. } | BudgetExceeded(_) | RateLimited { .. } | KeyBudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            Internal(_) | Upstream(_) => (StatusCode::FAILED_DEPENDENCY, "generation"),
+            Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => (self.status(), "incomplete_generation"),
+            NotReady { .. } | Draining | TooManyConnections(_) => (self.status(), "unhealthy"),
+            Unauthorized => (self.status(), "authentication"),
+            UnhonouredField { .. }
+            | InvalidJson(_)
+            | BodyTooLarge { .. }
+            | UnsupportedMediaType(_)
+            | UnknownModel { .. }
+            | ModelVersionUnavailable { .. }
+            | RollbackUnavailable(_)
+            | UnknownRoute { .. }
+            | MethodNotAllowed { .. }
+            | ModelNotAllowed { .. } => (self.status(), "validation"),
         };
         (status, json!({"error": self.to_string(), "error_type": kind}))
     }

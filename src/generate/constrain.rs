@@ -20,6 +20,8 @@ pub enum Grammar {
     JsonObject,
     /// A document valid against this JSON schema (`response_format: {"type": "json_schema"}`).
     JsonSchema(Value),
+    /// Text matching this regular expression, whole (TGI's `grammar: {"type": "regex"}`).
+    Regex(String),
 }
 
 impl Grammar {
@@ -27,6 +29,7 @@ impl Grammar {
         let schema = match self {
             Grammar::JsonObject => serde_json::json!({"type": "object"}),
             Grammar::JsonSchema(schema) => schema.clone(),
+            Grammar::Regex(rx) => return TopLevelGrammar::from_regex(rx),
         };
         // Compact separators (no free whitespace between tokens): a small model given
         // free whitespace can spend its whole budget on newlines.
@@ -93,6 +96,12 @@ impl TokenTable {
     /// Whether the table is empty (never, for a loaded model).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether `id` is a special token (`</s>`, `<|im_end|>`): its bytes are its name, not text.
+    pub fn is_special(&self, id: u32) -> bool {
+        let trie = self.env.tok_trie();
+        (id as usize) < trie.vocab_size() && trie.token(id).first() == Some(&SPECIAL)
     }
 
     /// The bytes token `id` stands for; a special token's own name (`<|im_end|>`), without

@@ -298,7 +298,13 @@ impl mistralrs::CustomLogitsProcessor for SeededPick {
 
 impl Generator for MistralGenerator {
     fn info(&self) -> GeneratorInfo {
-        GeneratorInfo { engine: "mistralrs", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools, prompt_logprobs: false }
+        GeneratorInfo {
+            engine: "mistralrs",
+            context: self.context,
+            details: self.details.clone(),
+            template_tools: self.template.supports_tools,
+            prompt_logprobs: false,
+        }
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {

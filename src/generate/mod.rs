@@ -232,13 +232,29 @@ impl GenerateService {
         self.max_sequences - self.slots.available_permits()
     }
 
+    /// Most requests that may wait for a slot (`max_waiting`).
+    pub fn max_waiting(&self) -> usize {
+        self.max_waiting
+    }
+
     /// Requests waiting for a slot now.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
 
+    /// Every token's bytes (and whether it is special), for answers that report tokens.
+    pub fn token_table(&self) -> Arc<constrain::TokenTable> {
+        self.engine.token_table()
+    }
+
     /// Renders and tokenizes the prompt, and checks it and `max_tokens` against the context.
     pub async fn prepare(&self, input: PromptInput, max_tokens: Option<i64>) -> Result<Prepared, Error> {
+        self.prepare_with(input, max_tokens, None).await
+    }
+
+    /// `prepare`, keeping only the prompt's last `truncate` tokens first (TGI's `truncate`:
+    /// the start of a long prompt is what goes).
+    pub async fn prepare_with(&self, input: PromptInput, max_tokens: Option<i64>, truncate: Option<usize>) -> Result<Prepared, Error> {
         if let Some(m) = max_tokens {
             if m < 1 {
                 return Err(Error::field("max_tokens", format!("must be at least 1, got {m}")));
@@ -257,6 +273,10 @@ impl GenerateService {
         })
         .await
         .map_err(|_| Error::Internal("the tokenizer panicked".into()))??;
+        let mut tokens = tokens;
+        if let Some(keep) = truncate.filter(|&k| tokens.len() > k) {
+            tokens.drain(..tokens.len() - keep);
+        }
         if tokens.is_empty() {
             return Err(Error::EmptyInput("prompt".into()));
         }
@@ -588,6 +608,11 @@ impl Generation {
             self.pending_done = Some(reason);
             Piece::Text { text, logprobs: std::mem::take(&mut self.logprobs) }
         }
+    }
+
+    /// The piece just returned was the last text: `Done` comes next, without waiting.
+    pub fn finishing(&self) -> bool {
+        self.pending_done.is_some()
     }
 
     /// Tokens generated so far.

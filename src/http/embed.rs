@@ -423,22 +423,167 @@ pub async fn predict(State(node): State<AppState>, JsonBody(raw): JsonBody<Value
     classify_as(node, raw, true).await
 }
 
+/// `parameters` as huggingface_hub's `text_classification` sends them.
+#[derive(Debug, Default)]
+struct HubClassify {
+    /// Keep the `top_k` highest-scoring labels of each input.
+    top_k: Option<usize>,
+    /// Turn the model's raw scores into the answer's: `softmax`, `sigmoid` or `none`.
+    function: Option<ScoreFunction>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ScoreFunction {
+    Softmax,
+    Sigmoid,
+    None,
+}
+
+impl HubClassify {
+    fn read(params: &Value) -> Result<Self, Error> {
+        fields::check_in(params, fields::CLASSIFY_PARAMETERS, "parameters.")?;
+        let top_k = match params.get("top_k").filter(|v| !v.is_null()) {
+            None => None,
+            Some(v) => match v.as_u64() {
+                Some(k) if k >= 1 => Some(k as usize),
+                _ => return Err(Error::field("parameters.top_k", format!("must be a positive integer, got {v}"))),
+            },
+        };
+        let function = match params.get("function_to_apply").filter(|v| !v.is_null()) {
+            None => None,
+            Some(v) => Some(match v.as_str() {
+                Some("softmax") => ScoreFunction::Softmax,
+                Some("sigmoid") => ScoreFunction::Sigmoid,
+                Some("none") => ScoreFunction::None,
+                _ => return Err(Error::field("parameters.function_to_apply", format!("must be softmax, sigmoid or none, got {v}"))),
+            }),
+        };
+        Ok(HubClassify { top_k, function })
+    }
+
+    /// One input's raw scores as the function asks, highest first, cut to `top_k`.
+    fn apply(&self, mut row: Vec<(String, f32)>) -> Vec<(String, f32)> {
+        match self.function {
+            Some(ScoreFunction::Softmax) => {
+                let max = row.iter().map(|r| r.1).fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = row.iter().map(|r| (r.1 - max).exp()).sum();
+                row.iter_mut().for_each(|r| r.1 = (r.1 - max).exp() / sum);
+            }
+            Some(ScoreFunction::Sigmoid) => row.iter_mut().for_each(|r| r.1 = 1.0 / (1.0 + (-r.1).exp())),
+            Some(ScoreFunction::None) | None => {}
+        }
+        row.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if let Some(k) = self.top_k {
+            row.truncate(k);
+        }
+        row
+    }
+}
+
 async fn classify_as(node: AppState, raw: Value, tei_pairs: bool) -> Result<Response, Error> {
     fields::check(&raw, fields::PREDICT)?;
+    // The Hub's text-classification request: `{"inputs", "parameters"}`, answered in its
+    // shape too (a list per input, even for one).
+    let hub = match raw.get("parameters") {
+        None => None,
+        Some(Value::Null) => Some(HubClassify::default()),
+        Some(p) => Some(HubClassify::read(p)?),
+    };
     let req: ClassifyRequest = from_value(raw)?;
     let slot = node.registry.resolve(req.model.as_deref(), ModelKind::Classify)?;
     slot.record_on_span();
     let inputs = tracing::info_span!("validate").in_scope(|| ClassifyInputs::read(&req.inputs, tei_pairs, &node.config.limits))?;
+    if req.raw_scores && hub.as_ref().is_some_and(|h| h.function.is_some()) {
+        return Err(Error::field("parameters.function_to_apply", "cannot be combined with raw_scores (which is function_to_apply: none)"));
+    }
     let service = slot.ready_service(node.ready_wait()).await?;
     let truncate = truncation(&node, req.truncate, req.truncation_direction);
-    let (scored, encoded) = service.classify(slot.name(), inputs.texts, truncate, req.raw_scores).await?;
+    let raw_scores = req.raw_scores || hub.as_ref().is_some_and(|h| h.function.is_some());
+    let (scored, encoded) = service.classify(slot.name(), inputs.texts, truncate, raw_scores).await?;
+    let scored: Vec<Vec<(String, f32)>> = match &hub {
+        Some(h) => scored.into_iter().map(|row| h.apply(row)).collect(),
+        None => scored,
+    };
     let mut rows: Vec<Vec<LabelScore>> =
         scored.into_iter().map(|row| row.into_iter().map(|(label, score)| LabelScore { label, score }).collect()).collect();
-    if inputs.flat {
+    if inputs.flat && hub.is_none() {
         // A single input answers with one flat list, as TEI does.
         return Ok(answer(rows.pop().unwrap_or_default(), &slot, &encoded, "classify", None));
     }
     Ok(answer(&rows, &slot, &encoded, "classify", None))
+}
+
+/// `POST /similarity` body's `parameters` (TEI's).
+#[derive(Debug, Default, Deserialize)]
+struct SimilarityParameters {
+    #[serde(default)]
+    prompt_name: Option<String>,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    truncation_direction: Option<Direction>,
+}
+
+/// `POST /similarity` (TEI's): the cosine of `source_sentence`'s embedding with each of
+/// `sentences`', in their order: what `InferenceClient.sentence_similarity` and
+/// sentence-transformers' `util.cos_sim` give.
+pub async fn similarity(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+    fields::check(&raw, fields::SIMILARITY)?;
+    let params = match raw.get("parameters").filter(|p| !p.is_null()) {
+        Some(p) => {
+            fields::check_in(p, fields::SIMILARITY_PARAMETERS, "parameters.")?;
+            from_value::<SimilarityParameters>(p.clone())?
+        }
+        None => SimilarityParameters::default(),
+    };
+    let inputs = match raw.get("inputs") {
+        Some(Value::Object(o)) => o,
+        None | Some(Value::Null) => return Err(Error::MissingField("inputs".into())),
+        Some(other) => return Err(Error::field("inputs", format!("must be an object {{\"source_sentence\", \"sentences\"}}, got {other}"))),
+    };
+    if let Some(key) = inputs.keys().find(|k| *k != "source_sentence" && *k != "sentences") {
+        return Err(Error::UnhonouredField { field: format!("inputs.{key}"), message: "unknown field; known: source_sentence, sentences".into() });
+    }
+    let source = match inputs.get("source_sentence") {
+        Some(Value::String(s)) if s.is_empty() => return Err(Error::EmptyInput("inputs.source_sentence".into())),
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => return Err(Error::MissingField("inputs.source_sentence".into())),
+        Some(other) => return Err(Error::field("inputs.source_sentence", format!("must be a string, got {other}"))),
+    };
+    let sentences: Vec<String> = match inputs.get("sentences") {
+        Some(Value::Array(items)) if items.is_empty() => return Err(Error::EmptyInput("inputs.sentences".into())),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) if s.is_empty() => Err(Error::EmptyInput(format!("inputs.sentences[{i}]"))),
+                Value::String(s) => Ok(s.clone()),
+                other => Err(Error::field(format!("inputs.sentences[{i}]"), format!("must be a string, got {other}"))),
+            })
+            .collect::<Result<_, _>>()?,
+        None | Some(Value::Null) => return Err(Error::MissingField("inputs.sentences".into())),
+        Some(other) => return Err(Error::field("inputs.sentences", format!("must be a list of strings, got {other}"))),
+    };
+    let model = match raw.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(m)) => Some(m.clone()).filter(|m| !m.is_empty()),
+        Some(other) => return Err(Error::field("model", format!("must be a string, got {other}"))),
+    };
+    let texts = std::iter::once(source).chain(sentences).collect();
+    let req = EmbedRequest {
+        inputs: Inputs { texts, single: false },
+        normalize: true,
+        truncate: params.truncate,
+        truncation_direction: params.truncation_direction,
+        model,
+        prompt_name: params.prompt_name,
+        dimensions: None,
+    };
+    let (slot, encoder, texts, truncate) = prepare_embed(&node, req).await?;
+    let (encoded, cache) = cached::encode(&node, &slot, &encoder, texts, truncate, true, Directive::from_headers(&headers)).await?;
+    let (source, others) = encoded.rows.split_first().ok_or_else(|| Error::Internal("the encoder answered no rows".into()))?;
+    let scores: Vec<f32> = others.iter().map(|row| row.iter().zip(source).map(|(a, b)| a * b).sum()).collect();
+    Ok(answer(&scores, &slot, &encoded, "embed", cache))
 }
 
 /// `POST /rerank` body (TEI). The fields are `fields::RERANK`.

@@ -111,6 +111,32 @@ pub const GENERATE: &[Field] = &concat_fields::<17, 5, 22>(
     [honoured("prompt"), honoured("messages"), honoured("max_completion_tokens"), honoured("top_logprobs"), honoured("response_format")],
 );
 
+/// `POST /generate` with `inputs`, `/generate_stream` and `POST /` (text-generation-inference's).
+pub const TGI: &[Field] = &[honoured("inputs"), honoured("parameters"), honoured("stream"), honoured("model")];
+
+/// TGI's `parameters` object.
+pub const TGI_PARAMETERS: &[Field] = &[
+    honoured("max_new_tokens"),
+    honoured("temperature"),
+    honoured("top_p"),
+    honoured("top_k"),
+    honoured("typical_p"),
+    honoured("repetition_penalty"),
+    honoured("frequency_penalty"),
+    honoured("seed"),
+    honoured("stop"),
+    honoured("do_sample"),
+    honoured("return_full_text"),
+    honoured("details"),
+    honoured("decoder_input_details"),
+    honoured("top_n_tokens"),
+    honoured("truncate"),
+    honoured("grammar"),
+    refused("best_of", "best_of is not supported: one sequence is generated per request (send 1)"),
+    refused("watermark", "watermarking is not supported"),
+    refused("adapter_id", "LoRA adapters are not supported: each served model is one set of weights"),
+];
+
 /// `POST /v1/embeddings`.
 pub const EMBEDDINGS: &[Field] = &[
     honoured("input"),
@@ -141,9 +167,18 @@ pub const EMBED: &[Field] = &[
 pub const EMBED_ALL: &[Field] =
     &[honoured("inputs"), honoured("model"), honoured("truncate"), honoured("truncation_direction"), honoured("prompt_name")];
 
-/// `POST /classify`, `/predict` (TEI).
+/// `POST /classify`, `/predict` (TEI), with the Hub client's `parameters`.
 pub const PREDICT: &[Field] =
-    &[honoured("inputs"), honoured("model"), honoured("raw_scores"), honoured("truncate"), honoured("truncation_direction")];
+    &[honoured("inputs"), honoured("model"), honoured("raw_scores"), honoured("truncate"), honoured("truncation_direction"), honoured("parameters")];
+
+/// `parameters` on `/classify` and `/predict` (huggingface_hub's text-classification).
+pub const CLASSIFY_PARAMETERS: &[Field] = &[honoured("top_k"), honoured("function_to_apply")];
+
+/// `POST /similarity` (TEI).
+pub const SIMILARITY: &[Field] = &[honoured("inputs"), honoured("parameters"), honoured("model")];
+
+/// `parameters` on `/similarity` (TEI's).
+pub const SIMILARITY_PARAMETERS: &[Field] = &[honoured("prompt_name"), honoured("truncate"), honoured("truncation_direction")];
 
 /// `POST /rerank` (TEI).
 pub const RERANK: &[Field] = &[
@@ -184,16 +219,26 @@ const fn concat_fields<const A: usize, const B: usize, const N: usize>(a: [Field
 /// Checks a request body's top-level fields against a route's list: the body must be a
 /// JSON object, every key must be listed, and a refused field must be null.
 pub fn check(body: &Value, fields: &[Field]) -> Result<(), Error> {
+    check_in(body, fields, "")
+}
+
+/// `check` for a nested object (TGI's `parameters`): fields are named with `prefix`.
+pub fn check_in(body: &Value, fields: &[Field], prefix: &str) -> Result<(), Error> {
     let Value::Object(map) = body else {
-        return Err(Error::InvalidJson(format!("the request body must be a JSON object, got {}", kind(body))));
+        let what = if prefix.is_empty() { "the request body".to_string() } else { format!("`{}`", prefix.trim_end_matches('.')) };
+        if prefix.is_empty() {
+            return Err(Error::InvalidJson(format!("{what} must be a JSON object, got {}", kind(body))));
+        }
+        return Err(Error::field(prefix.trim_end_matches('.'), format!("must be a JSON object, got {}", kind(body))));
     };
+    let unhonoured = |key: &str, message: String| Error::UnhonouredField { field: format!("{prefix}{key}"), message };
     for (key, value) in map {
         match fields.iter().find(|f| f.name == key) {
             None => {
                 let known: Vec<&str> = fields.iter().filter(|f| !matches!(f.support, Support::Refused(_))).map(|f| f.name).collect();
-                return Err(Error::field(key.clone(), format!("unknown field; this route accepts: {}", known.join(", "))));
+                return Err(unhonoured(key, format!("unknown field; this route accepts: {}", known.join(", "))));
             }
-            Some(Field { support: Support::Refused(why), .. }) if !asks_nothing(value) => return Err(Error::field(key.clone(), *why)),
+            Some(Field { support: Support::Refused(why), .. }) if !asks_nothing(value) => return Err(unhonoured(key, why.to_string())),
             Some(_) => {}
         }
     }
@@ -231,9 +276,9 @@ mod tests {
     #[test]
     fn unknown_and_refused_fields_are_named() {
         let e = check(&json!({"messages": [], "frobnicate": 1}), CHAT).unwrap_err();
-        assert!(matches!(&e, Error::InvalidField { field, message } if field == "frobnicate" && message.contains("messages")), "{e}");
+        assert!(matches!(&e, Error::UnhonouredField { field, message } if field == "frobnicate" && message.contains("messages")), "{e}");
         let e = check(&json!({"messages": [], "audio": {"voice": "alloy"}}), CHAT).unwrap_err();
-        assert!(matches!(&e, Error::InvalidField { field, .. } if field == "audio"));
+        assert!(matches!(&e, Error::UnhonouredField { field, .. } if field == "audio"));
         check(&json!({"messages": [], "audio": null, "user": "u-1"}), CHAT).unwrap();
         check(&json!({"prompt": "x", "echo": false, "best_of": 1}), COMPLETIONS).unwrap();
         assert!(check(&json!({"prompt": "x", "best_of": 2}), COMPLETIONS).is_err());
@@ -247,10 +292,15 @@ mod tests {
         let start = readme.find("<!-- fields:begin -->").expect("README has a field table between <!-- fields:begin/end --> marks");
         let end = readme.find("<!-- fields:end -->").expect("README field table end mark");
         let table = &readme[start..end];
-        let routes: [(&str, &[Field]); 11] = [
+        let routes: [(&str, &[Field]); 16] = [
             ("/v1/chat/completions", CHAT),
             ("/v1/completions", COMPLETIONS),
             ("/generate", GENERATE),
+            ("/generate_stream", TGI),
+            ("/generate_stream", TGI_PARAMETERS),
+            ("/classify", CLASSIFY_PARAMETERS),
+            ("/similarity", SIMILARITY),
+            ("/similarity", SIMILARITY_PARAMETERS),
             ("/v1/embeddings", EMBEDDINGS),
             ("/embed", EMBED),
             ("/embed_all", EMBED_ALL),

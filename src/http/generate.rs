@@ -338,6 +338,20 @@ impl SamplingFields {
             Some(Value::Object(f)) => f,
             Some(other) => return Err(Error::field("response_format", format!("must be an object, got {other}"))),
         };
+        // TGI's form, which huggingface_hub's `chat_completion` sends for a json_schema:
+        // `{"type": "json_object" | "json", "value": schema}`, or `{"type": "regex", "value"}`.
+        let value = format.get("value").filter(|v| !v.is_null());
+        match (format.get("type").and_then(Value::as_str), value) {
+            (Some("json_object" | "json"), Some(schema @ Value::Object(_))) => return Ok(Some(Grammar::JsonSchema(schema.clone()))),
+            (Some("regex"), Some(Value::String(rx))) if !rx.is_empty() => return Ok(Some(Grammar::Regex(rx.clone()))),
+            (_, Some(other)) => {
+                return Err(Error::field(
+                    "response_format.value",
+                    format!("must be a JSON Schema object (or a regex with \"type\": \"regex\"), got {other}"),
+                ))
+            }
+            _ => {}
+        }
         match format.get("type").and_then(Value::as_str) {
             Some("text") => Ok(None),
             Some("json_object") => Ok(Some(Grammar::JsonObject)),
@@ -360,7 +374,10 @@ impl SamplingFields {
                     Some(other) => Err(Error::field("response_format.json_schema.schema", format!("must be a JSON Schema object, got {other}"))),
                 }
             }
-            Some(other) => Err(Error::field("response_format.type", format!("must be text, json_object or json_schema, got {other:?}"))),
+            Some(other) => Err(Error::field(
+                "response_format.type",
+                format!("must be text, json_object or json_schema (or TGI's json or regex with a value), got {other:?}"),
+            )),
             None => Err(Error::field("response_format.type", "is required (text, json_object or json_schema)")),
         }
     }
@@ -394,7 +411,7 @@ impl SamplingFields {
     }
 }
 
-async fn ready_generator(node: &Node, slot: &SlotRef<'_>) -> Result<Arc<GenerateService>, Error> {
+pub(crate) async fn ready_generator(node: &Node, slot: &SlotRef<'_>) -> Result<Arc<GenerateService>, Error> {
     Ok(slot.ready_service(node.ready_wait()).await?.generator(slot.name())?.clone())
 }
 
@@ -427,13 +444,35 @@ pub(crate) async fn begin_prepared(
             format!("model {} generates one choice per request (n = 1); use \"model\": \"auto\" with a cloud upstream for more", slot.name()),
         ));
     }
+    let seeded = sampling.seed.as_ref().is_some_and(|s| !s.is_null());
+    let ask = Ask { decoding, stops: sampling.stops()?, max_tokens: sampling.max_tokens()?, seeded };
+    begin_ask(node, slot, prompt, ask, prepared, directive).await
+}
+
+/// A generation request as every dialect ends up asking for it, validated.
+pub(crate) struct Ask {
+    pub decoding: Decoding,
+    pub stops: Vec<String>,
+    pub max_tokens: Option<i64>,
+    /// The request named a seed (sampling with one is reproducible, so cacheable).
+    pub seeded: bool,
+}
+
+/// Prepares (unless done), admits and starts one generation, or replays it from the cache.
+pub(crate) async fn begin_ask(
+    node: &Node,
+    slot: &SlotRef<'_>,
+    prompt: PromptInput,
+    ask: Ask,
+    prepared: Option<Prepared>,
+    directive: Directive,
+) -> Result<(Arc<GenerateService>, Generation), Error> {
     let service = ready_generator(node, slot).await?;
     let prepared = match prepared {
         Some(p) => p,
-        None => service.prepare(prompt.clone(), sampling.max_tokens()?).await?,
+        None => service.prepare(prompt.clone(), ask.max_tokens).await?,
     };
-    let stops = sampling.stops()?;
-    let seeded = sampling.seed.as_ref().is_some_and(|s| !s.is_null());
+    let Ask { decoding, stops, seeded, .. } = ask;
     let lookup = GenerationLookup { slot, label: slot.label(), prompt: &prompt, decoding, stops, seeded, directive };
     let generation = start_generation(node, &service, lookup, prepared).await?;
     Ok((service, generation))
@@ -506,7 +545,7 @@ pub(crate) fn request_id(prefix: &str) -> String {
 
 /// Log-probabilities in JSON: -inf (a token the grammar or a bias ruled out) is written as
 /// OpenAI writes it, -9999.
-fn finite(logprob: f32) -> f32 {
+pub(crate) fn finite(logprob: f32) -> f32 {
     if logprob.is_finite() {
         logprob
     } else {
@@ -626,8 +665,16 @@ impl PieceFormat for NativeFormat {
     }
 }
 
-/// `POST /generate`: `{"text", "finish_reason", "usage", "model"}`, or SSE with `stream`.
-pub async fn generate(State(node): State<AppState>, request_headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
+/// `POST /generate`: TGI's request when the body has `inputs` (`tgi.rs`); otherwise ours,
+/// answered `{"text", "finish_reason", "usage", "model"}`, or SSE with `stream`.
+pub async fn generate(State(node): State<AppState>, request_headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Response {
+    if raw.get("inputs").is_some() {
+        return super::tgi::answer(node, request_headers, raw, super::tgi::TgiRoute::Generate).await;
+    }
+    native_generate(node, request_headers, raw).await.into_response()
+}
+
+async fn native_generate(node: AppState, request_headers: HeaderMap, raw: Value) -> Result<Response, Error> {
     fields::check(&raw, fields::GENERATE)?;
     record_attribution(&raw)?;
     let req: GenerateRequest = from_value(raw)?;

@@ -43,7 +43,9 @@ where
             let named = body.get("model").and_then(Value::as_str).filter(|m| !m.is_empty());
             // No model named: the route's default model is the one it would use.
             let model = match (named, kind) {
-                (Some(m), _) => Some(m.to_string()),
+                // An alias (server.model_aliases) is checked as the model it stands for.
+                (Some(m), Some(kind)) => Some(node.registry.resolve(Some(m), kind).map_or(m.to_string(), |s| s.name().to_string())),
+                (Some(m), None) => Some(m.to_string()),
                 (None, Some(kind)) => node.registry.resolve(None, kind).ok().map(|s| s.name().to_string()),
                 (None, None) => None,
             };
@@ -58,9 +60,9 @@ where
 /// The kind of model a route uses when a request names none.
 fn route_kind(path: &str) -> Option<ModelKind> {
     match path {
-        "/embed" | "/embed_all" | "/v1/embeddings" => Some(ModelKind::Embed),
+        "/embed" | "/embed_all" | "/v1/embeddings" | "/similarity" => Some(ModelKind::Embed),
         "/classify" | "/predict" | "/rerank" => Some(ModelKind::Classify),
-        "/generate" | "/v1/chat/completions" | "/v1/completions" | "/route" => Some(ModelKind::Generate),
+        "/generate" | "/generate_stream" | "/v1/chat/completions" | "/v1/completions" | "/route" => Some(ModelKind::Generate),
         _ => None,
     }
 }

@@ -1,9 +1,11 @@
 //! The HTTP surface: routes, and the middleware every request passes through.
 //!
-//! Two dialects, as clients already speak them: OpenAI's under `/v1/*`, and
-//! text-embeddings-inference's native routes (`/embed`, `/classify`, `/predict`), plus our
-//! `/generate` and the operations routes. Unknown routes, wrong methods and oversized
-//! bodies answer in the same JSON error shape as everything else.
+//! Three dialects, as clients already speak them: OpenAI's under `/v1/*`,
+//! text-embeddings-inference's native routes (`/embed`, `/classify`, `/predict`,
+//! `/similarity`), and text-generation-inference's (`/generate` with `inputs`,
+//! `/generate_stream`, and `POST /` for both servers), plus our own `/generate` and the
+//! operations routes. Unknown routes, wrong methods and oversized bodies answer in the
+//! same JSON error shape as everything else.
 
 pub mod cached;
 pub mod dashboard;
@@ -15,9 +17,11 @@ pub mod generate;
 pub mod json;
 pub mod listener;
 pub mod ops;
+pub mod root;
 pub mod route;
 pub mod sse;
 pub mod stats;
+pub mod tgi;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -53,19 +57,29 @@ enum Class {
     Work,
 }
 
-/// Whose error shape a route answers in.
+/// Whose error shape a route answers in. A handler that serves two dialects on one route
+/// (`/generate`, `/`) puts the one it chose on its response as an extension, which wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
+pub(crate) enum Dialect {
     /// OpenAI's `{"error": {"message", "type", "code", "param"}}`: ours and `/v1/*`.
     OpenAi,
     /// text-embeddings-inference's `{"error", "error_type"}` with its status codes, so a TEI
     /// client's error handling works unchanged on TEI's routes.
     Tei,
+    /// text-generation-inference's `{"error", "error_type"}` with its statuses and types.
+    Tgi,
+}
+
+/// A handler's answer in `dialect`: its error, if it is one, is rendered in that shape.
+pub(crate) fn speaking(dialect: Dialect, result: Result<Response, Error>) -> Response {
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    response.extensions_mut().insert(dialect);
+    response
 }
 
 /// Every route with its class and dialect: the one list of paths the node serves.
 fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppState>)> {
-    use Dialect::{OpenAi, Tei};
+    use Dialect::{OpenAi, Tei, Tgi};
     let mut routes = vec![
         ("/livez", Class::Probe, OpenAi, get(ops::livez)),
         ("/readyz", Class::Probe, OpenAi, get(ops::readyz)),
@@ -92,6 +106,9 @@ fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppSta
         ("/decode", Class::Work, Tei, post(tokens::decode)),
         ("/detokenize", Class::Work, OpenAi, post(tokens::detokenize)),
         ("/generate", Class::Work, OpenAi, post(generate::generate)),
+        ("/generate_stream", Class::Work, Tgi, post(tgi::generate_stream)),
+        ("/similarity", Class::Work, Tei, post(embed::similarity)),
+        ("/", Class::Work, Tei, post(root::root)),
         ("/v1/chat/completions", Class::Work, OpenAi, post(route::chat)),
         ("/route", Class::Work, OpenAi, post(route::route)),
         ("/v1/feedback", Class::Work, OpenAi, post(route::feedback)),
@@ -232,13 +249,15 @@ fn generators_saturated(node: &Node) -> Vec<bool> {
         .collect()
 }
 
-/// An error answer re-rendered in the route's dialect (its headers kept).
+/// An error answer re-rendered in the route's dialect, or the one its handler chose (its
+/// headers kept).
 fn in_dialect(dialect: Dialect, response: Response) -> Response {
+    let dialect = response.extensions().get::<Dialect>().copied().unwrap_or(dialect);
     if dialect == Dialect::OpenAi {
         return response;
     }
     let Some(error) = response.extensions().get::<Error>().cloned() else { return response };
-    let (status, body) = error.tei();
+    let (status, body) = if dialect == Dialect::Tgi { error.tgi() } else { error.tei() };
     let (mut parts, _) = response.into_parts();
     parts.status = status;
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);

@@ -177,7 +177,43 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
     if let (Value::Object(ours), Value::Object(tei)) = (&mut info, tei_info(&node)) {
         ours.extend(tei);
     }
+    // TGI's fields where TEI's have not taken the name (a node with an embed model reports
+    // that model's `model_id`, as TEI would).
+    if let (Value::Object(ours), Value::Object(tgi)) = (&mut info, tgi_info(&node)) {
+        for (k, v) in tgi {
+            ours.entry(k).or_insert(v);
+        }
+    }
     Json(info)
+}
+
+/// text-generation-inference's `/info` fields, for the first generate model: TGI clients
+/// read `max_input_tokens` and `max_total_tokens` to size their prompts.
+fn tgi_info(node: &AppState) -> Value {
+    let Some(slot) = node.registry.slots().into_iter().find(|s| s.config.kind == ModelKind::Generate) else {
+        return json!({});
+    };
+    let facts = slot.facts();
+    let generator = match slot.current_service() {
+        Some(crate::service::Service::Generator(g)) => Some(g),
+        _ => None,
+    };
+    let context = generator.as_ref().map(|g| g.context);
+    json!({
+        "model_id": slot.name(),
+        "model_sha": facts.digest,
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": generator.as_ref().map(|g| g.max_sequences + g.max_waiting()),
+        "max_best_of": 1,
+        "max_stop_sequences": super::tgi::MAX_STOP_SEQUENCES,
+        "max_input_tokens": context.map(|c| c.saturating_sub(1)),
+        "max_total_tokens": context,
+        "validation_workers": node.tokenizers.threads(),
+        "max_client_batch_size": 1,
+        "router": "edgenode",
+        "sha": option_env!("BUILD_GIT_SHA"),
+        "docker_label": Value::Null,
+    })
 }
 
 /// text-embeddings-inference's `/info` fields, for the first embed model, beside ours: TEI

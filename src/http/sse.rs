@@ -17,6 +17,13 @@ use crate::generate::{Generation, Piece};
 /// Turns each piece into the JSON payloads to send (none, one, or several).
 pub trait PieceFormat: Send + 'static {
     fn format(&mut self, piece: &Piece) -> Vec<Value>;
+
+    /// `format`, for a format that needs what the generation knows besides the piece
+    /// (whether this text is the last, the end-of-sequence token): TGI's marks its last
+    /// token event.
+    fn format_in(&mut self, piece: &Piece, _generation: &Generation) -> Vec<Value> {
+        self.format(piece)
+    }
 }
 
 /// Called once when a stream ends: with `true` after `[DONE]`, `false` when the client
@@ -60,7 +67,7 @@ pub fn stream_response<F: PieceFormat>(generation: Generation, prelude: Vec<Valu
             Phase::Finished => None,
             Phase::Running(mut r) => match r.generation.next().await {
                 Some(piece) => {
-                    let events: Vec<Event> = r.format.format(&piece).iter().map(json_event).collect();
+                    let events: Vec<Event> = r.format.format_in(&piece, &r.generation).iter().map(json_event).collect();
                     Some((stream::iter(events), Phase::Running(r)))
                 }
                 None => {

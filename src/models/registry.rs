@@ -436,6 +436,9 @@ impl<'a> SlotRef<'a> {
 /// shared handles; a request keeps the slot it resolved.
 pub struct Registry {
     slots: RwLock<Vec<Arc<ModelSlot>>>,
+    /// `server.model_aliases`: a name clients send → the model it means (`None`: the
+    /// route's default model of the kind it needs).
+    aliases: std::collections::HashMap<String, Option<String>>,
 }
 
 impl Registry {
@@ -461,12 +464,15 @@ impl Registry {
             };
             models.push((m.clone(), entry));
         }
-        Ok(Registry::new(models))
+        let mut registry = Registry::new(models);
+        registry.aliases =
+            config.server.model_aliases.iter().map(|(alias, target)| (alias.clone(), (target != "*").then(|| target.clone()))).collect();
+        Ok(registry)
     }
 
     /// One slot per configured model, with its manifest entry resolved.
     pub fn new(models: Vec<(ModelConfig, Option<ManifestEntry>)>) -> Self {
-        Registry { slots: RwLock::new(models.into_iter().map(|(c, e)| Arc::new(ModelSlot::new(c, e))).collect()) }
+        Registry { slots: RwLock::new(models.into_iter().map(|(c, e)| Arc::new(ModelSlot::new(c, e))).collect()), aliases: Default::default() }
     }
 
     /// Every slot, now.
@@ -513,6 +519,12 @@ impl Registry {
         let (name, pin) = match requested.and_then(|r| r.split_once('@')) {
             Some((name, pin)) if !pin.is_empty() => (Some(name), Some(pin.to_string())),
             _ => (requested, None),
+        };
+        // An alias stands for its model; a served model's own name always wins (the
+        // config refuses an alias that is one).
+        let name = match name.and_then(|n| self.aliases.get(n).filter(|_| self.get(n).is_none())) {
+            Some(target) => target.as_deref(),
+            None => name,
         };
         let slot = self.resolve_name(name, kind).map_err(|e| match (e, requested) {
             (Error::UnknownModel { kind, served, .. }, Some(r)) => Error::UnknownModel { name: r.to_string(), kind, served },

@@ -128,7 +128,13 @@ impl NativeGenerator {
 
 impl Generator for NativeGenerator {
     fn info(&self) -> GeneratorInfo {
-        GeneratorInfo { engine: "native", context: self.context, details: self.details.clone(), template_tools: self.template.supports_tools, prompt_logprobs: true }
+        GeneratorInfo {
+            engine: "native",
+            context: self.context,
+            details: self.details.clone(),
+            template_tools: self.template.supports_tools,
+            prompt_logprobs: true,
+        }
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {

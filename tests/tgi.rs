@@ -1,0 +1,81 @@
+//! text-generation-inference's dialect and Hugging Face's own clients: TGI's routes checked
+//! against TGI's OpenAPI document, then huggingface_hub's `InferenceClient` and LangChain's
+//! `HuggingFaceEndpoint` driving the real daemon, pointed at each route and at the base URL
+//! (`tests/hf_clients.py`).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// The interpreter with huggingface_hub and langchain-huggingface (`scripts/test.sh` makes
+/// it: langchain-huggingface needs huggingface_hub 1.x, the main test environment has 2.x).
+fn hf_python() -> String {
+    std::env::var("HF_CLIENTS_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+#[test]
+fn hugging_face_clients_work_unchanged_against_the_default_node() {
+    let d = Daemon::start_default();
+    d.wait_ready(Duration::from_secs(180));
+    // The same models, with POST / answering classification when the body does not say.
+    let config = std::fs::read_to_string(root().join("edgenode.toml"))
+        .unwrap()
+        .replacen("root_route = \"auto\"", "root_route = \"classify\"", 1)
+        .replacen("dir = \"models\"", &format!("dir = {:?}", models_dir().display().to_string()), 1);
+    assert!(config.contains("root_route = \"classify\""), "edgenode.toml sets server.root_route");
+    let classify_root = Daemon::start(Options { config: Some(config), ..Default::default() });
+    classify_root.wait_ready(Duration::from_secs(180));
+    let python = hf_python();
+    let out = Command::new(&python)
+        .arg(root().join("tests/hf_clients.py"))
+        .args([d.url(""), classify_root.url(""), root().join("tests/fixtures/tgi_openapi.json").display().to_string()])
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (run the suite with scripts/test.sh)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "hf_clients.py failed (interpreter {python}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The model names clients send for "the model here" map to the route's default model;
+/// a name that is simply wrong is still a 404 naming what is served.
+#[test]
+fn placeholder_model_names_map_to_the_default_model_and_wrong_names_stay_404() {
+    let d = Daemon::start_default();
+    d.wait_ready(Duration::from_secs(180));
+    let ask = |model: &str| {
+        post_json(&d, "/v1/chat/completions", &json!({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}))
+    };
+    for alias in ["tgi", "dummy", "smollm2"] {
+        let (s, b) = ask(alias);
+        assert_eq!(s, 200, "{alias}: {b}");
+        assert_eq!(b["model"], "smollm2", "{alias} answers as the model it stands for: {b}");
+    }
+    let (s, b) = ask("gpt-4o");
+    assert_error(s, &b, 404, "model_not_found");
+    assert!(b["error"]["message"].as_str().unwrap().contains("smollm2"), "{b}");
+    // An alias names the default model of the route's kind: on /embed, the embedder.
+    let (s, b) = post_json(&d, "/embed", &json!({"model": "tgi", "inputs": "hello"}));
+    assert_eq!(s, 200, "{b}");
+}
+
+/// POST / says what it could not decide: a body for a task this node does not serve.
+#[test]
+fn the_root_route_follows_the_node_it_runs_on() {
+    let d = Daemon::start(Options { config: Some("[[models]]\nname = \"minilm\"\nkind = \"embed\"\n".into()), ..Default::default() });
+    d.wait_ready(Duration::from_secs(180));
+    // One task: every undecided body is that task (TEI's own `POST /`).
+    let (s, b) = post_json(&d, "/", &json!({"inputs": ["a", "b"]}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b.as_array().map(Vec::len), Some(2), "{b}");
+    let (s, b) = post_json(&d, "/", &json!({"inputs": "a", "parameters": {}}));
+    assert_eq!(s, 422, "{b}: an embedder's /embed takes no `parameters`");
+    // A body that asks for generation on a node without a generate model.
+    let (s, b) = post_json(&d, "/", &json!({"inputs": "a", "parameters": {"max_new_tokens": 4}}));
+    let message = assert_tei_error(s, &b, 422, "Validation");
+    assert!(message.contains("/generate") && message.contains("serves no generate model"), "{message}");
+}
