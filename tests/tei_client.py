@@ -106,6 +106,13 @@ batch = ok("/predict", {"inputs": [["hi"], ["Write an essay on monetary policy."
 assert len(batch) == 2 and all(len(row) == 2 for row in batch), batch
 tei_error("/predict", {"inputs": ["hi", "there"]}, 422, "Validation")  # a pair, and the router reads texts only
 
+# /similarity: the cosine of the source sentence's embedding with each sentence's.
+sims = ok("/similarity", {"inputs": {"source_sentence": "edge inference", "sentences": ["edge inference", "a second input"]}}, "SimilarityResponse")
+assert len(sims) == 2 and abs(sims[0] - 1) < 1e-4, sims
+assert abs(sims[1] - sum(a * b for a, b in zip(vectors[0], vectors[1]))) < 1e-4, sims
+tei_error("/similarity", {"inputs": {"source_sentence": "x", "sentences": []}}, 400, "Empty")
+tei_error("/similarity", {"inputs": {"source_sentence": "x", "sentences": ["y"], "extra": 1}}, 422, "Validation")
+
 status, info = call("GET", "/info")
 assert status == 200
 for field in ["model_id", "model_dtype", "model_type", "max_concurrent_requests", "max_input_length", "max_batch_tokens",
