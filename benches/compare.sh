@@ -3,7 +3,7 @@
 # the figures with ratios, the date and the CPU. The machine is shared and noisy: quote
 # ratios from one run, not figures across runs.
 #
-#   benches/compare.sh [embed] [generate] [card] [cache] [switch]
+#   benches/compare.sh [embed] [generate] [card] [cache] [switch] [tgi]
 #
 #   embed     the default MiniLM against sentence-transformers and ONNX Runtime (fp32, and
 #             its dynamically quantized int8 model) on the same folder, and our own int8
@@ -24,6 +24,9 @@
 #             version 1 to version 2 (other seeds), time from the manifest change to each
 #             switch, embed and chat latency during the switch against before it, and peak
 #             RSS (benches/switch.py; no baseline: nothing else we know of switches in place)
+#   tgi       what TGI's dialect costs beside ours on the default SmolLM2: the same greedy
+#             generation as /generate {"prompt"} and {"inputs"}, plain and with details and
+#             top_n_tokens (benches/tgi_overhead.py; the baseline is our own route)
 #
 # Baselines (benches/baselines/, ours): sentence-transformers, ONNX Runtime (the folder exported
 # with torch.onnx.export, run in-process with every graph optimization), and llama.cpp through
@@ -109,7 +112,9 @@ for w in "${what[@]}"; do
           --tokenizer models/minilm/tokenizer.json --shape small --layers 12 --seed "$seed"
       done
       "$py" benches/switch.py "$bin" "$standins" | tee "$out/switch.txt" ;;
-    *) echo "unknown benchmark $w (embed, generate, card, cache, switch)"; exit 2 ;;
+    tgi)
+      "$py" benches/tgi_overhead.py "$CARGO_TARGET_DIR/release/edgenode" | tee "$out/tgi-overhead.txt" ;;
+    *) echo "unknown benchmark $w (embed, generate, card, cache, switch, tgi)"; exit 2 ;;
   esac
 done
 
