@@ -68,6 +68,7 @@ def generate(path, body, base=BASE):
 def stream(path, body, base=BASE):
     status, ctype, raw = call(path, body, base)
     assert status == 200 and ctype.startswith("text/event-stream"), (path, body, status, raw[:300])
+    assert b"[DONE]" not in raw, "TGI's stream ends with its last token event, not OpenAI's [DONE]"
     events = []
     for line in raw.decode().splitlines():
         if line.startswith("data:") and line[5:].strip() != "[DONE]":

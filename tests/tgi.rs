@@ -79,3 +79,26 @@ fn the_root_route_follows_the_node_it_runs_on() {
     let message = assert_tei_error(s, &b, 422, "Validation");
     assert!(message.contains("/generate") && message.contains("serves no generate model"), "{message}");
 }
+
+/// A key limited to some models is held to them on `POST /` too, once the body says which
+/// kind of model it needs (the route itself names none).
+#[test]
+fn the_root_route_keeps_a_keys_model_list() {
+    let config = "[auth]\n[[auth.keys]]\nname = \"embed-only\"\n\
+                  sha256 = \"6fb62b96eee7850cb5db3722a3ba58482de589c78059cbf230477173dc8dd770\"\nmodels = [\"minilm\"]\n\n\
+                  [[models]]\nname = \"minilm\"\nkind = \"embed\"\n\n[[models]]\nname = \"smollm2\"\nkind = \"generate\"\n";
+    let d = Daemon::start(Options { config: Some(config.into()), ..Default::default() });
+    d.wait_ready(Duration::from_secs(180));
+    let post = |body: serde_json::Value| {
+        let r = client().post(d.url("/")).bearer_auth("k-embed-only").json(&body).send().unwrap();
+        (r.status().as_u16(), r.json::<serde_json::Value>().unwrap())
+    };
+    let (s, b) = post(json!({"inputs": "edge"}));
+    assert_eq!(s, 200, "embedding is allowed: {b}");
+    let (s, b) = post(json!({"inputs": "edge", "parameters": {"max_new_tokens": 2}}));
+    assert_eq!(s, 403, "generation is not: {b}");
+    assert_eq!(b["error_type"], "validation", "in TGI's shape: {b}");
+    assert!(b["error"].as_str().unwrap().contains("smollm2"), "{b}");
+    let (s, b) = post(json!({"inputs": "edge", "parameters": {"max_new_tokens": 2}, "model": "tgi"}));
+    assert_eq!(s, 403, "an alias is the model it stands for: {b}");
+}

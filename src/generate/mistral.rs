@@ -265,6 +265,8 @@ struct SeededPick {
     picks: Mutex<Vec<u32>>,
     /// When set, the first logits seen are kept here (the parity test reads them).
     capture: Option<Mutex<Option<Vec<f32>>>>,
+    /// The end-of-sequence token's log-probability, when it ended on one and they were asked for.
+    end: Mutex<Option<super::sampling::TokenLogprob>>,
 }
 
 impl mistralrs::CustomLogitsProcessor for SeededPick {
@@ -281,7 +283,7 @@ impl mistralrs::CustomLogitsProcessor for SeededPick {
                 return Err(candle_core::Error::Msg(format!("the response_format grammar failed: {e}")));
             }
             if self.eos.contains(&pick) {
-                sampler.drop_last_logprob();
+                *self.end.lock() = sampler.take_last_logprob();
             }
             pick
         };
@@ -372,6 +374,7 @@ impl MistralGenerator {
             last: AtomicU32::new(u32::MAX),
             picks: Mutex::new(Vec::new()),
             capture,
+            end: Mutex::new(None),
         });
         // Room for every message of the answer, so the engine never waits on this channel.
         let (tx, mut rx) = mpsc::channel::<Response>(max_tokens + 16);
@@ -416,6 +419,7 @@ impl MistralGenerator {
         tokio::spawn(async move {
             let pick = task_pick;
             let mut detok = Detokenizer::default();
+            let (mut last_text, mut last_logprobs) = (String::new(), Vec::new());
             let decode = |ids: &[u32]| tokenizer.decode(ids);
             // New text from the picks so far (an end-of-sequence pick is never text).
             let text_now = |detok: &mut Detokenizer, flush: bool| {
@@ -450,7 +454,11 @@ impl MistralGenerator {
                     };
                     if let (Some(text), tokens) = text_now(&mut detok, done) {
                         let logprobs = pick.sampler.lock().take_logprobs();
-                        if out.send(GenEvent::Text { text, tokens, logprobs }).is_err() {
+                        if done {
+                            // The last text travels with `Done`, so the reader knows it is the last.
+                            last_text = text;
+                            last_logprobs = logprobs;
+                        } else if out.send(GenEvent::Text { text, tokens, logprobs }).is_err() {
                             return;
                         }
                     }
@@ -483,6 +491,15 @@ impl MistralGenerator {
                             GenEvent::Failed("the engine ended the sequence without finishing it".into())
                         }
                     }
+                };
+                let event = match event {
+                    GenEvent::Done { reason, completion_tokens, .. } => {
+                        let mut logprobs = std::mem::take(&mut last_logprobs);
+                        logprobs.extend(pick.sampler.lock().take_logprobs());
+                        let end = pick.end.lock().take();
+                        GenEvent::Done { reason, completion_tokens, text: std::mem::take(&mut last_text), logprobs, end }
+                    }
+                    other => other,
                 };
                 let _ = out.send(event);
                 return;

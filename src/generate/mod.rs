@@ -138,7 +138,9 @@ impl Transcript {
     /// Bytes it holds, for the cache's memory bound.
     pub fn bytes(&self) -> usize {
         let logprob = |l: &TokenLogprob| 48 + l.bytes.len() + l.top.iter().map(|(_, b, _)| 40 + b.len()).sum::<usize>();
-        self.pieces.iter().map(|(t, l)| 56 + t.len() + l.iter().map(logprob).sum::<usize>()).sum::<usize>() + 64
+        self.pieces.iter().map(|(t, l)| 56 + t.len() + l.iter().map(logprob).sum::<usize>()).sum::<usize>()
+            + self.end.as_ref().map_or(0, logprob)
+            + 64
     }
 }
 
@@ -471,16 +473,22 @@ impl Generation {
     pub fn replay(model: &str, prompt_tokens: usize, transcript: &Transcript, timeout: Duration) -> Generation {
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let last = transcript.pieces.len();
-        for (i, (text, logprobs)) in transcript.pieces.iter().enumerate() {
+        // The last piece travels with `Done`, as the engines send it.
+        let (earlier, final_piece) = match transcript.pieces.split_last() {
+            Some((final_piece, earlier)) => (earlier, Some(final_piece)),
+            None => (&transcript.pieces[..], None),
+        };
+        for (i, (text, logprobs)) in earlier.iter().enumerate() {
             // Only the final count is known; spread it so `completion_tokens()` grows.
             let tokens = transcript.completion_tokens * (i + 1) / last.max(1);
             let _ = tx.send(GenEvent::Text { text: text.clone(), tokens, logprobs: logprobs.clone() });
         }
+        let (text, logprobs) = final_piece.cloned().unwrap_or_default();
         let _ = tx.send(GenEvent::Done {
             reason: transcript.reason,
             completion_tokens: transcript.completion_tokens,
-            text: String::new(),
-            logprobs: Vec::new(),
+            text,
+            logprobs,
             end: transcript.end.clone(),
         });
         let now = Instant::now();
@@ -598,9 +606,10 @@ impl Generation {
         }
     }
 
-    /// Returns `text` now and `Done` next, or `Done` at once when there is no text.
+    /// Returns `text` now and `Done` next, or `Done` at once when there is no text (and no
+    /// token's log-probability waiting to be reported with it).
     fn then_done(&mut self, text: String, reason: FinishReason) -> Piece {
-        if text.is_empty() {
+        if text.is_empty() && self.logprobs.is_empty() {
             self.finish();
             Piece::Done(self.usage(), reason)
         } else {

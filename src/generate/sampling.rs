@@ -157,12 +157,6 @@ impl Sampler {
         self.logprobs.as_mut().map(|l| std::mem::take(&mut l.pending)).unwrap_or_default()
     }
 
-    /// Forgets the last picked token's log-probability (an end-of-sequence token, which
-    /// is not part of the answer).
-    pub fn drop_last_logprob(&mut self) {
-        self.take_last_logprob();
-    }
-
     /// Takes the last picked token's log-probability out of the pending ones: an
     /// end-of-sequence token's, which is not part of the text but is reported on its own.
     pub fn take_last_logprob(&mut self) -> Option<TokenLogprob> {

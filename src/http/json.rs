@@ -37,6 +37,8 @@ where
         let limit = req.extensions().get::<BodyLimit>().map(|l| l.0).unwrap_or(usize::MAX);
         let key = req.extensions().get::<Arc<Caller>>().and_then(|c| c.key.clone()).filter(|k| !k.models.is_empty());
         let kind = route_kind(req.uri().path());
+        // `POST /` checks once it knows from the body which kind of model it needs.
+        let key = key.filter(|_| req.uri().path() != "/");
         let bytes = read_limited(req.into_body(), limit).await?;
         if let Some(key) = key {
             let body: Value = parse(&bytes)?;

@@ -66,12 +66,30 @@ pub async fn root(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw
         Err(e) => return speaking(Dialect::Tei, Err(e)),
     };
     tracing::debug!(?task, "POST / answers as {}", task.route());
+    // A key limited to some models: checked now that the body says which kind it needs.
+    if let Err(e) = allowed(&node, &raw, task) {
+        let dialect = if task == Task::Generate { Dialect::Tgi } else { Dialect::Tei };
+        return speaking(dialect, Err(e));
+    }
     match task {
         Task::Generate => tgi::answer(node, headers, raw, TgiRoute::Compat).await,
         Task::Similarity => speaking(Dialect::Tei, embed::similarity(State(node), headers, JsonBody(raw)).await),
         Task::Embed => speaking(Dialect::Tei, embed::embed(State(node), headers, JsonBody(raw)).await),
         Task::Classify => speaking(Dialect::Tei, embed::classify(State(node), JsonBody(raw)).await),
     }
+}
+
+/// The caller's key may use the model this body reaches (named, aliased, or the task's
+/// default).
+fn allowed(node: &Node, body: &Value, task: Task) -> Result<(), Error> {
+    let Some(key) = crate::accounts::current().and_then(|c| c.key.clone()).filter(|k| !k.models.is_empty()) else { return Ok(()) };
+    let named = body.get("model").and_then(Value::as_str).filter(|m| !m.is_empty());
+    let model = match node.registry.resolve(named, task.kind()) {
+        Ok(slot) => slot.name().to_string(),
+        // An unknown model is the handler's 404 to give.
+        Err(_) => return Ok(()),
+    };
+    key.allows(&model)
 }
 
 /// The task a body asks for, from its shape, then `server.root_route`.

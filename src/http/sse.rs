@@ -24,6 +24,11 @@ pub trait PieceFormat: Send + 'static {
     fn format_in(&mut self, piece: &Piece, _generation: &Generation) -> Vec<Value> {
         self.format(piece)
     }
+
+    /// Whether the stream ends with `data: [DONE]` (OpenAI's and ours do; TGI's does not).
+    fn done_marker(&self) -> bool {
+        true
+    }
 }
 
 /// Called once when a stream ends: with `true` after `[DONE]`, `false` when the client
@@ -72,7 +77,8 @@ pub fn stream_response<F: PieceFormat>(generation: Generation, prelude: Vec<Valu
                 }
                 None => {
                     r.end(true);
-                    Some((stream::iter(vec![Event::default().data("[DONE]")]), Phase::Finished))
+                    let done = if r.format.done_marker() { vec![Event::default().data("[DONE]")] } else { vec![] };
+                    Some((stream::iter(done), Phase::Finished))
                 }
             },
         }

@@ -369,16 +369,19 @@ fn alternatives(table: &TokenTable, t: &TokenLogprob) -> Value {
 /// at the tokens' byte boundaries, a token that ends inside a character gets "" and the one
 /// that completes it the whole character. A decoder that drops the first token's leading
 /// space makes the bytes longer than the text by that much; it is taken off the front.
+/// A special token (`<|im_end|>` mid-answer) adds nothing to the text and gets "".
 /// Should the bytes not spell the text at all, the last token carries it whole.
 /// `skip` carries the bytes still to take off across pieces of one stream.
 fn token_values(table: &TokenTable, text: &str, tokens: &[TokenLogprob], skip: &mut Option<usize>) -> Vec<(Value, Value)> {
-    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.bytes.iter().copied()).collect();
-    let texts = split_text(text, tokens, &bytes, skip);
+    let pieces: Vec<&[u8]> = tokens.iter().map(|t| if table.is_special(t.token) { &[][..] } else { &t.bytes[..] }).collect();
+    let texts = split_text(text, &pieces, skip);
     tokens.iter().zip(texts).map(|(t, text)| (token(table, t.token, text, Some(t.logprob)), alternatives(table, t))).collect()
 }
 
-fn split_text(text: &str, tokens: &[TokenLogprob], bytes: &[u8], skip: &mut Option<usize>) -> Vec<String> {
-    let mut out = vec![String::new(); tokens.len()];
+/// Each token's share of `text`, given each token's bytes (see `token_values`).
+fn split_text(text: &str, pieces: &[&[u8]], skip: &mut Option<usize>) -> Vec<String> {
+    let bytes: Vec<u8> = pieces.concat();
+    let mut out = vec![String::new(); pieces.len()];
     let drop = match skip.take() {
         Some(d) => d,
         None if bytes.ends_with(text.as_bytes()) => bytes.len() - text.len(),
@@ -392,10 +395,10 @@ fn split_text(text: &str, tokens: &[TokenLogprob], bytes: &[u8], skip: &mut Opti
     }
     let mut dropped = 0;
     let mut carry: Vec<u8> = Vec::new();
-    for (i, t) in tokens.iter().enumerate() {
-        let from = (drop - dropped).min(t.bytes.len());
+    for (i, piece) in pieces.iter().enumerate() {
+        let from = (drop - dropped).min(piece.len());
         dropped += from;
-        carry.extend_from_slice(&t.bytes[from..]);
+        carry.extend_from_slice(&piece[from..]);
         let valid = match std::str::from_utf8(&carry) {
             Ok(_) => carry.len(),
             Err(e) => e.valid_up_to(),
@@ -449,6 +452,12 @@ impl PieceFormat for TgiStream {
         Vec::new()
     }
 
+    /// TGI's stream ends with its last token event, not OpenAI's `data: [DONE]` (which a
+    /// client that parses every `data:` line as JSON would choke on).
+    fn done_marker(&self) -> bool {
+        false
+    }
+
     fn format_in(&mut self, piece: &Piece, generation: &Generation) -> Vec<Value> {
         match piece {
             Piece::Text { text, logprobs } => {
@@ -499,5 +508,30 @@ impl PieceFormat for TgiStream {
                 out
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(text: &str, pieces: &[&[u8]]) -> Vec<String> {
+        split_text(text, pieces, &mut None)
+    }
+
+    /// The tokens' texts always add up to the text: split at token boundaries, a character
+    /// split across tokens given whole to the token that completes it, a dropped leading
+    /// space taken off the first token, special tokens empty.
+    #[test]
+    fn each_token_gets_its_share_of_the_text() {
+        assert_eq!(split("Paris is", &[b" Paris", b" is"]), ["Paris", " is"], "the decoder dropped the first space");
+        assert_eq!(split(" Paris is", &[b" Paris", b" is"]), [" Paris", " is"]);
+        let e_acute = "é".as_bytes();
+        assert_eq!(split("café", &[b"caf", &e_acute[..1], &e_acute[1..]]), ["caf", "", "é"]);
+        assert_eq!(split("ok", &[b"ok", b""]), ["ok", ""], "a special token adds nothing");
+        assert_eq!(split("abc", &[b"xy", b"z"]), ["", "abc"], "bytes that do not spell the text: the last token carries it");
+        // A later piece of a stream never drops bytes.
+        assert_eq!(split_text("b", &[b" b"], &mut Some(0)), ["b"]);
+        assert_eq!(split("", &[]), Vec::<String>::new());
     }
 }
