@@ -62,6 +62,21 @@ pub struct ServerConfig {
     /// `"*"`, the route's default model. TGI's clients send `"tgi"`, and huggingface_hub's
     /// `InferenceClient` `"dummy"`, when they are given only a URL.
     pub model_aliases: std::collections::BTreeMap<String, String>,
+    /// A listener of its own for `/metrics` (as TEI keeps Prometheus on its own port), so
+    /// per-key names, spend and refusals need not be on the public port. Unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Whether the public port (`addr`) also answers `/metrics`. Unset: yes without a
+    /// `metrics_addr`, no with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_metrics: Option<bool>,
+}
+
+impl ServerConfig {
+    /// Whether `addr` answers `/metrics`.
+    pub fn metrics_on_public_port(&self) -> bool {
+        self.public_metrics.unwrap_or(self.metrics_addr.is_none())
+    }
 }
 
 /// `server.root_route`.
@@ -586,6 +601,8 @@ impl Default for ServerConfig {
             drain_grace_s: 30,
             cors_origins: Vec::new(),
             root_route: RootRoute::Auto,
+            metrics_addr: None,
+            public_metrics: None,
             model_aliases: [("tgi", "*"), ("dummy", "*")].into_iter().map(|(a, m)| (a.to_string(), m.to_string())).collect(),
         }
     }

@@ -41,6 +41,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(boot_all(node.clone(), device, restarts));
 
+    // Metrics on a listener of their own, when configured: served until `serve` returns
+    // (through the drain, so a scrape sees it), then stopped with it.
+    let _metrics = match node.config.server.metrics_addr {
+        Some(addr) => Some(serve_metrics(addr, node.clone()).await?),
+        None => None,
+    };
     let app = crate::http::router(node.clone());
     let listener = crate::http::listener::LimitedListener::new(listener, node.config.limits.max_connections);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -75,6 +81,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A task that is stopped when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Binds `server.metrics_addr` and serves `/metrics` there; a bind failure stops start-up.
+async fn serve_metrics(addr: std::net::SocketAddr, node: Arc<Node>) -> anyhow::Result<AbortOnDrop> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on server.metrics_addr {addr}"))?;
+    let local = listener.local_addr().context("metrics listener has no address")?;
+    tracing::info!(addr = %local, "metrics listening");
+    let app = crate::http::metrics_router(node);
+    Ok(AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("the metrics listener failed: {e}");
+        }
+    })))
 }
 
 fn finished(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

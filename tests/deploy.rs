@@ -209,16 +209,28 @@ fn fly_checks_readiness_with_room_for_a_first_start() {
     }
 }
 
+/// Fly scrapes `/metrics` from the daemon's own metrics listener (`server.metrics_addr`),
+/// which is not the public service's port, and the public port no longer answers it.
 #[test]
-fn fly_scrapes_metrics_from_the_daemons_listener() {
-    let port = u64::from(default_port());
+fn fly_scrapes_metrics_from_the_daemons_private_listener() {
+    let public = u64::from(default_port());
     for file in FLY_FILES {
         let t = fly(file);
         let metrics = tables(file, &t, "metrics");
         assert_eq!(metrics.len(), 1, "{file}: one [[metrics]] table");
         assert_eq!(metrics[0].get("path").and_then(|p| p.as_str()), Some("/metrics"), "{file}: metrics path");
         let metrics_port = metrics[0].get("port").and_then(|p| p.as_integer()).and_then(|p| u64::try_from(p).ok());
-        assert_eq!(metrics_port, Some(port), "{file}: metrics are served on server.addr's port");
+        let env: Vec<(String, String)> = at(file, &t, "env")
+            .as_table()
+            .unwrap_or_else(|| panic!("{file}: [env] is not a table"))
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+            .collect();
+        let config = assert_real_config_keys(file, &env);
+        let listener = config.server.metrics_addr.unwrap_or_else(|| panic!("{file}: sets EDGENODE_SERVER__METRICS_ADDR"));
+        assert_eq!(metrics_port, Some(u64::from(listener.port())), "{file}: Fly scrapes server.metrics_addr's port");
+        assert_ne!(metrics_port, Some(public), "{file}: metrics are not on the public service's port");
+        assert!(!config.server.metrics_on_public_port(), "{file}: the public port does not answer /metrics");
     }
 }
 

@@ -299,3 +299,29 @@ fn without_an_endpoint_nothing_is_exported_and_nothing_is_logged_about_it() {
         assert!(!line.to_lowercase().contains("otlp") && !line.to_lowercase().contains("opentelemetry"), "{line}");
     }
 }
+
+/// `server.metrics_addr`: `/metrics` on a listener of its own, and no longer on the public
+/// port (where, with API keys, it would name each key with its spend).
+#[test]
+fn metrics_move_to_their_own_listener_off_the_public_port() {
+    let config = "[server]\nmetrics_addr = \"127.0.0.1:0\"\n\n[[models]]\nname = \"minilm\"\nkind = \"embed\"\n";
+    let d = Daemon::start(Options { config: Some(config.into()), ..Default::default() });
+    d.wait_ready(Duration::from_secs(180));
+    let log = d.log_text();
+    let addr = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "metrics listening")
+        .and_then(|v| v["addr"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no `metrics listening` line:\n{log}"));
+    let (s, _) = post_json(&d, "/embed", &serde_json::json!({"inputs": "hello"}));
+    assert_eq!(s, 200);
+    let private = client().get(format!("http://{addr}/metrics")).send().unwrap();
+    assert_eq!(private.status(), 200);
+    let text = private.text().unwrap();
+    assert!(text.contains("edgenode_requests_total"), "{text}");
+    let public = client().get(d.url("/metrics")).send().unwrap();
+    assert_eq!(public.status(), 404, "the public port does not answer /metrics");
+    let other = client().get(format!("http://{addr}/info")).send().unwrap();
+    assert_eq!(other.status(), 404, "the metrics listener serves /metrics only");
+}

@@ -117,7 +117,16 @@ fn routes(node: &Node) -> Vec<(&'static str, Class, Dialect, MethodRouter<AppSta
     if node.config.debug.fault_injection {
         routes.push(("/debug/fault", Class::Work, OpenAi, post(ops::debug_fault)));
     }
+    if !node.config.server.metrics_on_public_port() {
+        routes.retain(|(path, ..)| *path != "/metrics");
+    }
     routes
+}
+
+/// The router of `server.metrics_addr`: `/metrics` alone, open (the listener is meant for a
+/// private network: Fly's scraper, a sidecar), anything else 404.
+pub fn metrics_router(node: Arc<Node>) -> Router {
+    Router::new().route("/metrics", get(stats::metrics)).fallback(unknown_route).with_state(node)
 }
 
 /// The envelope's view of the routes: each matched path's class and dialect.
