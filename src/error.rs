@@ -214,26 +214,26 @@ impl Error {
         }
     }
 
-    /// text-embeddings-inference's status and body for this error, on its routes:
-    /// `{"error": message, "error_type": "Validation" | "Empty" | "Overloaded" | "Unhealthy"
-    /// | "Backend" | "Tokenizer"}` with TEI 1.9's statuses (validation 422, empty 400,
-    /// overload 429, unhealthy 503, a failed model 424). What TEI has no type for keeps
-    /// our status, with the closest type.
-    pub fn tei(&self) -> (StatusCode, serde_json::Value) {
+    /// Which of the kinds Hugging Face's servers (TEI, TGI) tell apart this error is: the one
+    /// place they are told apart, which `tei()` and `tgi()` each name in their own words.
+    fn hf_kind(&self) -> HfKind {
         use Error::*;
-        let (status, kind) = match self {
-            EmptyInput(_) => (StatusCode::BAD_REQUEST, "Empty"),
+        match self {
+            EmptyInput(_) => HfKind::Empty,
             InvalidField { .. }
-            | UnhonouredField { .. }
             | MissingField(_)
             | TooManyInputs { .. }
             | InputTooManyChars { .. }
-            | InputTooLong { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
-            RequestTooManyTokens { .. } | MaxTokensTooLarge { .. } | ContextExceeded { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
-            Overloaded { .. } | BudgetExceeded(_) | RateLimited { .. } | KeyBudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
-            NotReady { .. } | Draining | TooManyConnections(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
-            Internal(_) | Upstream(_) => (StatusCode::FAILED_DEPENDENCY, "Backend"),
-            Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "Backend"),
+            | InputTooLong { .. }
+            | RequestTooManyTokens { .. }
+            | MaxTokensTooLarge { .. }
+            | ContextExceeded { .. } => HfKind::Invalid,
+            UnhonouredField { .. } => HfKind::Unhonoured,
+            Overloaded { .. } | BudgetExceeded(_) | RateLimited { .. } | KeyBudgetExceeded { .. } => HfKind::Overloaded,
+            NotReady { .. } | Draining | TooManyConnections(_) => HfKind::Unavailable,
+            Internal(_) | Upstream(_) => HfKind::Failed,
+            Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => HfKind::TimedOut,
+            Unauthorized => HfKind::Unauthorized,
             InvalidJson(_)
             | BodyTooLarge { .. }
             | UnsupportedMediaType(_)
@@ -242,8 +242,24 @@ impl Error {
             | RollbackUnavailable(_)
             | UnknownRoute { .. }
             | MethodNotAllowed { .. }
-            | ModelNotAllowed { .. }
-            | Unauthorized => (self.status(), "Validation"),
+            | ModelNotAllowed { .. } => HfKind::Request,
+        }
+    }
+
+    /// text-embeddings-inference's status and body for this error, on its routes:
+    /// `{"error": message, "error_type": "Validation" | "Empty" | "Overloaded" | "Unhealthy"
+    /// | "Backend" | "Tokenizer"}` with TEI 1.9's statuses (validation 422, empty 400,
+    /// overload 429, unhealthy 503, a failed model 424; an unknown field is TEI's own 422).
+    /// What TEI has no type for keeps our status, with the closest type.
+    pub fn tei(&self) -> (StatusCode, serde_json::Value) {
+        let (status, kind) = match self.hf_kind() {
+            HfKind::Empty => (StatusCode::BAD_REQUEST, "Empty"),
+            HfKind::Invalid | HfKind::Unhonoured => (StatusCode::UNPROCESSABLE_ENTITY, "Validation"),
+            HfKind::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "Overloaded"),
+            HfKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
+            HfKind::Failed => (StatusCode::FAILED_DEPENDENCY, "Backend"),
+            HfKind::TimedOut => (StatusCode::GATEWAY_TIMEOUT, "Backend"),
+            HfKind::Unauthorized | HfKind::Request => (self.status(), "Validation"),
         };
         (status, json!({"error": self.to_string(), "error_type": kind}))
     }
@@ -256,27 +272,14 @@ impl Error {
     /// huggingface_hub's `InferenceClient` raises its `ValidationError`,
     /// `OverloadedError`, `GenerationError` from these types.
     pub fn tgi(&self) -> (StatusCode, serde_json::Value) {
-        use Error::*;
-        let (status, kind) = match self {
-            InvalidField { .. } | MissingField(_) | EmptyInput(_) | TooManyInputs { .. } | InputTooManyChars { .. } | InputTooLong { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "validation")
-            }
-            RequestTooManyTokens { .. } | MaxTokensTooLarge { .. } | ContextExceeded { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-            Overloaded { .. } | BudgetExceeded(_) | RateLimited { .. } | KeyBudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
-            Internal(_) | Upstream(_) => (StatusCode::FAILED_DEPENDENCY, "generation"),
-            Timeout(_) | UpstreamTimeout(_) | FirstTokenTimeout { .. } => (self.status(), "incomplete_generation"),
-            NotReady { .. } | Draining | TooManyConnections(_) => (self.status(), "unhealthy"),
-            Unauthorized => (self.status(), "authentication"),
-            UnhonouredField { .. }
-            | InvalidJson(_)
-            | BodyTooLarge { .. }
-            | UnsupportedMediaType(_)
-            | UnknownModel { .. }
-            | ModelVersionUnavailable { .. }
-            | RollbackUnavailable(_)
-            | UnknownRoute { .. }
-            | MethodNotAllowed { .. }
-            | ModelNotAllowed { .. } => (self.status(), "validation"),
+        let (status, kind) = match self.hf_kind() {
+            HfKind::Empty | HfKind::Invalid => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+            HfKind::Unhonoured | HfKind::Request => (self.status(), "validation"),
+            HfKind::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            HfKind::Failed => (StatusCode::FAILED_DEPENDENCY, "generation"),
+            HfKind::TimedOut => (self.status(), "incomplete_generation"),
+            HfKind::Unavailable => (self.status(), "unhealthy"),
+            HfKind::Unauthorized => (self.status(), "authentication"),
         };
         (status, json!({"error": self.to_string(), "error_type": kind}))
     }
@@ -308,6 +311,26 @@ impl IntoResponse for Error {
         response.extensions_mut().insert(self);
         response
     }
+}
+
+/// The kinds of error Hugging Face's servers give their own types and statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HfKind {
+    /// An empty input or list.
+    Empty,
+    /// A wrong value, or one over a limit.
+    Invalid,
+    /// A field the route does not act on.
+    Unhonoured,
+    Overloaded,
+    /// Not ready, draining, out of connections.
+    Unavailable,
+    /// The model (or the upstream) failed.
+    Failed,
+    TimedOut,
+    Unauthorized,
+    /// Anything else about the request itself (malformed, unknown model or route).
+    Request,
 }
 
 /// Left on error responses so middleware (metrics, logs) can see which error it was.

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -13,15 +12,7 @@ use common::*;
 /// Runs one of the Python client scripts against a daemon; it exits non-zero on failure.
 fn run_client(script: &str, args: &[String]) {
     // scripts/test.sh installs openai, jsonschema and langchain-openai into its environment.
-    let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .arg(root().join("tests").join(script))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (run the suite with scripts/test.sh)"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(out.status.success(), "{script} failed (interpreter {python}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    run_client_script(&test_python().display().to_string(), script, args);
 }
 
 #[test]

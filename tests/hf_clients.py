@@ -9,7 +9,6 @@ model); CLASSIFY_ROOT_URL is a node with `server.root_route = "classify"`. Exits
 with the failure printed. Runs with the interpreter scripts/test.sh prepares for these
 clients (huggingface_hub, langchain-huggingface, jsonschema).
 """
-import copy
 import json
 import math
 import re
@@ -18,29 +17,17 @@ import urllib.error
 import urllib.request
 
 import jsonschema
+from openapi_schema import component_schema
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError
 from langchain_huggingface import HuggingFaceEndpoint
 
 BASE, CLASSIFY_ROOT, SPEC = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
-SCHEMAS = SPEC["components"]["schemas"]
 PROMPT = "The capital of France is"
 
 
 def schema(name):
-    """A component schema as JSON Schema: `$ref`s inlined, OpenAPI's `nullable` as a null type."""
-    def fix(node):
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return fix(copy.deepcopy(SCHEMAS[node["$ref"].split("/")[-1]]))
-            node = {k: fix(v) for k, v in node.items() if k not in ("example", "discriminator")}
-            if node.pop("nullable", False):
-                node = {"anyOf": [node, {"type": "null"}]}
-            return node
-        if isinstance(node, list):
-            return [fix(x) for x in node]
-        return node
-    return fix(copy.deepcopy(SCHEMAS[name]))
+    return component_schema(SPEC, name)
 
 
 def call(path, body, base=BASE, method="POST"):

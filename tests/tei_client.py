@@ -6,34 +6,21 @@ Usage: tei_client.py BASE_URL OPENAPI_JSON   (e.g. http://127.0.0.1:8080 tests/f
 Every answer of a TEI route is validated with `jsonschema` against the response schema
 TEI publishes for it. Exits non-zero with the failure printed.
 """
-import copy
 import json
 import sys
 import urllib.error
 import urllib.request
 
 import jsonschema
+from openapi_schema import component_schema
 import openai
 from openai import OpenAI
 
 BASE, SPEC = sys.argv[1], json.load(open(sys.argv[2]))
-SCHEMAS = SPEC["components"]["schemas"]
 
 
 def schema(name):
-    """A component schema as JSON Schema: `$ref`s inlined, OpenAPI's `nullable` as a null type."""
-    def fix(node):
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return fix(copy.deepcopy(SCHEMAS[node["$ref"].split("/")[-1]]))
-            node = {k: fix(v) for k, v in node.items() if k != "example"}
-            if node.pop("nullable", False):
-                node = {"anyOf": [node, {"type": "null"}]}
-            return node
-        if isinstance(node, list):
-            return [fix(x) for x in node]
-        return node
-    return fix(copy.deepcopy(SCHEMAS[name]))
+    return component_schema(SPEC, name)
 
 
 def call(method, path, body=None):

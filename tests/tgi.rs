@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -29,16 +28,8 @@ fn hugging_face_clients_work_unchanged_against_the_default_node() {
     assert!(config.contains("root_route = \"classify\""), "edgenode.toml sets server.root_route");
     let classify_root = Daemon::start(Options { config: Some(config), ..Default::default() });
     classify_root.wait_ready(Duration::from_secs(180));
-    let python = hf_python();
-    let out = Command::new(&python)
-        .arg(root().join("tests/hf_clients.py"))
-        .args([d.url(""), classify_root.url(""), root().join("tests/fixtures/tgi_openapi.json").display().to_string()])
-        .env_remove("HF_TOKEN")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (run the suite with scripts/test.sh)"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(out.status.success(), "hf_clients.py failed (interpreter {python}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let openapi = root().join("tests/fixtures/tgi_openapi.json").display().to_string();
+    run_client_script(&hf_python(), "hf_clients.py", &[d.url(""), classify_root.url(""), openapi]);
 }
 
 /// The model names clients send for "the model here" map to the route's default model;

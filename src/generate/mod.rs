@@ -251,18 +251,19 @@ impl GenerateService {
 
     /// Renders and tokenizes the prompt, and checks it and `max_tokens` against the context.
     pub async fn prepare(&self, input: PromptInput, max_tokens: Option<i64>) -> Result<Prepared, Error> {
-        self.prepare_with(input, max_tokens, None).await
+        self.prepare_with(input, max_tokens, "max_tokens", None).await
     }
 
-    /// `prepare`, keeping only the prompt's last `truncate` tokens first (TGI's `truncate`:
-    /// the start of a long prompt is what goes).
-    pub async fn prepare_with(&self, input: PromptInput, max_tokens: Option<i64>, truncate: Option<usize>) -> Result<Prepared, Error> {
+    /// `prepare`, with the completion budget named as the request names it (`field`), and
+    /// keeping only the prompt's last `truncate` tokens first (TGI's `truncate`: the start
+    /// of a long prompt is what goes).
+    pub async fn prepare_with(&self, input: PromptInput, max_tokens: Option<i64>, field: &str, truncate: Option<usize>) -> Result<Prepared, Error> {
         if let Some(m) = max_tokens {
             if m < 1 {
-                return Err(Error::field("max_tokens", format!("must be at least 1, got {m}")));
+                return Err(Error::field(field, format!("must be at least 1, got {m}")));
             }
             if m > self.max_tokens_limit as i64 {
-                return Err(Error::MaxTokensTooLarge { field: "max_tokens".into(), requested: m, limit: self.max_tokens_limit });
+                return Err(Error::MaxTokensTooLarge { field: field.into(), requested: m, limit: self.max_tokens_limit });
             }
         }
         let engine = self.engine.clone();
@@ -299,7 +300,7 @@ impl GenerateService {
                 if m > room {
                     return Err(Error::ContextExceeded {
                         message: format!(
-                            "max_tokens is {m} but the prompt has {} tokens and the context of model {} is {context}: at most {room} can be generated",
+                            "{field} is {m} but the prompt has {} tokens and the context of model {} is {context}: at most {room} can be generated",
                             tokens.len(),
                             self.name
                         ),

@@ -513,7 +513,24 @@ async fn classify_as(node: AppState, raw: Value, tei_pairs: bool) -> Result<Resp
     Ok(answer(&rows, &slot, &encoded, "classify", None))
 }
 
-/// `POST /similarity` body's `parameters` (TEI's).
+/// `POST /similarity` body (TEI's). The fields are `fields::SIMILARITY`.
+#[derive(Debug, Deserialize)]
+struct SimilarityRequest {
+    inputs: SimilarityInputs,
+    #[serde(default)]
+    parameters: Option<SimilarityParameters>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimilarityInputs {
+    source_sentence: String,
+    sentences: Vec<String>,
+}
+
+/// `parameters` of `/similarity`; the fields are `fields::SIMILARITY_PARAMETERS`.
 #[derive(Debug, Default, Deserialize)]
 struct SimilarityParameters {
     #[serde(default)]
@@ -529,46 +546,21 @@ struct SimilarityParameters {
 /// sentence-transformers' `util.cos_sim` give.
 pub async fn similarity(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw): JsonBody<Value>) -> Result<Response, Error> {
     fields::check(&raw, fields::SIMILARITY)?;
-    let params = match raw.get("parameters").filter(|p| !p.is_null()) {
-        Some(p) => {
-            fields::check_in(p, fields::SIMILARITY_PARAMETERS, "parameters.")?;
-            from_value::<SimilarityParameters>(p.clone())?
-        }
-        None => SimilarityParameters::default(),
-    };
-    let inputs = match raw.get("inputs") {
-        Some(Value::Object(o)) => o,
-        None | Some(Value::Null) => return Err(Error::MissingField("inputs".into())),
-        Some(other) => return Err(Error::field("inputs", format!("must be an object {{\"source_sentence\", \"sentences\"}}, got {other}"))),
-    };
-    if let Some(key) = inputs.keys().find(|k| *k != "source_sentence" && *k != "sentences") {
-        return Err(Error::UnhonouredField { field: format!("inputs.{key}"), message: "unknown field; known: source_sentence, sentences".into() });
+    if let Some(p) = raw.get("parameters").filter(|p| !p.is_null()) {
+        fields::check_in(p, fields::SIMILARITY_PARAMETERS, "parameters.")?;
     }
-    let source = match inputs.get("source_sentence") {
-        Some(Value::String(s)) if s.is_empty() => return Err(Error::EmptyInput("inputs.source_sentence".into())),
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => return Err(Error::MissingField("inputs.source_sentence".into())),
-        Some(other) => return Err(Error::field("inputs.source_sentence", format!("must be a string, got {other}"))),
-    };
-    let sentences: Vec<String> = match inputs.get("sentences") {
-        Some(Value::Array(items)) if items.is_empty() => return Err(Error::EmptyInput("inputs.sentences".into())),
-        Some(Value::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) if s.is_empty() => Err(Error::EmptyInput(format!("inputs.sentences[{i}]"))),
-                Value::String(s) => Ok(s.clone()),
-                other => Err(Error::field(format!("inputs.sentences[{i}]"), format!("must be a string, got {other}"))),
-            })
-            .collect::<Result<_, _>>()?,
-        None | Some(Value::Null) => return Err(Error::MissingField("inputs.sentences".into())),
-        Some(other) => return Err(Error::field("inputs.sentences", format!("must be a list of strings, got {other}"))),
-    };
-    let model = match raw.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(m)) => Some(m.clone()).filter(|m| !m.is_empty()),
-        Some(other) => return Err(Error::field("model", format!("must be a string, got {other}"))),
-    };
+    let SimilarityRequest { inputs: SimilarityInputs { source_sentence: source, sentences }, parameters, model } = from_value(raw)?;
+    let params = parameters.unwrap_or_default();
+    if source.is_empty() {
+        return Err(Error::EmptyInput("inputs.source_sentence".into()));
+    }
+    if sentences.is_empty() {
+        return Err(Error::EmptyInput("inputs.sentences".into()));
+    }
+    if let Some(i) = sentences.iter().position(String::is_empty) {
+        return Err(Error::EmptyInput(format!("inputs.sentences[{i}]")));
+    }
+    let model = model.filter(|m| !m.is_empty());
     let texts = std::iter::once(source).chain(sentences).collect();
     let req = EmbedRequest {
         inputs: Inputs { texts, single: false },

@@ -17,11 +17,12 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::fields;
 use super::generate::{begin_ask, collect, finite, headers, ready_generator, stream_response_with_headers, Ask};
-use super::json::JsonBody;
+use super::json::{from_value, JsonBody};
 use super::sse::PieceFormat;
 use super::{speaking, AppState, Dialect};
 use crate::cache::Directive;
@@ -105,7 +106,7 @@ async fn respond(node: AppState, request_headers: HeaderMap, raw: Value, route: 
         ));
     }
     let prompt = PromptInput::Text(req.inputs.clone());
-    let prepared = service.prepare_with(prompt.clone(), req.ask.max_tokens, req.truncate).await.map_err(tgi_names)?;
+    let prepared = service.prepare_with(prompt.clone(), req.ask.max_tokens, "parameters.max_new_tokens", req.truncate).await.map_err(tgi_names)?;
     let prompt_tokens = req.shape.prefill.then(|| prepared.tokens.clone());
     let (service, generation) =
         begin_ask(&node, &slot, prompt, req.ask, Some(prepared), Directive::from_headers(&request_headers)).await.map_err(tgi_names)?;
@@ -135,42 +136,41 @@ async fn respond(node: AppState, request_headers: HeaderMap, raw: Value, route: 
     Ok(headers(Json(body).into_response(), &slot, &done.generation))
 }
 
-/// Errors from the shared generation path named as TGI's fields are named.
+/// Errors from the shared generation path that name OpenAI's fields, named as TGI's: the
+/// grammar (`response_format` there) and the prompt.
 fn tgi_names(e: Error) -> Error {
-    let rename = |field: &str| match field {
-        "max_tokens" => "parameters.max_new_tokens".to_string(),
-        "response_format" => "parameters.grammar".to_string(),
-        "prompt" => "inputs".to_string(),
-        other => other.to_string(),
-    };
     match e {
-        Error::InvalidField { field, message } => Error::InvalidField { field: rename(&field), message },
-        Error::EmptyInput(field) => Error::EmptyInput(rename(&field)),
-        Error::MaxTokensTooLarge { field, requested, limit } => Error::MaxTokensTooLarge { field: rename(&field), requested, limit },
-        Error::ContextExceeded { message } => Error::ContextExceeded { message: message.replace("max_tokens", "max_new_tokens") },
+        Error::InvalidField { field, message } if field == "response_format" => Error::InvalidField { field: "parameters.grammar".into(), message },
+        Error::EmptyInput(field) if field == "prompt" => Error::EmptyInput("inputs".into()),
         other => other,
     }
+}
+
+/// The body's top level (`fields::TGI`); `parameters` is read field by field (`Params`),
+/// so each error names `parameters.X`.
+#[derive(Debug, Deserialize)]
+struct Body {
+    inputs: String,
+    #[serde(default)]
+    parameters: Option<Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    model: Option<String>,
 }
 
 /// Reads and validates a TGI request: its fields (`fields::TGI`, `fields::TGI_PARAMETERS`)
 /// and each parameter's value, as TGI's own validation does.
 fn parse(raw: Value, route: TgiRoute) -> Result<TgiRequest, Error> {
     fields::check(&raw, fields::TGI)?;
-    let empty = Value::Object(Map::new());
-    let params = raw.get("parameters").filter(|p| !p.is_null()).unwrap_or(&empty);
+    let Body { inputs, parameters, stream, model } = from_value(raw)?;
+    let params = &parameters.unwrap_or_else(|| Value::Object(Map::new()));
     fields::check_in(params, fields::TGI_PARAMETERS, "parameters.")?;
-    let inputs = match raw.get("inputs") {
-        Some(Value::String(s)) if s.is_empty() => return Err(Error::EmptyInput("inputs".into())),
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) => return Err(Error::MissingField("inputs".into())),
-        Some(other) => return Err(Error::field("inputs", format!("must be a string (the prompt), got {other}"))),
-    };
-    let model = match raw.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()).filter(|s| !s.is_empty()),
-        Some(other) => return Err(Error::field("model", format!("must be a string, got {other}"))),
-    };
-    let stream = route == TgiRoute::Stream || boolean(&raw, "stream", "stream")?.unwrap_or(false);
+    if inputs.is_empty() {
+        return Err(Error::EmptyInput("inputs".into()));
+    }
+    let model = model.filter(|m| !m.is_empty());
+    let stream = route == TgiRoute::Stream || stream.unwrap_or(false);
     let p = Params(params);
     let temperature = p.number("temperature")?;
     if let Some(t) = temperature.filter(|t| t.is_nan() || *t <= 0.0) {
@@ -205,13 +205,13 @@ fn parse(raw: Value, route: TgiRoute) -> Result<TgiRequest, Error> {
         Some(v) => Some(v.as_u64().ok_or_else(|| p.bad("seed", format!("must be a non-negative integer, got {v}")))?),
     };
     let stops = p.stops()?;
-    let do_sample = boolean(params, "do_sample", "parameters.do_sample")?.unwrap_or(false);
-    let details = boolean(params, "details", "parameters.details")?.unwrap_or(false);
-    let prefill = boolean(params, "decoder_input_details", "parameters.decoder_input_details")?.unwrap_or(false);
+    let do_sample = p.flag("do_sample")?.unwrap_or(false);
+    let details = p.flag("details")?.unwrap_or(false);
+    let prefill = p.flag("decoder_input_details")?.unwrap_or(false);
     if prefill && stream {
         return Err(p.bad("decoder_input_details", "is not supported when streaming tokens (TGI refuses it too)"));
     }
-    let full_text = boolean(params, "return_full_text", "parameters.return_full_text")?.unwrap_or(route == TgiRoute::Compat);
+    let full_text = p.flag("return_full_text")?.unwrap_or(route == TgiRoute::Compat);
     let top_n = p.integer("top_n_tokens")?.unwrap_or(0);
     if !(0..=MAX_TOP_N_TOKENS as i64).contains(&top_n) {
         return Err(p.bad("top_n_tokens", format!("must be between 0 and {MAX_TOP_N_TOKENS}, got {top_n}")));
@@ -254,15 +254,6 @@ fn parse(raw: Value, route: TgiRoute) -> Result<TgiRequest, Error> {
     })
 }
 
-/// A boolean field (null is absent).
-fn boolean(object: &Value, key: &str, field: &str) -> Result<Option<bool>, Error> {
-    match object.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(Error::field(field, format!("must be true or false, got {other}"))),
-    }
-}
-
 /// TGI's `parameters` object, read field by field with each error naming its field.
 struct Params<'a>(&'a Value);
 
@@ -279,6 +270,13 @@ impl Params<'_> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| self.bad(key, format!("must be a number, got {v}"))),
+        }
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<bool>, Error> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.bad(key, format!("must be true or false, got {v}"))),
         }
     }
 

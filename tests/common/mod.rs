@@ -338,3 +338,18 @@ pub fn sse_events(response: reqwest::blocking::Response) -> Vec<serde_json::Valu
     assert!(done, "stream did not end with [DONE]");
     events
 }
+
+/// Runs the client script `tests/SCRIPT ARGS` with `python` (the interpreter scripts/test.sh
+/// prepared for it); the script exits non-zero on a failure, which fails the test with its
+/// output. No Hugging Face token reaches it: the clients talk to the node only.
+pub fn run_client_script(python: &str, script: &str, args: &[String]) {
+    let out = Command::new(python)
+        .arg(root().join("tests").join(script))
+        .args(args)
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e} (run the suite with scripts/test.sh)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "{script} failed (interpreter {python}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+}
