@@ -14,7 +14,8 @@
 # nvidia-cuda-nvrtc-cu12 wheel, which compiles our CUDA kernels without a GPU), installs
 # Debian's chromium and prometheus packages where it can (a real browser loads /dashboard,
 # a real Prometheus scrapes /metrics and evaluates the Grafana dashboard's queries; those
-# tests say so and skip where neither can be installed), checks
+# tests say so and skip where neither can be installed) and its redis-server (the fleet
+# store tests/fleet.rs shares between three nodes), checks
 # style (rustfmt, clippy), fetches and verifies the default models, then runs every test in
 # release mode (candle in debug is too slow to test with).
 set -euo pipefail
@@ -51,15 +52,24 @@ export HF_CLIENTS_PYTHON="$hf_venv/bin/python"
 export OPENAI_CLIENT_PYTHON="$venv/bin/python"
 export TEST_PYTHON="$venv/bin/python"
 
-# A real browser and a real Prometheus for tests/dashboard.rs, from Debian's packages.
+# A real browser and a real Prometheus for tests/dashboard.rs, and a real Redis for
+# tests/fleet.rs, from Debian's packages.
+sudo_cmd=""
+[ "$(id -u)" -eq 0 ] || sudo_cmd="sudo -n"
 if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then
-    sudo_cmd=""
-    [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo -n"
     if command -v apt-get >/dev/null && $sudo_cmd true 2>/dev/null; then
         $sudo_cmd apt-get install -y -q chromium prometheus >/dev/null ||
             echo "test set-up: could not install chromium and prometheus; tests/dashboard.rs will skip those checks"
     else
         echo "test set-up: no apt-get (or no root): tests/dashboard.rs will skip its browser and Prometheus checks"
+    fi
+fi
+# The fleet tests need Redis itself (they fail without it: the fleet store is not optional there).
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    if command -v apt-get >/dev/null && $sudo_cmd true 2>/dev/null; then
+        $sudo_cmd apt-get install -y -q redis-server >/dev/null || echo "test set-up: could not install redis-server; tests/fleet.rs will fail"
+    else
+        echo "test set-up: no apt-get (or no root): install redis-server (6.2 or newer) for tests/fleet.rs"
     fi
 fi
 

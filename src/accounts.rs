@@ -9,16 +9,18 @@
 //! tier that answered; nothing for a cache hit). Windows are per-minute buckets, like the
 //! ledger's: a minute's tokens count until that minute is a minute old.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::KeyConfig;
 use crate::error::Error;
+use crate::quota::{Check, Kind, Quotas, Scope};
+use crate::state::{Changes, Durable, Records};
 use crate::telemetry::metrics::METRICS;
 
 /// The limits of one named key (`[[auth.keys]]`).
@@ -84,7 +86,7 @@ pub fn set_user(user: &str) {
 }
 
 /// Requests, tokens and spend.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Spend {
     pub requests: u64,
     pub tokens: u64,
@@ -108,6 +110,8 @@ struct Usage {
     minutes: VecDeque<(u64, u64, u64, f64)>,
     since_start: Spend,
     refused: u64,
+    /// Minutes that left the day since the state was last saved (their records go).
+    expired: Vec<u64>,
 }
 
 const DAY_MINUTES: u64 = 24 * 60;
@@ -124,8 +128,9 @@ fn seconds_into_minute() -> u64 {
 
 impl Usage {
     fn bucket(&mut self, now: u64) -> &mut (u64, u64, u64, f64) {
-        while self.minutes.front().is_some_and(|(m, ..)| now.saturating_sub(*m) >= DAY_MINUTES) {
+        while let Some((m, ..)) = self.minutes.front().copied().filter(|(m, ..)| now.saturating_sub(*m) >= DAY_MINUTES) {
             self.minutes.pop_front();
+            self.expired.push(m);
         }
         match self.minutes.back_mut() {
             Some(last) if last.0 == now => {}
@@ -150,35 +155,78 @@ impl Usage {
     }
 }
 
+/// What a key carries over a restart beside its minutes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct KeyTotals {
+    since_start: Spend,
+    refused: u64,
+}
+
 /// Spend by key and by user, and the keys' limits.
 #[derive(Default)]
 pub struct Accounts {
     keys: Mutex<BTreeMap<String, Usage>>,
     users: Mutex<HashMap<String, Spend>>,
+    /// Records changed since the state was last saved: `k/<minute>/<key>`, `t/<key>`, `u/<user>`.
+    dirty: Mutex<BTreeSet<String>>,
+}
+
+/// Whether a request is admitted, or must wait for fresh fleet leases first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// These scopes' leases are used up: refill them (`Quotas::refill`) and ask again.
+    Refill(Vec<Scope>),
 }
 
 impl Accounts {
-    /// Admits one request of `key`, or says which limit it is over.
-    pub fn admit(&self, key: &KeyPolicy) -> Result<(), Error> {
+    /// Admits one request of `key`, or says which limit it is over. With a fleet store, a
+    /// used-up lease answers `Refill` when `may_refill`, else counts as the limit reached.
+    pub fn admit(&self, key: &KeyPolicy, quotas: &Quotas, may_refill: bool) -> Result<Admission, Error> {
         let now = minute_now();
         let mut keys = self.keys.lock();
         let usage = keys.entry(key.name.clone()).or_default();
         let (requests, tokens) = usage.this_minute(now);
         let retry_minute = (60 - seconds_into_minute()).max(1);
-        let refusal = if key.requests_per_minute.is_some_and(|limit| requests >= limit) {
+        let mut refill = Vec::new();
+        let mut over = |kind: Kind, limit: Option<u64>, own: f64| -> bool {
+            let Some(limit) = limit else { return false };
+            match quotas.check(&Scope::key(kind, &key.name), limit as f64, own, now) {
+                Check::Allow => false,
+                Check::Refill if may_refill => {
+                    refill.push(Scope::key(kind, &key.name));
+                    false
+                }
+                Check::Refill | Check::Refuse => true,
+            }
+        };
+        let over_requests = over(Kind::Requests, key.requests_per_minute, requests as f64);
+        let over_tokens = !over_requests && over(Kind::Tokens, key.tokens_per_minute, tokens as f64);
+        let over_budget = !over_requests
+            && !over_tokens
+            && key.daily_budget_usd.is_some()
+            && match quotas.check(&Scope::key(Kind::Cost, &key.name), key.daily_budget_usd.unwrap_or(0.0), usage.day_cost(now), now) {
+                Check::Allow => false,
+                Check::Refill if may_refill => {
+                    refill.push(Scope::key(Kind::Cost, &key.name));
+                    false
+                }
+                Check::Refill | Check::Refuse => true,
+            };
+        let refusal = if over_requests {
             Some(Error::RateLimited {
                 key: key.name.clone(),
                 limit: format!("requests_per_minute = {}", key.requests_per_minute.unwrap_or(0)),
                 retry_after_s: retry_minute,
             })
-        } else if key.tokens_per_minute.is_some_and(|limit| tokens >= limit) {
+        } else if over_tokens {
             Some(Error::RateLimited {
                 key: key.name.clone(),
                 limit: format!("tokens_per_minute = {}", key.tokens_per_minute.unwrap_or(0)),
                 retry_after_s: retry_minute,
             })
         } else {
-            key.daily_budget_usd.filter(|b| usage.day_cost(now) >= *b).map(|budget| Error::KeyBudgetExceeded {
+            key.daily_budget_usd.filter(|_| over_budget).map(|budget| Error::KeyBudgetExceeded {
                 key: key.name.clone(),
                 budget_usd: budget,
                 retry_after_s: usage.day_retry_s(now),
@@ -186,6 +234,7 @@ impl Accounts {
         };
         if let Some(e) = refusal {
             usage.refused += 1;
+            self.dirty.lock().insert(format!("t/{}", key.name));
             let limit = match &e {
                 Error::KeyBudgetExceeded { .. } => "daily_budget_usd",
                 Error::RateLimited { limit, .. } => limit.split(' ').next().unwrap_or("limit"),
@@ -194,8 +243,66 @@ impl Accounts {
             METRICS.key_refusals.with_label_values(&[&key.name, limit]).inc();
             return Err(e);
         }
+        if !refill.is_empty() {
+            return Ok(Admission::Refill(refill));
+        }
         usage.bucket(now).1 += 1;
-        Ok(())
+        self.dirty.lock().insert(format!("k/{now}/{}", key.name));
+        Ok(Admission::Admitted)
+    }
+
+    /// This node's use of `key` per minute (requests, tokens or cost) over the `window`
+    /// ending at `now`.
+    pub fn minutes(&self, key: &str, kind: Kind, now: u64, window: u64) -> Vec<(u64, f64)> {
+        let keys = self.keys.lock();
+        let Some(usage) = keys.get(key) else { return Vec::new() };
+        usage
+            .minutes
+            .iter()
+            .filter(|(m, ..)| now.saturating_sub(*m) < window && *m <= now)
+            .map(|(m, r, t, c)| {
+                let amount = match kind {
+                    Kind::Requests => *r as f64,
+                    Kind::Tokens => *t as f64,
+                    Kind::Cost => *c,
+                };
+                (*m, amount)
+            })
+            .collect()
+    }
+
+    /// Restores what an earlier run saved (minutes older than a day are dropped).
+    pub fn restore(&self, records: &Records) {
+        let now = minute_now();
+        let mut keys = self.keys.lock();
+        let mut users = self.users.lock();
+        let mut stale = Vec::new();
+        for (record, value) in records.section::<serde_json::Value>(SECTION) {
+            if let Some(rest) = record.strip_prefix("k/") {
+                let Some((minute, name)) = rest.split_once('/') else { continue };
+                let Ok(minute) = minute.parse::<u64>() else { continue };
+                match serde_json::from_value::<(u64, u64, f64)>(value) {
+                    Ok((r, t, c)) if now.saturating_sub(minute) < DAY_MINUTES => {
+                        keys.entry(name.to_string()).or_default().minutes.push_back((minute, r, t, c))
+                    }
+                    _ => stale.push(record),
+                }
+            } else if let Some(name) = record.strip_prefix("t/") {
+                if let Ok(t) = serde_json::from_value::<KeyTotals>(value) {
+                    let usage = keys.entry(name.to_string()).or_default();
+                    usage.since_start = t.since_start;
+                    usage.refused = t.refused;
+                }
+            } else if let Some(name) = record.strip_prefix("u/") {
+                if let Ok(spend) = serde_json::from_value::<Spend>(value) {
+                    users.insert(name.to_string(), spend);
+                }
+            }
+        }
+        for usage in keys.values_mut() {
+            usage.minutes.make_contiguous().sort_by_key(|(m, ..)| *m);
+        }
+        self.dirty.lock().extend(stale);
     }
 
     /// Counts one answered request's tokens and cost against its caller's key and user.
@@ -204,16 +311,21 @@ impl Accounts {
         if let Some(key) = &caller.key {
             let mut keys = self.keys.lock();
             let usage = keys.entry(key.name.clone()).or_default();
-            let bucket = usage.bucket(minute_now());
+            let now = minute_now();
+            let bucket = usage.bucket(now);
             bucket.2 += tokens;
             bucket.3 += cost_usd;
             usage.since_start.add(tokens, cost_usd, cached);
+            let mut dirty = self.dirty.lock();
+            dirty.insert(format!("k/{now}/{}", key.name));
+            dirty.insert(format!("t/{}", key.name));
             METRICS.key_tokens.with_label_values(&[&key.name]).inc_by(tokens);
             METRICS.key_cost_usd.with_label_values(&[&key.name]).inc_by(cost_usd);
         }
         if let Some(user) = caller.user.lock().clone() {
             let mut users = self.users.lock();
             let name = if users.len() >= MAX_USERS && !users.contains_key(&user) { "(other)".to_string() } else { user };
+            self.dirty.lock().insert(format!("u/{name}"));
             users.entry(name).or_default().add(tokens, cost_usd, cached);
         }
     }
@@ -249,6 +361,41 @@ impl Accounts {
     }
 }
 
+const SECTION: &str = "accounts";
+
+impl Durable for Accounts {
+    fn changes(&self, out: &mut Changes) {
+        let mut keys = self.keys.lock();
+        let mut dirty = std::mem::take(&mut *self.dirty.lock());
+        for (name, usage) in keys.iter_mut() {
+            dirty.extend(usage.expired.drain(..).map(|m| format!("k/{m}/{name}")));
+        }
+        if dirty.is_empty() {
+            return;
+        }
+        let users = self.users.lock();
+        for record in dirty {
+            let value = if let Some(rest) = record.strip_prefix("k/") {
+                rest.split_once('/').and_then(|(minute, name)| {
+                    let minute = minute.parse::<u64>().ok()?;
+                    let (_, r, t, c) = keys.get(name)?.minutes.iter().find(|(m, ..)| *m == minute)?;
+                    serde_json::to_value((r, t, c)).ok()
+                })
+            } else if let Some(name) = record.strip_prefix("t/") {
+                keys.get(name).and_then(|u| serde_json::to_value(KeyTotals { since_start: u.since_start, refused: u.refused }).ok())
+            } else if let Some(name) = record.strip_prefix("u/") {
+                users.get(name).and_then(|s| serde_json::to_value(s).ok())
+            } else {
+                None
+            };
+            match value {
+                Some(v) => out.put(SECTION, &record, &v),
+                None => out.delete(SECTION, &record),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,28 +408,42 @@ mod tests {
     fn each_limit_refuses_with_its_name() {
         let a = Accounts::default();
         let k = key(Some(2), None, None);
-        assert!(a.admit(&k).is_ok() && a.admit(&k).is_ok());
-        let e = a.admit(&k).unwrap_err();
+        assert_eq!(a.admit(&k, &Quotas::local(), false).unwrap(), Admission::Admitted);
+        assert!(a.admit(&k, &Quotas::local(), false).is_ok());
+        let e = a.admit(&k, &Quotas::local(), false).unwrap_err();
         assert!(matches!(&e, Error::RateLimited { limit, .. } if limit == "requests_per_minute = 2"), "{e}");
         assert!(e.retry_after_s().is_some_and(|s| (1..=60).contains(&s)));
 
         let a = Accounts::default();
         let k = key(None, Some(100), None);
         let caller = Caller { key: Some(k.clone()), user: Mutex::new(Some("ann".into())) };
-        a.admit(&k).unwrap();
+        a.admit(&k, &Quotas::local(), false).unwrap();
         a.charge(Some(&caller), 150, 0.0, false);
-        assert!(matches!(a.admit(&k), Err(Error::RateLimited { limit, .. }) if limit == "tokens_per_minute = 100"));
+        assert!(matches!(a.admit(&k, &Quotas::local(), false), Err(Error::RateLimited { limit, .. }) if limit == "tokens_per_minute = 100"));
 
         let a = Accounts::default();
         let k = key(None, None, Some(0.01));
         let caller = Caller { key: Some(k.clone()), user: Mutex::new(None) };
-        a.admit(&k).unwrap();
+        a.admit(&k, &Quotas::local(), false).unwrap();
         a.charge(Some(&caller), 10, 0.02, false);
-        let e = a.admit(&k).unwrap_err();
+        let e = a.admit(&k, &Quotas::local(), false).unwrap_err();
         assert_eq!(e.code(), "budget_exceeded");
-        let stats = a.stats(&[k]);
+        let stats = a.stats(std::slice::from_ref(&k));
         assert_eq!(stats["keys"]["k"]["budget_left_usd"], 0.0);
         assert_eq!(stats["keys"]["k"]["refused"], 1);
+
+        // Saved and restored: the budget is still spent, the refusal still counted.
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::StateStore::open(dir.path()).unwrap();
+        let mut c = Changes::default();
+        a.changes(&mut c);
+        store.commit(&c).unwrap();
+        let restored = Accounts::default();
+        restored.restore(&store.load().unwrap());
+        assert_eq!(restored.admit(&k, &Quotas::local(), false).unwrap_err().code(), "budget_exceeded");
+        assert_eq!(restored.stats(std::slice::from_ref(&k))["keys"]["k"]["refused"], 2);
+        let minutes = restored.minutes("k", Kind::Cost, minute_now(), DAY_MINUTES);
+        assert_eq!(minutes.iter().map(|(_, c)| c).sum::<f64>(), 0.02);
     }
 
     #[test]

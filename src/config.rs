@@ -36,6 +36,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub cache: CacheConfig,
     pub fleet: FleetConfig,
+    pub state: StateConfig,
     pub debug: DebugConfig,
     /// The models this node serves, one `[[models]]` table each.
     pub models: Vec<ModelConfig>,
@@ -172,19 +173,80 @@ impl Default for CacheConfig {
     }
 }
 
-/// `[fleet]`: spilling over to other Machines of the same Fly app through Fly's proxy.
+/// `[fleet]`: what a node shares with the other Machines of its fleet: spill-over through
+/// Fly's proxy, and (with `store`) budgets and per-key limits that bind every node.
 ///
 /// On Fly (`FLY_APP_NAME` set) with `replay` on, a request this node would refuse because a
 /// model's queue is full, or that names a model it does not serve, is answered with a
 /// `fly-replay` header instead, and Fly's proxy replays it on another Machine. A request
 /// that was itself replayed (`fly-replay-src`) is never replayed again.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
     pub replay: bool,
     /// Where a model this node does not serve lives: model name → Fly region (`ams`);
     /// models not listed are replayed `elsewhere=true`.
     pub model_regions: std::collections::BTreeMap<String, String>,
+    /// `redis://[user:password@]host:port[/db]`: the Redis (6.2+, Valkey, Upstash) every
+    /// node of the fleet shares, which makes the daily budgets and per-key limits fleet-wide.
+    /// Empty: each node enforces them on its own.
+    pub store: String,
+    /// Prefix of every key in the store (fleets sharing one Redis use different ones).
+    pub namespace: String,
+    /// Share of a limit a node takes as a lease, to use before asking the store again.
+    pub lease_share: f64,
+    /// A lease not renewed within this time is freed for the other nodes (a node that died).
+    pub lease_ttl_s: u64,
+    /// How often a node reports its use and renews its leases.
+    pub sync_ms: u64,
+    /// How long a call to the store may take before the node counts it as unreachable.
+    pub timeout_ms: u64,
+    /// Share of each limit a node may use beyond its lease while the store is unreachable.
+    pub offline_share: f64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            replay: false,
+            model_regions: Default::default(),
+            store: String::new(),
+            namespace: "edgenode".into(),
+            lease_share: 0.05,
+            lease_ttl_s: 30,
+            sync_ms: 1000,
+            timeout_ms: 250,
+            offline_share: 0.1,
+        }
+    }
+}
+
+/// `[state]`: where the node keeps what must survive a restart: the ledger, spend by key
+/// and user, feedback ids, quality scores and routing samples (`crate::state`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The folder of `state.redb`; empty: `.state` in `store.dir` (the volume on Fly).
+    pub dir: PathBuf,
+    /// How often changes are committed: a `kill -9` loses at most this much accounting.
+    pub flush_ms: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { dir: PathBuf::new(), flush_ms: 250 }
+    }
+}
+
+impl StateConfig {
+    /// The folder actually used.
+    pub fn dir_for(&self, store: &StoreConfig) -> PathBuf {
+        if self.dir.as_os_str().is_empty() {
+            store.dir.join(".state")
+        } else {
+            self.dir.clone()
+        }
+    }
 }
 
 /// `[debug]`: switches for tests, off in every deployment.
@@ -738,6 +800,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             cache: CacheConfig::default(),
             fleet: FleetConfig::default(),
+            state: StateConfig::default(),
             debug: DebugConfig::default(),
             models: default_models(),
         }
@@ -976,6 +1039,34 @@ impl Config {
         }
         if let Some((m, r)) = self.fleet.model_regions.iter().find(|(_, r)| r.is_empty() || !r.chars().all(|c| c.is_ascii_alphanumeric())) {
             return Err(ConfigError(format!("fleet.model_regions.{m}: {r:?} is not a Fly region code")));
+        }
+        let f = &self.fleet;
+        if !f.store.is_empty() && !f.store.starts_with("redis://") {
+            let why = if f.store.starts_with("rediss://") {
+                "TLS (rediss://) is not supported yet: use the store's private-network redis:// address (Fly's Upstash Redis is one)"
+            } else {
+                "expected redis://[user:password@]host:port[/db]"
+            };
+            return Err(ConfigError(format!("fleet.store: {why}")));
+        }
+        if f.namespace.is_empty() || f.namespace.contains(['{', '}']) {
+            return Err(ConfigError("fleet.namespace: must be non-empty, without '{' or '}'".into()));
+        }
+        for (key, value) in [("lease_share", f.lease_share), ("offline_share", f.offline_share)] {
+            if !(0.0..=1.0).contains(&value) || (key == "lease_share" && value == 0.0) {
+                return Err(ConfigError(format!("fleet.{key}: {value} is outside (0, 1] (offline_share may be 0)")));
+            }
+        }
+        for (key, value) in
+            [("lease_ttl_s", f.lease_ttl_s), ("sync_ms", f.sync_ms), ("timeout_ms", f.timeout_ms), ("state.flush_ms", self.state.flush_ms)]
+        {
+            if value == 0 {
+                let key = if key.contains('.') { key.to_string() } else { format!("fleet.{key}") };
+                return Err(ConfigError(format!("{key}: must be at least 1")));
+            }
+        }
+        if f.lease_ttl_s * 1000 <= f.sync_ms {
+            return Err(ConfigError("fleet.lease_ttl_s: must be longer than fleet.sync_ms, or leases expire between syncs".into()));
         }
         if self.telemetry.stats_window_s == 0 {
             return Err(ConfigError("telemetry: stats_window_s must be at least 1".into()));

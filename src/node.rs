@@ -13,7 +13,10 @@ use crate::fleet::Fleet;
 use crate::models::manifest::Manifest;
 use crate::models::registry::Registry;
 use crate::models::sync::{ApplyStatus, SyncCommand, SyncReport};
+use crate::quota::{Kind, Meters, Quotas, Scope};
+use crate::routing::ledger::Tier;
 use crate::routing::Router;
+use crate::state::{Changes, Durable, StateStore};
 use crate::telemetry::stats::Stats;
 use tokio::sync::watch;
 
@@ -37,6 +40,12 @@ pub struct Node {
     pub stats: Stats,
     /// Spend by key and user, and the keys' limits.
     pub accounts: Accounts,
+    /// The budgets' and keys' limits: this node's own, or the fleet's (`[fleet] store`).
+    pub quotas: Arc<Quotas>,
+    /// Where the ledger, accounts and quality scores persist (`[state]`).
+    pub state: Arc<StateStore>,
+    /// This node's lasting identity (kept in its state; the fleet store counts by it).
+    pub node_id: String,
     /// Spill-over to other Machines of a Fly app (`[fleet]`).
     pub fleet: Fleet,
     /// The response cache, when `[cache] enabled`.
@@ -63,11 +72,28 @@ impl Node {
     ) -> std::io::Result<Self> {
         let threads = crate::runtime::compute_threads(&config).clamp(1, 4);
         let stats = Stats::new(Duration::from_secs(config.telemetry.stats_window_s));
-        let router = Router::new(&config).map_err(std::io::Error::other)?;
         let keys = ApiKeys::from_config(&config.auth).map_err(std::io::Error::other)?;
+        let state = Arc::new(StateStore::open(&config.state.dir_for(&config.store)).map_err(std::io::Error::other)?);
+        let node_id = node_identity(&state)?;
+        let quotas = Arc::new(Quotas::new(&config.fleet, &node_id).map_err(std::io::Error::other)?);
+        let router = Router::new(&config, quotas.clone()).map_err(std::io::Error::other)?;
         for key in keys.policies() {
             crate::telemetry::metrics::METRICS.initialize_key(&key.name);
+            for (kind, limit) in [
+                (Kind::Requests, key.requests_per_minute.map(|l| l as f64)),
+                (Kind::Tokens, key.tokens_per_minute.map(|l| l as f64)),
+                (Kind::Cost, key.daily_budget_usd),
+            ] {
+                if let Some(limit) = limit {
+                    quotas.register(Scope::key(kind, &key.name), limit);
+                }
+            }
         }
+        let accounts = Accounts::default();
+        let records = state.load().map_err(std::io::Error::other)?;
+        router.restore(&records);
+        accounts.restore(&records);
+        tracing::info!(path = %state.path().display(), records = records.len(), node = %node_id, "state restored");
         let cache = ResponseCache::new(&config.cache).map(Arc::new);
         let fleet = Fleet::new(&config.fleet, std::env::var("FLY_APP_NAME").ok().as_deref());
         Ok(Node {
@@ -85,7 +111,10 @@ impl Node {
             stats,
             router,
             keys,
-            accounts: Accounts::default(),
+            accounts,
+            quotas,
+            state,
+            node_id,
             fleet,
             cache,
         })
@@ -119,5 +148,37 @@ impl Node {
     /// How long a request waits for a model that is still warming.
     pub fn ready_wait(&self) -> Duration {
         Duration::from_secs(self.config.server.ready_wait_s)
+    }
+}
+
+/// This node's identity: kept in its state file, so a restarted node reports under the same
+/// name (its restored spend then replaces, never adds to, what the fleet store holds of
+/// it). A new state file takes the Fly Machine id when there is one.
+fn node_identity(state: &StateStore) -> std::io::Result<String> {
+    if let Some(id) = state.get::<String>("node", "id") {
+        return Ok(id);
+    }
+    let id = std::env::var("FLY_MACHINE_ID").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let mut c = Changes::default();
+    c.put("node", "id", &id);
+    state.commit(&c).map_err(std::io::Error::other)?;
+    Ok(id)
+}
+
+impl Meters for Node {
+    fn minutes(&self, scope: &Scope, now: u64) -> Vec<(u64, f64)> {
+        match scope.owner.split_once(':') {
+            Some(("tier", "edge")) => self.router.cost_minutes(Tier::Edge, now),
+            Some(("tier", "cloud")) => self.router.cost_minutes(Tier::Cloud, now),
+            Some(("key", name)) => self.accounts.minutes(name, scope.kind, now, scope.kind.window_minutes()),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Durable for Node {
+    fn changes(&self, out: &mut Changes) {
+        self.router.changes(out);
+        self.accounts.changes(out);
     }
 }

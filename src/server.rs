@@ -47,6 +47,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(addr) => Some(serve_metrics(addr, node.clone()).await?),
         None => None,
     };
+    // The state flusher commits the ledger and accounts every `state.flush_ms`; the fleet
+    // sync reports use and renews leases every `fleet.sync_ms`. Both belong to `serve`:
+    // after the drain the sync stops, the leases go back, and the flusher commits last.
+    let mut flusher = crate::state::Flusher::start(
+        node.state.clone(),
+        vec![node.clone() as Arc<dyn crate::state::Durable>],
+        Duration::from_millis(node.config.state.flush_ms),
+    )
+    .context("cannot start the state flusher")?;
+    let fleet_sync = node.quotas.fleet().then(|| {
+        let node = node.clone();
+        AbortOnDrop(tokio::spawn(async move { node.quotas.run(node.as_ref()).await }))
+    });
+    let result = serve_until_drained(node.clone(), listener, drain_grace).await;
+    drop(fleet_sync);
+    node.quotas.release(node.as_ref()).await;
+    flusher.stop();
+    tracing::info!(path = %node.state.path().display(), "state saved");
+    result
+}
+
+/// Serves until a signal, then drains for at most `drain_grace`.
+async fn serve_until_drained(node: Arc<Node>, listener: TcpListener, drain_grace: Duration) -> anyhow::Result<()> {
     let app = crate::http::router(node.clone());
     let listener = crate::http::listener::LimitedListener::new(listener, node.config.limits.max_connections);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();

@@ -147,8 +147,25 @@
     };
     const share = day.edge_cost_share ?? 0;
     const alert = day.edge_share_alert ?? 0;
+    // With a fleet store: each limit's fleet-wide total beside this node's share and lease.
+    const fleet = stats.fleet || {};
+    const scopes = Object.entries(fleet.scopes || {}).map(([scope, s]) => {
+      const d = scope.startsWith("cost") ? 4 : 0;
+      return [
+        `<code>${esc(scope)}</code>`,
+        esc(s.limit),
+        `<span data-field="fleet_total">${num(s.fleet_total, d)}</span>`,
+        `${num(s.this_node, d)} <span class="muted">(${pct(s.this_node_share)})</span>`,
+        num(s.lease_left, d) + (s.exhausted ? " <b>spent</b>" : ""),
+      ];
+    });
+    const fleetTable = scopes.length
+      ? `<p>Fleet (<code>${esc(fleet.store)}</code>, ${fleet.reachable === false ? "<b>unreachable</b>" : "reachable"}):</p>` +
+        table(["limit", "limit value", "fleet", "this node", "lease left"], scopes)
+      : "";
     return (
       table(["tier", "requests", "tokens", "spend (day)", "cache hits", "budget"], [row("edge"), row("cloud")]) +
+      fleetTable +
       `<p>Edge share of the day's spend: <b>${pct(share)}</b> <span class="muted">(alert at ${pct(alert)}${day.alerting ? ", alerting" : ""})</span></p>` +
       `<div class="bar" title="edge share of spend"><span style="width:${Math.min(100, 100 * share)}%"></span><i style="left:${Math.min(99, 100 * alert)}%"></i></div>`
     );
@@ -162,7 +179,14 @@
     const cache = c.enabled
       ? `${pct(c.generate?.hit_rate)} generate, ${pct(c.embed?.hit_rate)} embed <span class="muted">(${esc(c.entries)} entries, ${esc(c.weighted_bytes)} bytes)</span>`
       : "off";
-    return table(["", ""], [["circuit", `<span data-field="circuit">${circuit}</span>`], ["cache hit rate", cache]]) + table(["model", "load"], loads);
+    const f = stats.fleet || {};
+    const store = f.store
+      ? `<span data-field="fleet_store">${f.reachable === false ? "unreachable" : f.reachable ? "reachable" : "not called yet"}</span> <span class="muted">(${esc(f.store)}${f.last_error ? ", " + esc(f.last_error) : ""})</span>`
+      : "none (limits are this node's own)";
+    return (
+      table(["", ""], [["circuit", `<span data-field="circuit">${circuit}</span>`], ["cache hit rate", cache], ["fleet store", store]]) +
+      table(["model", "load"], loads)
+    );
   }
 
   function models(info) {

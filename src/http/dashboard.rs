@@ -154,7 +154,13 @@ fn health(node: &AppState, routing: &Value) -> String {
         }
         None => "off".into(),
     };
-    table(&["", ""], &[vec!["circuit".into(), circuit], vec!["cache hit rate".into(), cache]])
+    let store = match node.quotas.reachable() {
+        _ if !node.quotas.fleet() => "none (limits are this node's own)".to_string(),
+        Some(true) => "reachable".into(),
+        Some(false) => "unreachable".into(),
+        None => "not called yet".into(),
+    };
+    table(&["", ""], &[vec!["circuit".into(), circuit], vec!["cache hit rate".into(), cache], vec!["fleet store".into(), store]])
 }
 
 fn models(node: &AppState) -> String {

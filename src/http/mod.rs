@@ -205,7 +205,11 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
     if class != Class::Work {
         return in_dialect(dialect, next.run(req).await);
     }
-    if let Some(refusal) = key.as_deref().and_then(|k| node.accounts.admit(k).err()) {
+    let admitted = match key.as_deref() {
+        Some(k) => admit(&node, k).await,
+        None => Ok(()),
+    };
+    if let Err(refusal) = admitted {
         let response = in_dialect(dialect, refusal.into_response());
         record_request(&node, &route, response.status().as_u16(), 0.0, None);
         return response;
@@ -244,6 +248,17 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
         response.headers_mut().insert("x-total-time", v);
     }
     response
+}
+
+/// Admits one request of `key` against its limits; with a fleet store, a used-up lease
+/// costs this request one round trip to the store for a fresh one.
+async fn admit(node: &Node, key: &crate::accounts::KeyPolicy) -> Result<(), Error> {
+    use crate::accounts::Admission;
+    if let Admission::Refill(scopes) = node.accounts.admit(key, &node.quotas, true)? {
+        node.quotas.refill(&scopes, node).await;
+        node.accounts.admit(key, &node.quotas, false)?;
+    }
+    Ok(())
 }
 
 /// One flag per ready generation model: is it saturated (slots and waiting queue full)?

@@ -154,8 +154,15 @@ pub async fn info(State(node): State<AppState>) -> Json<Value> {
         "keys": node.keys.hints(),
         "protect_probes": node.config.auth.protect_probes,
     });
+    let fleet = json!({
+        "store": node.quotas.fleet().then(|| crate::quota::redis::shown_url(&node.config.fleet.store)),
+        "reachable": node.quotas.reachable(),
+        "node": node.node_id,
+    });
     let mut info = json!({
         "auth": auth,
+        "fleet": fleet,
+        "state": {"path": node.state.path(), "flush_ms": node.config.state.flush_ms},
         "sync": sync,
         "name": "edgenode",
         "version": env!("CARGO_PKG_VERSION"),

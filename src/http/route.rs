@@ -49,13 +49,21 @@ pub async fn chat(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw
     record_attribution(&raw)?;
     let req: ChatRequest = from_value(raw.clone())?;
     let model = req.model.clone().unwrap_or_default();
+    refill_budgets(&node).await;
     if model == AUTO {
         return routed(node, raw, req, directive).await;
     }
     let explicit_cloud = node.router.upstream.as_ref().is_some_and(|u| u.model == model) && node.registry.get(&model).is_none();
     if explicit_cloud {
-        // Named explicitly: it runs there, with no re-routing and no fallback.
+        // Named explicitly: it runs there, with no re-routing and no fallback; the cloud's
+        // daily budget binds it as it binds a routed request.
         req.sampling.params()?;
+        if node.router.over_budget(Tier::Cloud) {
+            return Err(Error::BudgetExceeded(format!(
+                "the cloud tier's daily budget (costs.cloud_daily_budget_usd = {}) is spent; model {model:?} runs only there",
+                node.router.ledger.budget(Tier::Cloud).unwrap_or(0.0)
+            )));
+        }
         let started = Instant::now();
         node.router.count_decision(Tier::Cloud, "explicit");
         let mut response = run_cloud(&node, &raw, req.stream, started, false, false).await?;
@@ -65,9 +73,19 @@ pub async fn chat(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw
     chat_local(node, req, directive).await
 }
 
+/// Renews the tier budgets whose fleet lease is used up, before anything is decided (one
+/// round trip to the fleet store, only then).
+async fn refill_budgets(node: &AppState) {
+    let refill = node.router.budgets_to_refill();
+    if !refill.is_empty() {
+        node.quotas.refill(&refill, node.as_ref()).await;
+    }
+}
+
 /// `POST /route`: the decision for a chat request, without running it.
 pub async fn route(State(node): State<AppState>, JsonBody(raw): JsonBody<Value>) -> Result<Json<Value>, Error> {
     fields::check(&raw, fields::CHAT)?;
+    refill_budgets(&node).await;
     let req: ChatRequest = from_value(raw)?;
     req.sampling.decoding(LogprobStyle::Chat)?;
     let decision = decide(&node, &req).await?;

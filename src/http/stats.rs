@@ -65,6 +65,8 @@ pub async fn stats(
         "workloads": workloads,
         "routing": node.router.stats(),
         "accounts": node.accounts.stats(node.keys.policies()),
+        "fleet": node.quotas.stats(node.as_ref()),
+        "state": {"path": node.state.path(), "node": node.node_id, "flush_ms": node.config.state.flush_ms},
         "cache": node.cache.as_ref().map_or(json!({"enabled": false}), |c| c.stats(node.config.costs.edge_usd_per_1m_tokens / 1e6)),
     })))
 }

@@ -2,18 +2,19 @@
 //! buckets) and since start; budgets per tier; and the edge-share alert. Prices are per
 //! million tokens (prompt + completion), from `[costs]`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::CostsConfig;
+use crate::state::{Changes, Durable, Records};
 use crate::telemetry::metrics::METRICS;
 
 /// Where a request was answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     Edge,
@@ -41,7 +42,7 @@ impl Tier {
 }
 
 /// Tokens and spend.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Totals {
     pub requests: u64,
     pub prompt_tokens: u64,
@@ -79,9 +80,28 @@ const DAY_MINUTES: u64 = 24 * 60;
 struct Inner {
     /// (minute since the epoch, per tier) for the last 24 hours.
     minutes: VecDeque<(u64, [Totals; 2])>,
-    /// Since start, per (tier, model).
+    /// Since the state began (it survives restarts), per (tier, model).
     by_model: BTreeMap<(Tier, String), Totals>,
     alerting: bool,
+    /// Records changed since the state was last saved (`m/<minute>`, `model/<tier>/<model>`).
+    dirty: BTreeSet<String>,
+}
+
+impl Inner {
+    /// The bucket of minute `now`, created (and marked changed) on demand.
+    fn bucket(&mut self, now: u64) -> &mut [Totals; 2] {
+        if self.minutes.back().is_none_or(|(m, _)| *m != now) {
+            self.minutes.push_back((now, [Totals::default(); 2]));
+        }
+        self.dirty.insert(format!("m/{now}"));
+        let last = self.minutes.len() - 1;
+        &mut self.minutes[last].1
+    }
+
+    fn model(&mut self, tier: Tier, model: &str) -> &mut Totals {
+        self.dirty.insert(format!("model/{}/{model}", tier.as_str()));
+        self.by_model.entry((tier, model.to_string())).or_default()
+    }
 }
 
 /// The ledger of one node.
@@ -115,15 +135,8 @@ impl Ledger {
     pub fn record_cached(&self, tier: Tier, model: &str) {
         let now = minute_now();
         let mut inner = self.inner.lock();
-        match inner.minutes.back_mut() {
-            Some((m, totals)) if *m == now => totals[tier.index()].add_cached(),
-            _ => {
-                let mut totals = [Totals::default(); 2];
-                totals[tier.index()].add_cached();
-                inner.minutes.push_back((now, totals));
-            }
-        }
-        inner.by_model.entry((tier, model.to_string())).or_default().add_cached();
+        inner.bucket(now)[tier.index()].add_cached();
+        inner.model(tier, model).add_cached();
     }
 
     /// Records one answered request; returns its cost.
@@ -131,18 +144,12 @@ impl Ledger {
         let cost = self.price(tier, prompt + completion);
         let now = minute_now();
         let mut inner = self.inner.lock();
-        match inner.minutes.back_mut() {
-            Some((m, totals)) if *m == now => totals[tier.index()].add(prompt, completion, cost),
-            _ => {
-                let mut totals = [Totals::default(); 2];
-                totals[tier.index()].add(prompt, completion, cost);
-                inner.minutes.push_back((now, totals));
-            }
-        }
-        while inner.minutes.front().is_some_and(|(m, _)| now.saturating_sub(*m) >= DAY_MINUTES) {
+        inner.bucket(now)[tier.index()].add(prompt, completion, cost);
+        while let Some((m, _)) = inner.minutes.front().copied().filter(|(m, _)| now.saturating_sub(*m) >= DAY_MINUTES) {
             inner.minutes.pop_front();
+            inner.dirty.insert(format!("m/{m}"));
         }
-        inner.by_model.entry((tier, model.to_string())).or_default().add(prompt, completion, cost);
+        inner.model(tier, model).add(prompt, completion, cost);
         let m = &*METRICS;
         m.tier_tokens.with_label_values(&[tier.as_str(), "prompt"]).inc_by(prompt);
         m.tier_tokens.with_label_values(&[tier.as_str(), "completion"]).inc_by(completion);
@@ -180,9 +187,44 @@ impl Ledger {
         Self::day_of(&self.inner.lock().minutes, minute_now())
     }
 
-    /// True when `tier` has a budget and the rolling day's spend reached it.
+    /// True when `tier` has a budget and this node's rolling day's spend reached it.
     pub fn over_budget(&self, tier: Tier) -> bool {
         self.over_budget_in(&self.day(), tier)
+    }
+
+    /// The daily budget of `tier`, if any.
+    pub fn budget(&self, tier: Tier) -> Option<f64> {
+        self.budgets[tier.index()]
+    }
+
+    /// This node's spend on `tier` per minute, for the minutes of the `window` ending at `now`.
+    pub fn cost_minutes(&self, tier: Tier, now: u64, window: u64) -> Vec<(u64, f64)> {
+        let inner = self.inner.lock();
+        inner.minutes.iter().filter(|(m, _)| now.saturating_sub(*m) < window && *m <= now).map(|(m, t)| (*m, t[tier.index()].cost_usd)).collect()
+    }
+
+    /// Restores the ledger saved by an earlier run (minutes older than a day are dropped).
+    pub fn restore(&self, records: &Records) {
+        let now = minute_now();
+        let mut inner = self.inner.lock();
+        let mut minutes: Vec<(u64, [Totals; 2])> = Vec::new();
+        for (key, value) in records.section::<Value>(SECTION) {
+            if let Some(m) = key.strip_prefix("m/").and_then(|m| m.parse::<u64>().ok()) {
+                match serde_json::from_value::<[Totals; 2]>(value) {
+                    Ok(t) if now.saturating_sub(m) < DAY_MINUTES => minutes.push((m, t)),
+                    _ => {
+                        inner.dirty.insert(key);
+                    }
+                }
+            } else if let Some((tier, model)) = key.strip_prefix("model/").and_then(|k| k.split_once('/')) {
+                let tier = if tier == "edge" { Tier::Edge } else { Tier::Cloud };
+                if let Ok(t) = serde_json::from_value::<Totals>(value) {
+                    inner.by_model.insert((tier, model.to_string()), t);
+                }
+            }
+        }
+        minutes.sort_by_key(|(m, _)| *m);
+        inner.minutes = minutes.into();
     }
 
     fn over_budget_in(&self, day: &[Totals; 2], tier: Tier) -> bool {
@@ -216,6 +258,28 @@ impl Ledger {
     }
 }
 
+const SECTION: &str = "ledger";
+
+impl Durable for Ledger {
+    fn changes(&self, out: &mut Changes) {
+        let mut inner = self.inner.lock();
+        for key in std::mem::take(&mut inner.dirty) {
+            let value = if let Some(m) = key.strip_prefix("m/").and_then(|m| m.parse::<u64>().ok()) {
+                inner.minutes.iter().find(|(at, _)| *at == m).map(|(_, t)| serde_json::to_value(t))
+            } else if let Some((tier, model)) = key.strip_prefix("model/").and_then(|k| k.split_once('/')) {
+                let tier = if tier == "edge" { Tier::Edge } else { Tier::Cloud };
+                inner.by_model.get(&(tier, model.to_string())).map(serde_json::to_value)
+            } else {
+                None
+            };
+            match value {
+                Some(Ok(v)) => out.put(SECTION, &key, &v),
+                _ => out.delete(SECTION, &key),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +297,26 @@ mod tests {
         let day = l.day();
         assert_eq!(day[1].prompt_tokens, 600_000);
         assert!((l.snapshot()["rolling_day"]["edge_cost_share"].as_f64().unwrap() - 0.2 / 0.205).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_restored_ledger_keeps_the_rolling_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::StateStore::open(dir.path()).unwrap();
+        let l = Ledger::new(&CostsConfig::default());
+        l.record(Tier::Cloud, "gpt", 600_000, 400_000);
+        l.record_cached(Tier::Edge, "smollm2");
+        let mut c = Changes::default();
+        l.changes(&mut c);
+        store.commit(&c).unwrap();
+        let mut again = Changes::default();
+        l.changes(&mut again);
+        assert!(again.is_empty(), "nothing changed since");
+        let restored = Ledger::new(&CostsConfig::default());
+        restored.restore(&store.load().unwrap());
+        assert!((restored.day()[1].cost_usd - 0.005).abs() < 1e-12);
+        assert_eq!(restored.day()[0].cache_hits, 1);
+        assert_eq!(restored.cost_minutes(Tier::Cloud, minute_now(), DAY_MINUTES).len(), 1);
+        assert_eq!(restored.snapshot()["since_start"].as_array().unwrap().len(), 2);
     }
 }

@@ -16,15 +16,19 @@ pub mod policy;
 pub mod quality;
 pub mod upstream;
 
-use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::config::{Config, CostsConfig, RoutingConfig, RoutingMode};
+use crate::quota::{minute_now, Check, Quotas, Scope, DAY_MINUTES};
+use crate::state::{unix_ms, Changes, Durable, Journal, Records, Stamped};
 use crate::telemetry::metrics::METRICS;
 use crate::telemetry::stats::percentile;
 use ledger::{Ledger, Tier};
@@ -48,9 +52,10 @@ pub struct Answered {
 }
 
 /// One routed request, for `/stats`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RouteSample {
-    at: Instant,
+    /// Unix ms when it was answered.
+    at: u64,
     tier: Tier,
     split: bool,
     fallback: bool,
@@ -64,6 +69,21 @@ struct RouteSample {
 const MAX_SAMPLES: usize = 100_000;
 const WINDOW: Duration = Duration::from_secs(24 * 3600);
 
+impl Stamped for RouteSample {
+    fn at_ms(&self) -> u64 {
+        self.at
+    }
+}
+
+/// Decisions taken per (tier, reason), and those changed since the last save.
+#[derive(Default)]
+struct Decisions {
+    counts: BTreeMap<(Tier, String), u64>,
+    dirty: BTreeSet<(Tier, String)>,
+}
+
+const SECTION: &str = "routing";
+
 /// The routing tier of one node.
 pub struct Router {
     pub cfg: RoutingConfig,
@@ -76,12 +96,20 @@ pub struct Router {
     shadow_rng: Mutex<StdRng>,
     /// Quality scores per tier, from feedback and shadow comparisons.
     pub quality: Quality,
-    samples: Mutex<VecDeque<RouteSample>>,
-    decisions: Mutex<BTreeMap<(Tier, String), u64>>,
+    samples: Mutex<Journal<RouteSample>>,
+    decisions: Mutex<Decisions>,
+    /// The tier budgets' limits: this node's own, or the fleet's (`[fleet] store`).
+    quotas: Arc<Quotas>,
 }
 
 impl Router {
-    pub fn new(config: &Config) -> Result<Router, String> {
+    pub fn new(config: &Config, quotas: Arc<Quotas>) -> Result<Router, String> {
+        for tier in [Tier::Edge, Tier::Cloud] {
+            let budget = if tier == Tier::Edge { config.costs.edge_daily_budget_usd } else { config.costs.cloud_daily_budget_usd };
+            if let Some(b) = budget {
+                quotas.register(Scope::tier_cost(tier.as_str()), b);
+            }
+        }
         Ok(Router {
             cfg: config.routing.clone(),
             costs: config.costs.clone(),
@@ -90,14 +118,56 @@ impl Router {
             rng: Mutex::new(StdRng::seed_from_u64(config.routing.split_seed)),
             shadow_rng: Mutex::new(StdRng::seed_from_u64(config.routing.split_seed ^ 0x5348_4144_4f57)),
             quality: Quality::new(Duration::from_secs(config.routing.feedback_window_s)),
-            samples: Mutex::new(VecDeque::new()),
-            decisions: Mutex::new(BTreeMap::new()),
+            samples: Mutex::new(Journal::new("s/", MAX_SAMPLES, WINDOW)),
+            decisions: Mutex::default(),
+            quotas,
         })
+    }
+
+    /// Restores samples and decision counts (and the ledger and quality scores) an earlier
+    /// run saved.
+    pub fn restore(&self, records: &Records) {
+        self.ledger.restore(records);
+        self.quality.restore(records);
+        let mut decisions = self.decisions.lock();
+        for (key, n) in records.prefixed::<u64>(SECTION, "d/") {
+            if let Some((tier, reason)) = key.split_once('/') {
+                let tier = if tier == "edge" { Tier::Edge } else { Tier::Cloud };
+                decisions.counts.insert((tier, reason.to_string()), n);
+            }
+        }
+        self.samples.lock().restore(records, SECTION);
+    }
+
+    /// True when `tier` has a daily budget and it is spent: this node's, or with a fleet
+    /// store the fleet's as this node's lease sees it (a used-up lease counts as spent until
+    /// `refill_budgets` renews it).
+    pub fn over_budget(&self, tier: Tier) -> bool {
+        let Some(budget) = self.ledger.budget(tier) else { return false };
+        self.quotas.check(&Scope::tier_cost(tier.as_str()), budget, self.ledger.day()[tier as usize].cost_usd, minute_now()) != Check::Allow
+    }
+
+    /// The tier budgets whose leases are used up (to refill before deciding).
+    pub fn budgets_to_refill(&self) -> Vec<Scope> {
+        [Tier::Edge, Tier::Cloud]
+            .into_iter()
+            .filter_map(|tier| {
+                let budget = self.ledger.budget(tier)?;
+                let scope = Scope::tier_cost(tier.as_str());
+                let own = self.ledger.day()[tier as usize].cost_usd;
+                (self.quotas.check(&scope, budget, own, minute_now()) == Check::Refill).then_some(scope)
+            })
+            .collect()
+    }
+
+    /// This node's spend on `tier` per minute of the rolling day (the quota meter).
+    pub fn cost_minutes(&self, tier: Tier, now: u64) -> Vec<(u64, f64)> {
+        self.ledger.cost_minutes(tier, now, DAY_MINUTES)
     }
 
     /// True when the cloud tier exists and is within budget.
     pub fn cloud_usable(&self) -> bool {
-        self.upstream.is_some() && !self.ledger.over_budget(Tier::Cloud)
+        self.upstream.is_some() && !self.over_budget(Tier::Cloud)
     }
 
     /// The node's side of the policy's inputs for one request: the upstream and its
@@ -110,8 +180,8 @@ impl Router {
             confidence: Confidence::NotAsked,
             has_upstream: self.upstream.is_some(),
             cloud_accepting: self.upstream.as_ref().is_some_and(|u| u.breaker.accepting()),
-            edge_over_budget: self.ledger.over_budget(Tier::Edge),
-            cloud_over_budget: self.ledger.over_budget(Tier::Cloud),
+            edge_over_budget: self.over_budget(Tier::Edge),
+            cloud_over_budget: self.over_budget(Tier::Cloud),
             split_draw_edge,
         }
     }
@@ -127,7 +197,9 @@ impl Router {
     pub fn count_decision(&self, tier: Tier, reason: &str) {
         let key = reason.split([' ', ':']).next().unwrap_or(reason).to_string();
         METRICS.route_decisions.with_label_values(&[tier.as_str(), &key]).inc();
-        *self.decisions.lock().entry((tier, key)).or_default() += 1;
+        let mut decisions = self.decisions.lock();
+        *decisions.counts.entry((tier, key.clone())).or_default() += 1;
+        decisions.dirty.insert((tier, key));
     }
 
     /// Records one answered routed request in the ledger and `/stats`; returns its cost.
@@ -138,9 +210,8 @@ impl Router {
         } else {
             self.ledger.record(a.tier, &a.model, a.prompt_tokens, a.completion_tokens)
         };
-        let mut samples = self.samples.lock();
-        samples.push_back(RouteSample {
-            at: Instant::now(),
+        self.samples.lock().push(RouteSample {
+            at: unix_ms(),
             tier: a.tier,
             split: a.split,
             fallback: a.fallback,
@@ -149,9 +220,6 @@ impl Router {
             completion_tokens: a.completion_tokens,
             cost_usd,
         });
-        while samples.len() > MAX_SAMPLES || samples.front().is_some_and(|s| s.at.elapsed() > WINDOW) {
-            samples.pop_front();
-        }
         cost_usd
     }
 
@@ -173,7 +241,7 @@ impl Router {
             })
         };
         let mut decisions = json!({"edge": {}, "cloud": {}});
-        for ((tier, reason), n) in self.decisions.lock().iter() {
+        for ((tier, reason), n) in self.decisions.lock().counts.iter() {
             decisions[tier.as_str()][reason] = json!(n);
         }
         let upstream = self.upstream.as_ref().map(|u| {
@@ -262,5 +330,18 @@ impl Router {
             },
             "verdict": verdict,
         })
+    }
+}
+
+impl Durable for Router {
+    fn changes(&self, out: &mut Changes) {
+        self.ledger.changes(out);
+        self.quality.changes(out);
+        self.samples.lock().changes(SECTION, out);
+        let mut decisions = self.decisions.lock();
+        for (tier, reason) in std::mem::take(&mut decisions.dirty) {
+            let n = decisions.counts.get(&(tier, reason.clone())).copied().unwrap_or(0);
+            out.put(SECTION, &format!("d/{}/{reason}", tier.as_str()), &n);
+        }
     }
 }

@@ -6,18 +6,19 @@
 //! that answered, so a score lands where it belongs. Scores are kept for the same day the
 //! routing samples cover.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::ledger::Tier;
+use crate::state::{unix_ms, Changes, Durable, Journal, Records, Stamped};
 use crate::telemetry::metrics::METRICS;
 
 /// Where a score came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     /// A client's `POST /v1/feedback`.
@@ -44,16 +45,19 @@ pub enum FeedbackRefusal {
     AlreadyScored,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Answered {
     tier: Tier,
     split: bool,
     scored: bool,
+    /// Unix ms when it was answered.
+    at: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Score {
-    at: Instant,
+    /// Unix ms when it was scored.
+    at: u64,
     tier: Tier,
     split: bool,
     source: Source,
@@ -66,19 +70,46 @@ const MAX_IDS: usize = 100_000;
 const MAX_SCORES: usize = 100_000;
 const SCORE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
-/// Remembered answer ids: what answered each, and the order they arrived in (for expiry).
-type Answers = (HashMap<String, Answered>, VecDeque<(Instant, String)>);
+/// Remembered answer ids: what answered each, the order they arrived in (for expiry), and
+/// the ids changed since the state was last saved.
+#[derive(Default)]
+struct Answers {
+    map: HashMap<String, Answered>,
+    order: VecDeque<(u64, String)>,
+    dirty: BTreeSet<String>,
+}
+
+impl Stamped for Score {
+    fn at_ms(&self) -> u64 {
+        self.at
+    }
+}
 
 /// Quality scores of one node.
 pub struct Quality {
     window: Duration,
     ids: Mutex<Answers>,
-    scores: Mutex<VecDeque<Score>>,
+    scores: Mutex<Journal<Score>>,
 }
+
+const SECTION: &str = "quality";
 
 impl Quality {
     pub fn new(feedback_window: Duration) -> Self {
-        Quality { window: feedback_window, ids: Mutex::default(), scores: Mutex::default() }
+        Quality { window: feedback_window, ids: Mutex::default(), scores: Mutex::new(Journal::new("s/", MAX_SCORES, SCORE_WINDOW)) }
+    }
+
+    /// Restores the ids and scores an earlier run saved (those past their window are dropped).
+    pub fn restore(&self, records: &Records) {
+        let mut answers: Vec<(String, Answered)> = records.prefixed::<Answered>(SECTION, "id/");
+        answers.sort_by_key(|(_, a)| a.at);
+        let mut ids = self.ids.lock();
+        for (id, a) in answers {
+            ids.order.push_back((a.at, id.clone()));
+            ids.map.insert(id, a);
+        }
+        self.forget_old(&mut ids, MAX_IDS);
+        self.scores.lock().restore(records, SECTION);
     }
 
     /// Remembers an answer so feedback on its id can find its tier.
@@ -86,20 +117,22 @@ impl Quality {
         if id.is_empty() {
             return;
         }
-        let mut guard = self.ids.lock();
-        self.forget_old(&mut guard, MAX_IDS - 1);
-        let (map, order) = &mut *guard;
-        map.insert(id.to_string(), Answered { tier, split, scored: false });
-        order.push_back((Instant::now(), id.to_string()));
+        let mut ids = self.ids.lock();
+        self.forget_old(&mut ids, MAX_IDS - 1);
+        let at = unix_ms();
+        ids.map.insert(id.to_string(), Answered { tier, split, scored: false, at });
+        ids.order.push_back((at, id.to_string()));
+        ids.dirty.insert(id.to_string());
     }
 
     /// Forgets ids older than the window, and the oldest beyond `keep`.
     fn forget_old(&self, answers: &mut Answers, keep: usize) {
-        let (map, order) = answers;
-        let now = Instant::now();
-        while order.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) || order.len() > keep {
-            if let Some((_, old)) = order.pop_front() {
-                map.remove(&old);
+        let now = unix_ms();
+        let window = self.window.as_millis() as u64;
+        while answers.order.front().is_some_and(|(at, _)| now.saturating_sub(*at) > window) || answers.order.len() > keep {
+            if let Some((_, old)) = answers.order.pop_front() {
+                answers.map.remove(&old);
+                answers.dirty.insert(old);
             }
         }
     }
@@ -107,14 +140,16 @@ impl Quality {
     /// Records a client's score (0..1) for answer `id`; returns the tier that answered.
     pub fn feedback(&self, id: &str, score: f64) -> Result<Tier, FeedbackRefusal> {
         let answered = {
-            let mut guard = self.ids.lock();
-            self.forget_old(&mut guard, MAX_IDS);
-            let a = guard.0.get_mut(id).ok_or(FeedbackRefusal::Unknown)?;
+            let mut ids = self.ids.lock();
+            self.forget_old(&mut ids, MAX_IDS);
+            let a = ids.map.get_mut(id).ok_or(FeedbackRefusal::Unknown)?;
             if a.scored {
                 return Err(FeedbackRefusal::AlreadyScored);
             }
             a.scored = true;
-            *a
+            let a = *a;
+            ids.dirty.insert(id.to_string());
+            a
         };
         self.record(answered.tier, answered.split, Source::Feedback, score);
         Ok(answered.tier)
@@ -127,11 +162,11 @@ impl Quality {
 
     fn record(&self, tier: Tier, split: bool, source: Source, value: f64) {
         METRICS.quality_score.with_label_values(&[tier.as_str(), source.as_str()]).observe(value);
-        let mut scores = self.scores.lock();
-        scores.push_back(Score { at: Instant::now(), tier, split, source, value });
-        while scores.len() > MAX_SCORES || scores.front().is_some_and(|s| s.at.elapsed() > SCORE_WINDOW) {
-            scores.pop_front();
-        }
+        self.scores.lock().push(Score { at: unix_ms(), tier, split, source, value });
+    }
+
+    fn all_scores(&self) -> Vec<Score> {
+        self.scores.lock().iter().copied().collect()
     }
 
     fn summary(scores: &[Score], pick: impl Fn(&Score) -> bool) -> Value {
@@ -154,7 +189,7 @@ impl Quality {
 
     /// Per tier and source (and per split bucket when `split_mode`), for `/stats`.
     pub fn stats(&self, split_mode: bool) -> Value {
-        let scores: Vec<Score> = self.scores.lock().iter().copied().collect();
+        let scores = self.all_scores();
         let tier = |t: Tier, split_only: bool| {
             json!({
                 "feedback": Self::summary(&scores, |s| s.tier == t && s.source == Source::Feedback && (!split_only || s.split)),
@@ -167,6 +202,21 @@ impl Quality {
             out["split"] = json!({"edge": tier(Tier::Edge, true), "cloud": tier(Tier::Cloud, true)});
         }
         out
+    }
+}
+
+impl Durable for Quality {
+    fn changes(&self, out: &mut Changes) {
+        {
+            let mut ids = self.ids.lock();
+            for id in std::mem::take(&mut ids.dirty) {
+                match ids.map.get(&id) {
+                    Some(a) => out.put(SECTION, &format!("id/{id}"), a),
+                    None => out.delete(SECTION, &format!("id/{id}")),
+                }
+            }
+        }
+        self.scores.lock().changes(SECTION, out);
     }
 }
 
@@ -190,5 +240,24 @@ mod tests {
         short.remember("old", Tier::Edge, false);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(short.feedback("old", 1.0), Err(FeedbackRefusal::Unknown));
+    }
+
+    #[test]
+    fn ids_and_scores_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::state::StateStore::open(dir.path()).unwrap();
+        let q = Quality::new(Duration::from_secs(60));
+        q.remember("chatcmpl-a", Tier::Edge, false);
+        q.remember("chatcmpl-b", Tier::Cloud, true);
+        assert_eq!(q.feedback("chatcmpl-a", 0.5), Ok(Tier::Edge));
+        let mut c = Changes::default();
+        q.changes(&mut c);
+        store.commit(&c).unwrap();
+        let restored = Quality::new(Duration::from_secs(60));
+        restored.restore(&store.load().unwrap());
+        assert_eq!(restored.feedback("chatcmpl-a", 0.9), Err(FeedbackRefusal::AlreadyScored));
+        assert_eq!(restored.feedback("chatcmpl-b", 1.0), Ok(Tier::Cloud));
+        assert_eq!(restored.mean(Tier::Edge), Some(0.5));
+        assert_eq!(restored.count(Tier::Cloud, Source::Feedback), 1);
     }
 }

@@ -79,6 +79,29 @@ pub struct Metrics {
     pub quality_score: HistogramVec,
     /// Shadow comparisons by result (`scored`, `failed`, `skipped`).
     pub shadow_requests: IntCounterVec,
+    /// Time one commit of the node's state took.
+    pub state_commit_seconds: prometheus::Histogram,
+    /// State records written (puts and deletes).
+    pub state_records_written: prometheus::IntCounter,
+    /// Commits of the node's state that failed (their records are retried).
+    pub state_commit_failures: prometheus::IntCounter,
+    /// 1 when the fleet store answered the last call, 0 when it did not.
+    pub fleet_store_up: prometheus::IntGauge,
+    /// Time one call to the fleet store took (report use, renew leases).
+    pub fleet_sync_seconds: prometheus::Histogram,
+    /// Calls to the fleet store that failed or timed out.
+    pub fleet_sync_failures: prometheus::IntCounter,
+    /// The fleet's total per limit scope over its window, at the last call.
+    pub fleet_total: GaugeVec,
+    /// This node's lease per limit scope, at the last call.
+    pub fleet_lease: GaugeVec,
+}
+
+/// Registers `metric` and hands it back.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: Result<M, prometheus::Error>) -> M {
+    let m = metric.expect("valid metric definition");
+    registry.register(Box::new(m.clone())).expect("metric names are unique");
+    m
 }
 
 const LATENCY_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
@@ -245,6 +268,43 @@ impl Metrics {
                 &[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0],
             ),
             shadow_requests: counter(&r, "edgenode_shadow_requests_total", "Shadow comparisons by result (scored, failed, skipped).", &["result"]),
+            state_commit_seconds: registered(
+                &r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new("edgenode_state_commit_seconds", "Time one commit of the node's state (state.redb) took.")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                ),
+            ),
+            state_records_written: registered(
+                &r,
+                prometheus::IntCounter::new("edgenode_state_records_written_total", "State records written (puts and deletes)."),
+            ),
+            state_commit_failures: registered(
+                &r,
+                prometheus::IntCounter::new("edgenode_state_commit_failures_total", "Commits of the node's state that failed (retried)."),
+            ),
+            fleet_store_up: registered(
+                &r,
+                prometheus::IntGauge::new("edgenode_fleet_store_up", "1 when the fleet store (fleet.store) answered the last call, else 0."),
+            ),
+            fleet_sync_seconds: registered(
+                &r,
+                prometheus::Histogram::with_opts(
+                    HistogramOpts::new("edgenode_fleet_sync_seconds", "Time one call to the fleet store took.").buckets(LATENCY_BUCKETS.to_vec()),
+                ),
+            ),
+            fleet_sync_failures: registered(
+                &r,
+                prometheus::IntCounter::new("edgenode_fleet_sync_failures_total", "Calls to the fleet store that failed or timed out."),
+            ),
+            fleet_total: registered(
+                &r,
+                GaugeVec::new(
+                    Opts::new("edgenode_fleet_total", "The fleet's total per limit scope (cost:tier:cloud, requests:key:app, ...) over its window."),
+                    &["scope"],
+                ),
+            ),
+            fleet_lease: registered(&r, GaugeVec::new(Opts::new("edgenode_fleet_lease", "This node's lease per limit scope."), &["scope"])),
             registry: r,
         }
     }

@@ -51,6 +51,8 @@ pub struct Daemon {
     pub addr: String,
     pub logs: std::sync::Arc<Mutex<Vec<String>>>,
     _config: Option<tempfile::NamedTempFile>,
+    /// The node's own `state.dir` when the test did not choose one (removed with the daemon).
+    _state: Option<tempfile::TempDir>,
 }
 
 /// How to start a daemon.
@@ -63,6 +65,9 @@ pub struct Options {
     pub args: Vec<String>,
     /// Listen here instead of an ephemeral port (for a process restarted on the same port).
     pub addr: Option<String>,
+    /// The node's `state.dir`, for a test that restarts a node on the same state; by default
+    /// each daemon has a fresh one of its own (so no test sees another's spend).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -90,6 +95,11 @@ impl Daemon {
             cmd.arg("--config").arg(f.path());
             config_file = Some(f);
         }
+        let own_state = opts.state_dir.is_none().then(|| tempfile::tempdir().expect("temp state dir"));
+        let state_dir = opts.state_dir.clone().or_else(|| own_state.as_ref().map(|d| d.path().to_path_buf()));
+        if let Some(dir) = &state_dir {
+            cmd.env("EDGENODE_STATE__DIR", dir);
+        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -116,7 +126,7 @@ impl Daemon {
                 panic!("edgenode did not start listening:\n{}", logs.lock().unwrap().join("\n"));
             }
         };
-        Daemon { child, addr, logs, _config: config_file }
+        Daemon { child, addr, logs, _config: config_file, _state: own_state }
     }
 
     /// `http://addr/path`.
@@ -154,6 +164,77 @@ impl Daemon {
     /// Sends a signal to the process.
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status();
+    }
+
+    /// `kill -9`: no drain, no last commit.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to exit after its drain (at most `timeout`).
+    pub fn stop(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not exit within {timeout:?} of SIGTERM:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A real `redis-server` (Debian's package) on a free port, without persistence, so a
+/// restart is a store that lost its data. Killed when dropped.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::start_on(free_port())
+    }
+
+    /// Starts on `port` and waits until it answers `PING`.
+    pub fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run redis-server (scripts/test.sh installs Debian's redis-server)");
+        let server = RedisServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.cli(&["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not answer on port {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs `redis-cli` against this server; its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
