@@ -3,7 +3,7 @@
 # the figures with ratios, the date and the CPU. The machine is shared and noisy: quote
 # ratios from one run, not figures across runs.
 #
-#   benches/compare.sh [embed] [generate] [card] [cache] [switch] [tgi]
+#   benches/compare.sh [embed] [generate] [card] [cache] [switch] [tgi] [fleet]
 #
 #   embed     the default MiniLM against sentence-transformers and ONNX Runtime (fp32, and
 #             its dynamically quantized int8 model) on the same folder, and our own int8
@@ -27,6 +27,9 @@
 #   tgi       what TGI's dialect costs beside ours on the default SmolLM2: the same greedy
 #             generation as /generate {"prompt"} and {"inputs"}, plain and with details and
 #             top_n_tokens (benches/tgi_overhead.py; the baseline is our own route)
+#   fleet     what [fleet] store costs a keyed request: p50/p99 of the same keyed /embed on a
+#             node without a store and on one sharing a real Redis (benches/fleet_overhead.py;
+#             needs redis-server)
 #
 # Baselines (benches/baselines/, ours): sentence-transformers, ONNX Runtime (the folder exported
 # with torch.onnx.export, run in-process with every graph optimization), and llama.cpp through
@@ -114,7 +117,9 @@ for w in "${what[@]}"; do
       "$py" benches/switch.py "$bin" "$standins" | tee "$out/switch.txt" ;;
     tgi)
       "$py" benches/tgi_overhead.py "$CARGO_TARGET_DIR/release/edgenode" | tee "$out/tgi-overhead.txt" ;;
-    *) echo "unknown benchmark $w (embed, generate, card, cache, switch, tgi)"; exit 2 ;;
+    fleet)
+      "$py" benches/fleet_overhead.py "$CARGO_TARGET_DIR/release/edgenode" | tee "$out/fleet-overhead.txt" ;;
+    *) echo "unknown benchmark $w (embed, generate, card, cache, switch, tgi, fleet)"; exit 2 ;;
   esac
 done
 
