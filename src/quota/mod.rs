@@ -156,6 +156,9 @@ struct LinkState {
     unreachable_since_ms: Option<u64>,
     syncs: u64,
     failures: u64,
+    /// Settle calls finished (answered or not): a request that waited for another's call
+    /// uses that call's leases instead of making its own.
+    settled: u64,
     leases: BTreeMap<Scope, Lease>,
 }
 
@@ -163,7 +166,6 @@ struct LinkState {
 struct Link {
     store: RedisStore,
     node: String,
-    proposed_epoch: String,
     lease_share: f64,
     offline_share: f64,
     lease_ttl: Duration,
@@ -195,7 +197,6 @@ impl Quotas {
             link: Some(Link {
                 store,
                 node: node.to_string(),
-                proposed_epoch: format!("{:016x}", rand::random::<u64>()),
                 lease_share: cfg.lease_share,
                 offline_share: cfg.offline_share,
                 lease_ttl: Duration::from_secs(cfg.lease_ttl_s),
@@ -252,20 +253,30 @@ impl Quotas {
     }
 
     /// Asks the store for fresh leases of `scopes` (reporting their use): the round trip a
-    /// request makes when its lease is used up.
+    /// request makes when its lease is used up. A request that waited while another call
+    /// finished takes that call's leases instead (so waiters do not queue round trips), and
+    /// none is made while the store is known to be unreachable (the sync keeps trying).
     pub async fn refill(&self, scopes: &[Scope], meters: &dyn Meters) {
         if let Some(link) = &self.link {
+            let seen = link.state.lock().settled;
             let _one = link.calling.lock().await;
-            link.settle(scopes, meters, true).await;
+            let skip = {
+                let state = link.state.lock();
+                state.settled != seen || state.reachable == Some(false)
+            };
+            if !skip {
+                link.settle(scopes, meters, Want::Lease).await;
+            }
         }
     }
 
-    /// Reports every scope and renews every lease.
+    /// Reports every scope; renews the leases in use and gives back those not used since
+    /// they were granted (an idle node holds nothing the others could use).
     pub async fn sync(&self, meters: &dyn Meters) {
         if let Some(link) = &self.link {
             let _one = link.calling.lock().await;
             let scopes: Vec<Scope> = link.state.lock().leases.keys().cloned().collect();
-            link.settle(&scopes, meters, true).await;
+            link.settle(&scopes, meters, Want::InUse).await;
         }
     }
 
@@ -274,7 +285,7 @@ impl Quotas {
         if let Some(link) = &self.link {
             let _one = link.calling.lock().await;
             let scopes: Vec<Scope> = link.state.lock().leases.keys().cloned().collect();
-            if link.settle(&scopes, meters, false).await {
+            if link.settle(&scopes, meters, Want::Nothing).await {
                 tracing::info!(scopes = scopes.len(), "gave the fleet store back this node's leases");
             }
         }
@@ -344,10 +355,20 @@ impl Quotas {
     }
 }
 
+/// Which leases a settle call asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// A full lease of every scope (a request's refill).
+    Lease,
+    /// A full lease of the scopes used since their last grant, none of the others.
+    InUse,
+    /// None: every lease goes back.
+    Nothing,
+}
+
 impl Link {
-    /// One settle call for `scopes` (leases wanted when `take`, else given back). Returns
-    /// whether the store answered.
-    async fn settle(&self, scopes: &[Scope], meters: &dyn Meters, take: bool) -> bool {
+    /// One settle call for `scopes`. Returns whether the store answered.
+    async fn settle(&self, scopes: &[Scope], meters: &dyn Meters, want: Want) -> bool {
         for _ in 0..2 {
             let now = minute_now();
             // Read this node's counters before taking the state lock: admission takes the
@@ -361,15 +382,22 @@ impl Link {
                     .zip(&own)
                     .map(|(scope, minutes)| {
                         let lease = state.leases.entry(scope.clone()).or_default();
-                        let mut want = if take { self.lease_share * lease.limit } else { 0.0 };
+                        let own: f64 = minutes.iter().map(|(_, v)| v).sum();
+                        let (_, base) = lease.current(scope.kind, now);
+                        let take = match want {
+                            Want::Lease => true,
+                            Want::InUse => own > base,
+                            Want::Nothing => false,
+                        };
+                        let mut amount = if take { self.lease_share * lease.limit } else { 0.0 };
                         if take && scope.kind.whole() {
-                            want = want.ceil().max(1.0);
+                            amount = amount.ceil().max(1.0);
                         }
                         Report {
                             scope: scope.id(),
                             window_minutes: scope.kind.window_minutes(),
                             limit: lease.limit,
-                            want,
+                            want: amount,
                             minutes: minutes.iter().filter(|(m, v)| lease.reported.get(m) != Some(v)).copied().collect(),
                         }
                     })
@@ -377,9 +405,11 @@ impl Link {
                 (epoch, reports)
             };
             let started = Instant::now();
-            let answer = self.store.settle(&self.node, &epoch, &self.proposed_epoch, now, self.lease_ttl, &reports).await;
+            let proposed = format!("{:016x}", rand::random::<u64>());
+            let answer = self.store.settle(&self.node, &epoch, &proposed, now, self.lease_ttl, &reports).await;
             METRICS.fleet_sync_seconds.observe(started.elapsed().as_secs_f64());
             let mut state = self.state.lock();
+            state.settled += 1;
             match answer {
                 Ok(Settled::Epoch(current)) => {
                     if !state.epoch.is_empty() {
@@ -402,9 +432,9 @@ impl Link {
                     state.last_error = None;
                     state.syncs += 1;
                     METRICS.fleet_store_up.set(1);
-                    for ((scope, minutes), g) in scopes.iter().zip(own).zip(granted) {
+                    for (((scope, minutes), g), report) in scopes.iter().zip(own).zip(granted).zip(&reports) {
                         let lease = state.leases.entry(scope.clone()).or_default();
-                        apply(lease, &minutes, g, now);
+                        apply(lease, &minutes, g, now, report.want);
                         let id = scope.id();
                         METRICS.fleet_total.with_label_values(&[&id]).set(g.total);
                         METRICS.fleet_lease.with_label_values(&[&id]).set(g.lease);
@@ -430,14 +460,14 @@ impl Link {
 }
 
 /// Takes the store's answer for one scope: what it now holds of this node, the new lease
-/// and the fleet's total.
-fn apply(lease: &mut Lease, minutes: &[(u64, f64)], g: Granted, now: u64) {
+/// and the fleet's total. Asked for a lease and granted none, the limit is reached.
+fn apply(lease: &mut Lease, minutes: &[(u64, f64)], g: Granted, now: u64, wanted: f64) {
     lease.reported = minutes.iter().copied().collect();
     lease.base = minutes.iter().map(|(_, v)| v).sum();
     lease.granted = g.lease;
     lease.fleet_total = g.total;
     lease.minute = now;
-    lease.exhausted = g.lease <= 0.0;
+    lease.exhausted = wanted > 0.0 && g.lease <= 0.0;
 }
 
 #[cfg(test)]
@@ -464,7 +494,7 @@ mod tests {
             let link = q.link.as_ref().unwrap();
             let mut state = link.state.lock();
             let lease = state.leases.get_mut(&s).unwrap();
-            apply(lease, &[(7, 3.0)], Granted { total: 50.0, lease: 5.0 }, 7);
+            apply(lease, &[(7, 3.0)], Granted { total: 50.0, lease: 5.0 }, 7, 5.0);
         }
         assert_eq!(q.check(&s, 100.0, 7.0, 7), Check::Allow, "4 of 5 used");
         assert_eq!(q.check(&s, 100.0, 8.0, 7), Check::Refill, "5 of 5 used");

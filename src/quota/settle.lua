@@ -8,16 +8,18 @@
 --       window (minutes), limit, lease wanted, n, and n pairs (minute, this node's amount).
 --
 -- A node sends absolute amounts (what it spent in that minute), never increments: the
--- script adds only the difference to what the node reported before, so a report sent
--- twice, or again after a restart or a lost answer, never counts twice.
+-- script adds only the growth over what the node reported before, so a report sent twice,
+-- or again after a restart or a lost answer, never counts twice.
 --
 -- Returns {'epoch', current} when the node's epoch is stale (it must resend everything),
 -- else {'ok', epoch, total_1, grant_1, total_2, grant_2, ...} as strings.
 
 local epoch = redis.call('GET', KEYS[1])
 if not epoch then
+  -- A store without an epoch is new or lost its data: whoever finds it so sets a fresh
+  -- one (each call proposes a new random id) and must report everything it has.
   redis.call('SET', KEYS[1], ARGV[3])
-  epoch = ARGV[3]
+  return {'epoch', ARGV[3]}
 end
 if ARGV[2] ~= epoch then
   return {'epoch', epoch}
@@ -44,26 +46,30 @@ while a <= #ARGV do
     local minute, amount = ARGV[a], tonumber(ARGV[a + 1])
     a = a + 2
     if tonumber(minute) >= oldest then
+      -- A minute's amount only grows: a node restarted from a state that missed its last
+      -- flush reports less than it did before, and what it reported was spent.
       local before = tonumber(redis.call('HGET', mine, minute) or '0')
-      if amount ~= before then
+      if amount > before then
         redis.call('HSET', mine, minute, ARGV[a - 1])
         redis.call('HINCRBYFLOAT', totals, minute, amount - before)
       end
     end
   end
-  -- The window's total; minutes that left it are dropped.
+  -- The window's total. Minutes that left it are dropped one minute late, so a node whose
+  -- clock runs ahead does not delete a minute a slower node still reports into.
   local total = 0
   local all = redis.call('HGETALL', totals)
   for i = 1, #all, 2 do
-    if tonumber(all[i]) < oldest then
+    local m = tonumber(all[i])
+    if m < oldest - 1 then
       redis.call('HDEL', totals, all[i])
-    else
+    elseif m >= oldest then
       total = total + tonumber(all[i + 1])
     end
   end
   local own = redis.call('HKEYS', mine)
   for i = 1, #own do
-    if tonumber(own[i]) < oldest then
+    if tonumber(own[i]) < oldest - 1 then
       redis.call('HDEL', mine, own[i])
     end
   end
