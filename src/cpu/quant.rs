@@ -950,8 +950,11 @@ mod x86 {
     /// `vpmaddubsw` multiplies unsigned by signed bytes into saturating i16 pairs. For
     /// nibbles (2·15·127 per pair) a whole block's eight products per lane still fit in i16
     /// (30,480), so they are summed as i16 and widened once per block. Bytes (up to 255) would
-    /// saturate: they are shifted back to signed and multiplied as |w| · (x with w's sign),
-    /// widened per chunk; that product is the whole dot, so no offset term is added.
+    /// saturate: they are shifted to signed (`u − 128`) and multiplied as |w| · (x with w's
+    /// sign), widened per chunk. The shift is paid back in the offset term: `Σ u·x =
+    /// Σ (u − 128)·x + 128·Σ x`, so a block adds `(128·d + m)·Σ x`. For Q8_0 and the int8
+    /// encoder `m` is `−128·d` and that is exactly zero; for Q5_K (codes 0..31, `m` the
+    /// sub-block's min) it is the whole min and shift correction.
     #[inline(always)]
     // The accumulators are a register tile indexed in lockstep with the rows' pointers.
     #[allow(clippy::needless_range_loop)]
@@ -998,13 +1001,13 @@ mod x86 {
             let at = (g * blocks + b) * LANES + half * 8;
             let dw = _mm256_loadu_ps(w.d.as_ptr().add(at));
             let mw = _mm256_loadu_ps(w.m.as_ptr().add(at));
+            // Bytes: the offset plus the shift's correction (see above).
+            let offset = if w.packing == Packing::Bytes { _mm256_fmadd_ps(dw, _mm256_set1_ps(128.0), mw) } else { mw };
             for r in 0..R {
                 let k = (r0 + r) * blocks + b;
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(k)));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), scale, acc[r]);
-                if w.packing == Packing::Nibbles {
-                    acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*sums.add(k)), acc[r]);
-                }
+                acc[r] = _mm256_fmadd_ps(offset, _mm256_set1_ps(*sums.add(k)), acc[r]);
             }
         }
         store_half(&acc, w.rows, g * LANES + half * 8, r0, out, ld);
@@ -1315,6 +1318,10 @@ mod tests {
             let wf = random(rows * cols, 1);
             let mut matrices = vec![QMatrix::from_q4_1(&q4_1_raw(&wf), rows, cols), QMatrix::q8_0_from_f32(&wf, rows, cols)];
             if cols % 256 == 0 {
+                matrices.push(QMatrix::from_q4_k(&k_raw(rows, cols, 144, 4), rows, cols));
+                // Bytes whose codes are not shifted by 128 (0..31, with a real min): the
+                // AVX2 kernel once dropped the min on these.
+                matrices.push(QMatrix::from_q5_k(&k_raw(rows, cols, 176, 6), rows, cols));
                 matrices.push(QMatrix::from_q6_k(&k_raw(rows, cols, 210, 5), rows, cols));
             }
             for w in matrices {
