@@ -5,10 +5,10 @@
 #
 #   benches/compare.sh [embed] [generate] [card] [cache] [switch] [tgi] [fleet]
 #
-#   embed     the default MiniLM against sentence-transformers and ONNX Runtime (fp32, and
-#             its dynamically quantized int8 model) on the same folder, and our own int8
-#             MiniLM (precision = "int8") against our fp32, with both models' smallest cosine
-#             to sentence-transformers' golden vectors
+#   embed     the default MiniLM against sentence-transformers (fp32 and bf16) and ONNX
+#             Runtime (fp32, and its dynamically quantized int8 model) on the same folder,
+#             and our own int8 and bf16 MiniLM (precision = "int8", "bf16") against our fp32,
+#             with each model's smallest cosine to sentence-transformers' golden vectors
 #   generate  the default SmolLM2 (Q4_1) against llama.cpp on the same file, and the cost of
 #             constrained decoding (a JSON schema) against our own unconstrained decode
 #   card      the card's models at their real size, on shape-faithful stand-ins written by
@@ -54,12 +54,14 @@ for w in "${what[@]}"; do
   case "$w" in
     embed)
       "$py" benches/baselines/sentence_transformers_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" | tee "$out/st.txt"
+      "$py" benches/baselines/sentence_transformers_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" --bf16 | tee "$out/st-bf16.txt"
       "$py" benches/baselines/onnxruntime_bench.py models/minilm tests/fixtures/public_sentences.txt --threads "$threads" --int8 \
         2> "$out/ort.log" | tee "$out/ort.txt"
       printf '[store]\ndir = "%s"\n' "$PWD/models" > "$out/embed.toml"
       printf '\n[[models]]\nname = "%s"\nkind = "%s"\n' minilm embed smollm2 generate >> "$out/embed.toml"
       printf '\n[[models]]\nname = "minilm-int8"\nkind = "embed"\nmanifest = "minilm"\nprecision = "int8"\n' >> "$out/embed.toml"
-      bench embed --config "$out/embed.toml" --embed-models minilm,minilm-int8 --golden | tee "$out/edge-embed.txt" ;;
+      printf '\n[[models]]\nname = "minilm-bf16"\nkind = "embed"\nmanifest = "minilm"\nprecision = "bf16"\n' >> "$out/embed.toml"
+      bench embed --config "$out/embed.toml" --embed-models minilm,minilm-int8,minilm-bf16 --golden | tee "$out/edge-embed.txt" ;;
     generate)
       "$py" benches/baselines/llama_cpp_bench.py models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --template chatml --threads "$threads" | tee "$out/llama.txt"
       bench generate structured | tee "$out/edge-generate.txt" ;;

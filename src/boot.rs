@@ -284,6 +284,10 @@ async fn load_encoder(
         if model.engine() == "native" {
             f.details.insert("cpu_isa".into(), serde_json::json!(crate::cpu::Isa::detect().name()));
         }
+        if let Some(path) = model.cpu_path() {
+            tracing::info!(model = %slot.name(), precision = model.precision().as_str(), cpu_path = %path, "encoder kernels");
+            f.details.insert("cpu_path".into(), serde_json::json!(path));
+        }
     }
     let dims = match &task {
         EncoderTask::Classify { labels, .. } => labels.len(),

@@ -304,8 +304,9 @@ pub struct RuntimeConfig {
     pub device: String,
     /// Compute threads for model work; 0 means one per available core.
     pub threads: usize,
-    /// Widest instruction set our CPU kernels may use: `avx512`, `avx2` or `portable`
-    /// (the CPU's own widest is used when it is narrower). For comparing and debugging.
+    /// Highest rung of the CPU kernels' ladder: `avx512_bf16`, `avx512` (no bf16 kernel),
+    /// `avx2` or `portable` (the CPU's own widest is used when it is lower). For comparing
+    /// every path on one machine (`EDGENODE_RUNTIME__ISA=avx2`) and for debugging.
     pub isa: crate::cpu::Isa,
 }
 
@@ -537,6 +538,20 @@ pub enum Precision {
     /// as each layer runs), multiplied with integer dot products. Faster, and within
     /// cosine 0.995 of fp32 on the golden sentences.
     Int8,
+    /// bfloat16 weights and activations, f32 accumulation (`vdpbf16ps`, AVX-512 BF16: twice
+    /// f32's multiply-adds an instruction). Where the CPU lacks it, the bf16 weights run on
+    /// the f32 kernel.
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 /// One `[[models]]` table. Options of one kind sit beside the common keys; `validate`
@@ -684,7 +699,7 @@ impl Default for StoreConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { device: "auto".into(), threads: 0, isa: crate::cpu::Isa::Avx512 }
+        RuntimeConfig { device: "auto".into(), threads: 0, isa: crate::cpu::Isa::Avx512Bf16 }
     }
 }
 
@@ -937,8 +952,8 @@ impl Config {
             if !engine_fits {
                 return Err(ConfigError(format!("{at}: engine {:?} cannot run a {} model", m.engine, m.kind)));
             }
-            if m.precision == Some(Precision::Int8) && matches!(m.engine, Some(Engine::Candle)) {
-                return Err(ConfigError(format!("{at}: precision \"int8\" runs on the native engine only, not candle")));
+            if let Some(p @ (Precision::Int8 | Precision::Bf16)) = m.precision.filter(|_| matches!(m.engine, Some(Engine::Candle))) {
+                return Err(ConfigError(format!("{at}: precision \"{}\" runs on the native engine only, not candle", p.as_str())));
             }
             let foreign = m.foreign_options();
             if !foreign.is_empty() {

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
 
-/// minilm three times (mean and CLS pooling, and int8 mean, over the same files), the router, and the tiny
+/// minilm four times (mean and CLS pooling, int8 and bf16 mean, over the same files), the router, and the tiny
 /// classifier fixture; room for the golden set in one request.
 fn config() -> String {
     format!(
@@ -36,6 +36,12 @@ name = "minilm-int8"
 kind = "embed"
 manifest = "minilm"
 precision = "int8"
+
+[[models]]
+name = "minilm-bf16"
+kind = "embed"
+manifest = "minilm"
+precision = "bf16"
 
 [[models]]
 name = "minilm-cls"
@@ -159,20 +165,33 @@ fn embeddings_match_sentence_transformers() {
 /// sentence-transformers' fp32 vectors on every golden sentence, batched and alone.
 #[test]
 fn int8_embeddings_stay_close_to_sentence_transformers() {
+    reduced_precision_stays_close("minilm-int8", "int8", 0.995);
+}
+
+/// `precision = "bf16"`: bf16 weights and activations (f32 accumulation) stay within cosine
+/// 0.998 of sentence-transformers' fp32 vectors on every golden sentence, batched and alone;
+/// `/info` names the kernel (`avx512_bf16`, or the f32 fallback on a CPU without it).
+#[test]
+fn bf16_embeddings_stay_close_to_sentence_transformers() {
+    reduced_precision_stays_close("minilm-bf16", "bf16", 0.998);
+}
+
+fn reduced_precision_stays_close(name: &str, precision: &str, bar: f64) {
     let d = start();
     let g = golden();
     let all = texts(&g);
     let (status, info) = get_json(&d, "/info");
     assert_eq!(status, 200);
-    let model = info["models"].as_array().unwrap().iter().find(|m| m["name"] == "minilm-int8").unwrap();
-    assert_eq!(model["details"]["precision"], "int8", "{model}");
+    let model = info["models"].as_array().unwrap().iter().find(|m| m["name"] == name).unwrap();
+    assert_eq!(model["details"]["precision"], precision, "{model}");
+    assert!(model["details"]["cpu_path"].is_string(), "{model}");
     let fp32 = info["models"].as_array().unwrap().iter().find(|m| m["name"] == "minilm").unwrap();
     assert_eq!(fp32["details"]["precision"], "fp32", "{fp32}");
 
-    let batched = embed_one_request(&d, "minilm-int8", &all, true);
+    let batched = embed_one_request(&d, name, &all, true);
     let mut worst = (1.0f64, String::new());
     for (i, (row, r)) in batched.iter().zip(&g.rows).enumerate() {
-        let alone = embed_one_request(&d, "minilm-int8", &all[i..i + 1], true).remove(0);
+        let alone = embed_one_request(&d, name, &all[i..i + 1], true).remove(0);
         for (how, v) in [("batched", row), ("alone", &alone)] {
             let c = cosine(v, &floats(&r["mean_normalized"]));
             if c < worst.0 {
@@ -180,8 +199,8 @@ fn int8_embeddings_stay_close_to_sentence_transformers() {
             }
         }
     }
-    assert!(worst.0 >= 0.995, "smallest cosine {} at {}", worst.0, worst.1);
-    eprintln!("int8 MiniLM: smallest cosine to sentence-transformers {:.4} ({})", worst.0, worst.1);
+    assert!(worst.0 >= bar, "smallest cosine {} at {}", worst.0, worst.1);
+    eprintln!("{precision} MiniLM ({}): smallest cosine to sentence-transformers {:.4} ({})", model["details"]["cpu_path"], worst.0, worst.1);
 }
 
 #[test]
@@ -226,7 +245,7 @@ fn bad_inputs_get_clear_errors_and_hold_nothing() {
     let msg = assert_tei_error(s, &b, 422, "Validation");
     assert!(msg.contains("input 1") && msg.contains("402 tokens") && msg.contains("256"), "{msg}");
     let (s, b) = post_json(&d, "/embed", &json!({"inputs": "hi", "model": "nope"}));
-    assert!(assert_tei_error(s, &b, 404, "Validation").contains("minilm, minilm-candle, minilm-int8, minilm-cls"), "{b}");
+    assert!(assert_tei_error(s, &b, 404, "Validation").contains("minilm, minilm-candle, minilm-int8, minilm-bf16, minilm-cls"), "{b}");
     // ...OpenAI's in OpenAI's.
     let (s, b) = post_json(&d, "/v1/embeddings", &json!({"input": ["ok", true]}));
     assert_error(s, &b, 400, "invalid_field");

@@ -7,6 +7,7 @@
 //! straightforward implementation on random inputs.
 
 pub mod attention;
+pub mod bf16;
 pub mod gemm;
 pub mod math;
 pub mod matmul;
@@ -79,10 +80,15 @@ impl Parallel for Rayon {
     }
 }
 
-/// The instruction sets our kernels are compiled for.
+/// The instruction sets our kernels are compiled for, widest first. `runtime.isa` (or
+/// `EDGENODE_RUNTIME__ISA`) caps the ladder so every path can be run and compared on one
+/// machine: `avx512` keeps AVX-512 but turns the bf16 kernel off, `avx2` drops AVX-512.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Isa {
+    /// AVX-512 with BF16 (`vdpbf16ps`): Zen 4 and later, Xeons from Cooper Lake on.
+    #[serde(rename = "avx512_bf16")]
+    Avx512Bf16,
     /// AVX-512F (+ VL, BW, DQ) with FMA.
     Avx512,
     /// AVX2 with FMA.
@@ -92,14 +98,23 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The instruction set the kernels use: the widest this CPU supports, or narrower if
-    /// `limit` said so first (`runtime.isa`). Decided once per process.
+    /// The vector instruction set the f32 and int8 kernels use: the widest this CPU
+    /// supports, or narrower if `limit` said so first (`runtime.isa`). Decided once per
+    /// process. (`Avx512Bf16` counts as `Avx512` here; `level` tells them apart.)
     pub fn detect() -> Isa {
+        match Isa::level() {
+            Isa::Avx512Bf16 => Isa::Avx512,
+            other => other,
+        }
+    }
+
+    /// The highest rung of the ladder this process may use, extensions included.
+    pub fn level() -> Isa {
         *ISA.get_or_init(Isa::widest)
     }
 
     /// Caps the instruction set (call before any kernel runs; later calls have no effect).
-    /// Returns what will be used.
+    /// Returns the level that will be used.
     pub fn limit(cap: Isa) -> Isa {
         let widest = Isa::widest();
         let chosen = if cap.rank() < widest.rank() { cap } else { widest };
@@ -111,6 +126,7 @@ impl Isa {
             Isa::Portable => 0,
             Isa::Avx2 => 1,
             Isa::Avx512 => 2,
+            Isa::Avx512Bf16 => 3,
         }
     }
 
@@ -121,6 +137,9 @@ impl Isa {
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512dq");
+            if avx512 && std::arch::is_x86_feature_detected!("avx512bf16") {
+                return Isa::Avx512Bf16;
+            }
             if avx512 {
                 return Isa::Avx512;
             }
@@ -131,9 +150,10 @@ impl Isa {
         Isa::Portable
     }
 
-    /// Its name, for `/info` and logs.
+    /// Its name, for `/info` and logs (as `runtime.isa` spells it).
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512Bf16 => "avx512_bf16",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",

@@ -6,7 +6,8 @@
 //! (`cpu::gemm`), residual+LayerNorm is one pass, and attention runs per input on its own
 //! tokens (no padding at all). With `precision = "int8"` the dense layers of the encoder
 //! blocks run on 8-bit weights and activations (`cpu::qlinear`); the embeddings, layer norms,
-//! attention and the classifier head stay f32.
+//! attention and the classifier head stay f32. With `precision = "bf16"` they run on bf16
+//! weights and activations with f32 accumulation (`cpu::bf16`: AVX-512 BF16).
 
 use std::path::Path;
 
@@ -17,6 +18,7 @@ use super::files::BertConfig;
 use crate::batching::packed::PackedBatch;
 use crate::config::Precision;
 use crate::cpu::attention::attention;
+use crate::cpu::bf16::Bf16Linear;
 use crate::cpu::gemm::{Epilogue, PackedLinear};
 use crate::cpu::norm::{add_layer_norm, layer_norm};
 use crate::cpu::qlinear::QuantLinear;
@@ -28,6 +30,7 @@ use crate::cpu::{Parallel, Rayon};
 enum Weights {
     F32(PackedLinear),
     Int8(QuantLinear),
+    Bf16(Bf16Linear),
 }
 
 struct Dense {
@@ -40,18 +43,27 @@ impl Dense {
         let weights = match precision {
             Precision::Fp32 => Weights::F32(PackedLinear::new(w, b, output, input)),
             Precision::Int8 => Weights::Int8(QuantLinear::new(w, b, output, input).map_err(candle_core::Error::Msg)?),
+            Precision::Bf16 => Weights::Bf16(Bf16Linear::new(w, b, output, input).map_err(candle_core::Error::Msg)?),
         };
         Ok(Dense { weights, output })
     }
 
-    /// `out = epilogue(x · wᵀ + b)` for `rows` rows; `acts` holds the int8 path's quantized
-    /// activations between calls.
-    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], epilogue: Epilogue, par: &dyn Parallel, acts: &mut QActs) {
+    /// `out = epilogue(x · wᵀ + b)` for `rows` rows; `acts` holds the int8 and bf16 paths'
+    /// converted activations between calls.
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32], epilogue: Epilogue, par: &dyn Parallel, acts: &mut Acts) {
         match &self.weights {
             Weights::F32(packed) => packed.forward(x, rows, out, epilogue, par),
-            Weights::Int8(q) => q.forward(x, rows, out, epilogue, acts, par),
+            Weights::Int8(q) => q.forward(x, rows, out, epilogue, &mut acts.int8, par),
+            Weights::Bf16(l) => l.forward(x, rows, out, epilogue, &mut acts.bf16, par),
         }
     }
+}
+
+/// A layer's input converted for the int8 or bf16 kernel, reused across layers and batches.
+#[derive(Default)]
+struct Acts {
+    int8: QActs,
+    bf16: Vec<u16>,
 }
 
 struct Norm {
@@ -82,8 +94,8 @@ struct Scratch {
     ctx: Vec<f32>,
     tmp: Vec<f32>,
     inter: Vec<f32>,
-    /// The int8 path's quantized activations.
-    acts: QActs,
+    /// The int8 and bf16 paths' converted activations.
+    acts: Acts,
 }
 
 /// A BERT encoder on the CPU.
@@ -193,7 +205,23 @@ impl CpuBert {
     pub fn precision(&self) -> Precision {
         match self.layers.first().map(|l| &l.qkv.weights) {
             Some(Weights::Int8(_)) => Precision::Int8,
+            Some(Weights::Bf16(_)) => Precision::Bf16,
             _ => Precision::Fp32,
+        }
+    }
+
+    /// The kernel the dense layers run on, for `/info` and the startup log: `avx512_bf16`,
+    /// `avx512_vnni` (int8), `avx512`, `avx2` or `portable`, and what a fallback gave up.
+    pub fn cpu_path(&self) -> String {
+        #[cfg(target_arch = "x86_64")]
+        use crate::cpu::quant::Kernel;
+        let isa = crate::cpu::Isa::detect().name();
+        match self.layers.first().map(|l| &l.qkv.weights) {
+            Some(Weights::Bf16(l)) if l.path() == "f32" => format!("{isa} (bf16 weights on the f32 kernel: no AVX-512 BF16 within runtime.isa)"),
+            Some(Weights::Bf16(l)) => l.path().to_string(),
+            #[cfg(target_arch = "x86_64")]
+            Some(Weights::Int8(_)) if Kernel::detect() == Kernel::Avx512Vnni => "avx512_vnni".to_string(),
+            _ => isa.to_string(),
         }
     }
 
@@ -255,7 +283,7 @@ impl CpuBert {
             cls.extend_from_slice(&self.scratch.x[start * h..(start + 1) * h]);
         }
         let mut pooled = vec![0f32; n * h];
-        let mut acts = QActs::default(); // unused: the head is f32
+        let mut acts = Acts::default(); // unused: the head is f32
         head.pooler.forward(&cls, n, &mut pooled, Epilogue::None, &Rayon(1), &mut acts);
         pooled.iter_mut().for_each(|v| *v = v.tanh());
         let labels = head.classifier.output;

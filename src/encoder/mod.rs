@@ -69,7 +69,10 @@ impl EncoderModel {
         threads: usize,
     ) -> Result<Self, String> {
         if !native && precision != Precision::Fp32 {
-            return Err("precision \"int8\" runs on our CPU engine only (engine \"native\" on a CPU device); this model runs on candle".into());
+            return Err(format!(
+                "precision \"{}\" runs on our CPU engine only (engine \"native\" on a CPU device); this model runs on candle",
+                precision.as_str()
+            ));
         }
         if native {
             let labels = match task {
@@ -87,6 +90,14 @@ impl EncoderModel {
         match self.backend {
             Backend::Candle(_) => "candle",
             Backend::Native(_) => "native",
+        }
+    }
+
+    /// The CPU kernel its dense layers run on (native engine only), for `/info`.
+    pub fn cpu_path(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Candle(_) => None,
+            Backend::Native(bert) => Some(bert.cpu_path()),
         }
     }
 
