@@ -952,7 +952,7 @@ impl Config {
             if !engine_fits {
                 return Err(ConfigError(format!("{at}: engine {:?} cannot run a {} model", m.engine, m.kind)));
             }
-            if let Some(p @ (Precision::Int8 | Precision::Bf16)) = m.precision.filter(|_| matches!(m.engine, Some(Engine::Candle))) {
+            if let (Some(Engine::Candle), Some(p @ (Precision::Int8 | Precision::Bf16))) = (m.engine, m.precision) {
                 return Err(ConfigError(format!("{at}: precision \"{}\" runs on the native engine only, not candle", p.as_str())));
             }
             let foreign = m.foreign_options();

@@ -13,13 +13,12 @@
 //!
 //! Where the CPU has no AVX-512 BF16 (or `runtime.isa` caps the ladder below
 //! `avx512_bf16`), the same bf16-rounded weights run on the f32 kernel (`gemm::PackedLinear`), so
-//! the answer stays the model's and only the speed changes. The portable loop is the
-//! specification the kernel is tested against.
+//! the answer stays the model's and only the speed changes. The specification the kernel is
+//! tested against is the plain sum of the same bf16 products (in f64, in the unit test).
 
 use half::bf16;
 
 use super::gemm::{Epilogue, PackedLinear};
-use super::math::{gelu, gelu_tanh};
 use super::{Disjoint, Isa, Parallel};
 
 /// Output features per panel: two 16-lane vectors.
@@ -81,12 +80,9 @@ impl Bf16Linear {
         Ok(Bf16Linear { k, n, kernel: Kernel::Native { panels, bias: b } })
     }
 
-    /// Which kernel runs it, for `/info`: `avx512_bf16` or `f32` (the fallback).
-    pub fn path(&self) -> &'static str {
-        match self.kernel {
-            Kernel::Native { .. } => "avx512_bf16",
-            Kernel::F32(_) => "f32",
-        }
+    /// Whether it runs on the `vdpbf16ps` kernel (else on the f32 fallback).
+    pub fn native(&self) -> bool {
+        matches!(self.kernel, Kernel::Native { .. })
     }
 
     /// `out[m × n] = epilogue(x[m × k] · wᵀ + bias)`; `acts` is the caller's buffer for the
@@ -124,34 +120,7 @@ impl Bf16Linear {
         #[cfg(target_arch = "x86_64")]
         x86::panel(self.k, self.n, acts, m, &panels[p * self.k * NR..(p + 1) * self.k * NR], &bias[p * NR..(p + 1) * NR], p, out, e);
         #[cfg(not(target_arch = "x86_64"))]
-        panel_spec(self.k, self.n, acts, m, &panels[p * self.k * NR..(p + 1) * self.k * NR], &bias[p * NR..(p + 1) * NR], p, out, e);
-    }
-}
-
-fn apply(e: Epilogue, v: f32) -> f32 {
-    match e {
-        Epilogue::None => v,
-        Epilogue::Gelu => gelu(v),
-        Epilogue::GeluTanh => gelu_tanh(v),
-    }
-}
-
-/// The specification of one panel: every product of bf16 values summed in f32.
-///
-/// # Safety
-/// `out` holds `m × n` floats.
-#[allow(clippy::too_many_arguments, dead_code)]
-unsafe fn panel_spec(k: usize, n: usize, acts: &[u16], m: usize, panel: &[u16], bias: &[f32], p: usize, out: *mut f32, e: Epilogue) {
-    let f = |b: u16| bf16::from_bits(b).to_f32();
-    for r in 0..m {
-        for j in 0..NR.min(n.saturating_sub(p * NR)) {
-            let mut acc = bias[j];
-            for pair in 0..k / 2 {
-                acc += f(acts[r * k + 2 * pair]) * f(panel[pair * NR * 2 + j * 2]);
-                acc += f(acts[r * k + 2 * pair + 1]) * f(panel[pair * NR * 2 + j * 2 + 1]);
-            }
-            *out.add(r * n + p * NR + j) = apply(e, acc);
-        }
+        unreachable!("the bf16 kernel is built only on x86_64 (`available`)");
     }
 }
 
@@ -175,7 +144,7 @@ fn to_bf16(x: &[f32], acts: &mut Vec<u16>) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{apply, round, Epilogue, NR};
+    use super::{round, Epilogue, NR};
 
     /// `vcvtne2ps2bf16` over whole vectors, the scalar rounding (the same: nearest, ties to
     /// even) on the tail.
@@ -218,7 +187,7 @@ mod x86 {
             _mm512_storeu_ps(buf.as_mut_ptr(), acc[r][0]);
             _mm512_storeu_ps(buf.as_mut_ptr().add(16), acc[r][1]);
             for (j, v) in buf[..cols].iter().enumerate() {
-                *out.add((r0 + r) * n + p * NR + j) = apply(e, *v);
+                *out.add((r0 + r) * n + p * NR + j) = e.apply(*v);
             }
         }
     }
@@ -267,7 +236,7 @@ mod tests {
                     continue;
                 }
                 let l = Bf16Linear::build(&w, &b, n, k, native).unwrap();
-                assert_eq!(l.path(), if native { "avx512_bf16" } else { "f32" });
+                assert_eq!(l.native(), native);
                 for e in [Epilogue::None, Epilogue::Gelu] {
                     for threads in [1, 2] {
                         let mut out = vec![f32::NAN; m * n];
@@ -278,7 +247,7 @@ mod tests {
                                 // The fallback keeps the activations in f32.
                                 let xv = |t: usize| if native { r(x[i * k + t]) } else { x[i * k + t] as f64 };
                                 let v = b[j] as f64 + (0..k).map(|t| xv(t) * r(w[j * k + t])).sum::<f64>();
-                                let want = if e == Epilogue::Gelu { apply(e, v as f32) as f64 } else { v };
+                                let want = if e == Epilogue::Gelu { e.apply(v as f32) as f64 } else { v };
                                 let got = out[i * n + j] as f64;
                                 assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "native {native} {e:?} ({i},{j}): {got} vs {want}");
                             }

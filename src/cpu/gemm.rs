@@ -21,12 +21,15 @@ pub enum Epilogue {
     GeluTanh,
 }
 
-#[inline(always)]
-fn apply(e: Epilogue, v: f32) -> f32 {
-    match e {
-        Epilogue::None => v,
-        Epilogue::Gelu => gelu(v),
-        Epilogue::GeluTanh => gelu_tanh(v),
+impl Epilogue {
+    /// The epilogue on one output value (the f32 and bf16 kernels apply it as they store).
+    #[inline(always)]
+    pub(crate) fn apply(self, v: f32) -> f32 {
+        match self {
+            Epilogue::None => v,
+            Epilogue::Gelu => gelu(v),
+            Epilogue::GeluTanh => gelu_tanh(v),
+        }
     }
 }
 
@@ -120,7 +123,7 @@ impl PackedLinear {
                 for kk in 0..k {
                     acc = x[r * k + kk].mul_add(panel[kk * nr + j], acc);
                 }
-                *out.add(r * self.n + col) = apply(e, acc);
+                *out.add(r * self.n + col) = e.apply(acc);
             }
         }
     }
@@ -130,7 +133,7 @@ impl PackedLinear {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{apply, Epilogue, PackedLinear};
+    use super::{Epilogue, PackedLinear};
 
     /// Stores `R × 2` vectors of `W` lanes to rows of `out`, columns `col..col + 2W`, applying
     /// the epilogue and clipping at `n`.
@@ -138,7 +141,7 @@ mod x86 {
     unsafe fn store<const W: usize>(vals: &[f32], out: *mut f32, n: usize, row: usize, col: usize, e: Epilogue) {
         for (j, v) in vals.iter().enumerate() {
             if col + j < n {
-                *out.add(row * n + col + j) = apply(e, *v);
+                *out.add(row * n + col + j) = e.apply(*v);
             }
         }
     }
@@ -263,7 +266,7 @@ mod tests {
                         for i in 0..m {
                             for j in 0..n {
                                 let v = b[j] as f64 + (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>();
-                                let want = if e == Epilogue::Gelu { apply(e, v as f32) as f64 } else { v };
+                                let want = if e == Epilogue::Gelu { e.apply(v as f32) as f64 } else { v };
                                 assert!((out[i * n + j] as f64 - want).abs() < 1e-4, "{isa:?} {e:?} ({i},{j})");
                             }
                         }

@@ -217,8 +217,8 @@ impl CpuBert {
         use crate::cpu::quant::Kernel;
         let isa = crate::cpu::Isa::detect().name();
         match self.layers.first().map(|l| &l.qkv.weights) {
-            Some(Weights::Bf16(l)) if l.path() == "f32" => format!("{isa} (bf16 weights on the f32 kernel: no AVX-512 BF16 within runtime.isa)"),
-            Some(Weights::Bf16(l)) => l.path().to_string(),
+            Some(Weights::Bf16(l)) if l.native() => "avx512_bf16".to_string(),
+            Some(Weights::Bf16(_)) => format!("{isa} (bf16 weights on the f32 kernel: no AVX-512 BF16 within runtime.isa)"),
             #[cfg(target_arch = "x86_64")]
             Some(Weights::Int8(_)) if Kernel::detect() == Kernel::Avx512Vnni => "avx512_vnni".to_string(),
             _ => isa.to_string(),
